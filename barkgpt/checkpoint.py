@@ -1,0 +1,143 @@
+"""Checkpoint folders: ``model.safetensors`` + ``config.json`` + tokenizer files (+ ``trainer_state.pt``).
+
+A checkpoint is a directory, written to a temporary sibling and renamed into place
+(``common.atomic_dir``), so a crash, Ctrl-C or SIGKILL during a save leaves the previous one
+intact. A run folder holds ``last/`` (the latest state, for ``--resume``) and ``best/`` (the
+lowest validation loss, for sampling and export).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from barkgpt.common import BarkError, atomic_dir, recover_dir
+from barkgpt.config import GPTConfig
+from barkgpt.model import GPT
+from barkgpt.tokenizer import Tokenizer
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+TRAINER_STATE_NAME = "trainer_state.pt"
+
+
+def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, info: dict | None = None,
+                    trainer_state: dict | None = None) -> Path:
+    """Write a checkpoint folder atomically.
+
+    Args:
+        path: the folder to create or replace (e.g. ``runs/x/last``).
+        model: the (uncompiled) model; tied ``lm_head.weight`` is stored once, as ``transformer.wte.weight``.
+        tokenizer: saved beside the weights (``tokenizer.json``, ``tokenizer_config.json``).
+        info: extra JSON-able facts for ``config.json`` (step, val_loss, tokens_seen, data...).
+        trainer_state: optimizer state, step and RNG states for ``--resume`` (``trainer_state.pt``).
+
+    Returns:
+        The checkpoint folder.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    with atomic_dir(path) as tmp:
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        config = {"model": dataclasses.asdict(model.config), **(info or {})}
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        tokenizer.save(tmp)
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER_STATE_NAME)
+    return path
+
+
+def find_checkpoint(path: str | Path, prefer: str = "best") -> Path:
+    """The checkpoint folder to load for ``path``.
+
+    ``path`` may be a checkpoint folder itself, or a run folder holding ``best/`` and/or
+    ``last/`` (``prefer`` picks which comes first).
+
+    Raises:
+        BarkError: nothing loadable is there.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise BarkError(f"{path} does not exist; pass a run folder (e.g. runs/bark) or a checkpoint folder")
+    order = [prefer, "last" if prefer == "best" else "best"]
+    for candidate in [path, *(path / name for name in order)]:
+        recover_dir(candidate)
+        if (candidate / WEIGHTS_NAME).is_file() and (candidate / CONFIG_NAME).is_file():
+            return candidate
+    raise BarkError(f"no checkpoint in {path} (expected {WEIGHTS_NAME} and {CONFIG_NAME}, or best/ or last/); train one with barkgpt train")
+
+
+def read_checkpoint_config(path: str | Path) -> dict:
+    """The parsed ``config.json`` of a checkpoint folder.
+
+    Raises:
+        BarkError: missing or not valid JSON, or no ``model`` section.
+    """
+    path = Path(path) / CONFIG_NAME
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        GPTConfig(**config["model"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BarkError(f"{path} is missing or corrupt ({type(e).__name__}); re-export or retrain the checkpoint") from None
+    return config
+
+
+def load_model(path: str | Path, device: str = "cpu", prefer: str = "best") -> tuple[GPT, dict]:
+    """Build a :class:`GPT` from a checkpoint and load its weights.
+
+    Returns:
+        ``(model, config)``: the model on ``device`` in eval mode, and the ``config.json`` dict.
+
+    Raises:
+        BarkError: no checkpoint, or a corrupt/truncated ``model.safetensors`` or one whose
+            tensors do not match the config.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    ckpt = find_checkpoint(path, prefer)
+    config = read_checkpoint_config(ckpt)
+    model = GPT(GPTConfig(**config["model"]))
+    try:
+        state = load_file(str(ckpt / WEIGHTS_NAME))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BarkError(f"{ckpt / WEIGHTS_NAME} is corrupt or truncated ({str(e).splitlines()[0][:80]}); use another checkpoint (last/ or best/) or retrain") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    allowed_missing = {"lm_head.weight"} if model.config.tie_embeddings else set()
+    if set(missing) - allowed_missing or unexpected:
+        bad = sorted(set(missing) - allowed_missing) + sorted(unexpected)
+        raise BarkError(f"{ckpt / WEIGHTS_NAME} does not match its config.json ({len(bad)} tensors differ, e.g. {bad[0]}); the checkpoint is inconsistent")
+    return model.to(device).eval(), config
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu", prefer: str = "best") -> tuple[GPT, Tokenizer, dict]:
+    """Load model, tokenizer and ``config.json`` of a checkpoint (see :func:`load_model`).
+
+    Raises:
+        BarkError: as :func:`load_model`, or missing tokenizer files.
+    """
+    model, config = load_model(path, device, prefer)
+    tokenizer = Tokenizer.load(find_checkpoint(path, prefer))
+    return model, tokenizer, config
+
+
+def load_trainer_state(path: str | Path) -> dict:
+    """Read ``trainer_state.pt`` (optimizer, step, RNG states) with ``weights_only=True``.
+
+    Raises:
+        BarkError: the file is missing or unreadable.
+    """
+    file = Path(path) / TRAINER_STATE_NAME
+    if not file.is_file():
+        raise BarkError(f"{file} not found: --resume needs a checkpoint written by barkgpt train; drop --resume to start fresh")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise BarkError(f"{file} is corrupt ({type(e).__name__}); delete {Path(path)} to start fresh") from None

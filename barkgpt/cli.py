@@ -1,0 +1,211 @@
+"""The ``barkgpt`` command: verbs ``prepare``, ``train``, ``sample``, ``chat``.
+
+Each verb imports its module inside its function, so ``barkgpt --help`` never imports torch.
+Every config field is a kebab-case flag derived from the dataclasses in ``config.py``. Errors
+print one line and exit 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from barkgpt import __version__
+from barkgpt.common import BarkError
+from barkgpt.config import GPTConfig, SampleConfig, TrainConfig, field_help, field_types, parse_value
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """Add one ``--kebab-case`` flag per field of ``cls`` (value parsed later by :func:`parse_value`)."""
+    helps = field_help(cls)
+    group = parser.add_argument_group(f"{cls.__name__} fields")
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw = {"action": "append"} if isinstance(default, list) else {}
+        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, metavar="VALUE",
+                           help=f"{helps.get(f.name, '')} (default: {default})", **kw)
+
+
+def collect_overrides(args: argparse.Namespace, cls) -> dict:
+    """The flags the user actually gave for ``cls``'s fields, converted to their types.
+
+    Raises:
+        BarkError: a value that does not parse as the field's type.
+    """
+    types = field_types(cls)
+    out = {}
+    for name, tp in types.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        out[name] = [str(v) for v in value] if isinstance(value, list) else parse_value(name, value, tp)
+    return out
+
+
+def cmd_prepare(args) -> None:
+    from barkgpt.data import prepare_dataset
+
+    meta = prepare_dataset(args.input, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                           val_fraction=args.val_fraction, tokenizer_from=args.tokenizer_from,
+                           text_field=args.text_field, errors=args.errors)
+    print(f"wrote {args.out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
+          f"{meta['tokenizer']} tokenizer with {meta['vocab_size']} tokens")
+
+
+def cmd_train(args) -> None:
+    from barkgpt.config import build_configs, config_to_dict, dump_yaml
+
+    overrides = {**collect_overrides(args, GPTConfig), **collect_overrides(args, TrainConfig)}
+    model_cfg, train_cfg = build_configs(args.preset, args.config, overrides)
+    if args.print_config:
+        print(dump_yaml(config_to_dict(model_cfg, train_cfg)), end="")
+        return
+    from barkgpt.train import train
+
+    result = train(model_cfg, train_cfg, resume=args.resume)
+    val = f"{result['val_loss']:.4f}" if result["val_loss"] is not None else "n/a"
+    print(f"done: step {result['step']}, train loss {result['train_loss']:.4f}, val loss {val} "
+          f"(best {result['best_val_loss']:.4f}), {result['tokens_per_s']:,.0f} tokens/s; checkpoints in {train_cfg.out_dir}")
+
+
+def sampling_kwargs(args) -> dict:
+    """SampleConfig fields given on the command line, validated."""
+    kw = collect_overrides(args, SampleConfig)
+    SampleConfig(**kw)  # validate early: one clear line for a bad value
+    return kw
+
+
+def cmd_sample(args) -> None:
+    from barkgpt.generate import load_generator
+
+    kw = sampling_kwargs(args)
+    gen = load_generator(args.model, device=args.device)
+    prompt = args.prompt
+    if args.prompt_file:
+        prompt = open(args.prompt_file, encoding="utf-8").read()
+    n = kw.get("num_samples", 1)
+    if n == 1 and not args.one_line:
+        sys.stdout.write(prompt)
+        for piece in gen.stream(prompt, truncate=args.truncate, **kw):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return
+    for i, c in enumerate(gen.complete(prompt, truncate=args.truncate, **kw)):
+        if args.one_line:  # one exchange per line, with the end-of-sequence token made visible
+            eos = f" {gen.tokenizer.id_to_token(gen.tokenizer.eos_id)}" if c.finish_reason == "stop" else ""
+            print(f"{prompt}{c.text}{eos}".replace("\n", "\\n"))
+        else:
+            print(f"--- sample {i + 1}\n{prompt}{c.text}")
+
+
+def cmd_chat(args) -> None:
+    from barkgpt.generate import load_generator
+
+    kw = sampling_kwargs(args)
+    gen = load_generator(args.model, device=args.device)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chatting with {args.model} (block_size {gen.block_size}); empty line or Ctrl-D to quit, /reset to start over")
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            break
+        if not line.strip():
+            if interactive:
+                break
+            continue
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = gen.chat_prompt(messages)
+        ids = gen.tokenizer.encode(prompt)
+        while len(ids) > gen.block_size - 8 and len(messages) > 1:  # forget the oldest turns
+            messages.pop(1 if args.system else 0)
+            ids = gen.tokenizer.encode(gen.chat_prompt(messages))
+        sys.stdout.write("bot> " if interactive else "")
+        reply = []
+        for piece in gen.stream(gen.chat_prompt(messages), truncate=True, **kw):
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply).strip()})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argparse tree (no heavy imports)."""
+    p = argparse.ArgumentParser(prog="barkgpt", description="Train a small GPT from raw text, then sample and chat with it.")
+    p.add_argument("--version", action="version", version=f"barkgpt {__version__}")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    sp = sub.add_parser("prepare", help="tokenize a text corpus into train.bin/val.bin + tokenizer")
+    sp.add_argument("--input", required=True, help="a .txt file, a folder of .txt files, or a .jsonl file")
+    sp.add_argument("--out", required=True, help="output folder")
+    sp.add_argument("--tokenizer", default="bpe", choices=["bpe", "char", "word"], help="tokenizer kind to train (default bpe)")
+    sp.add_argument("--vocab-size", type=int, default=None, help="vocabulary size (bpe default 2048)")
+    sp.add_argument("--val-fraction", type=float, default=0.1, help="tail fraction of the input for validation (default 0.1)")
+    sp.add_argument("--tokenizer-from", default=None, help="reuse the tokenizer in this folder instead of training one")
+    sp.add_argument("--text-field", default="text", help="JSON field holding the text in .jsonl input (default text)")
+    sp.add_argument("--errors", default="strict", choices=["strict", "replace"], help="what to do with bytes that are not UTF-8")
+    sp.set_defaults(func=cmd_prepare)
+
+    sp = sub.add_parser("train", help="train a model (from a preset, a config file and flags)")
+    sp.add_argument("--preset", default=None, help="a preset from barkgpt/configs: bark, shakespeare-char, shakespeare-bpe, tinystories")
+    sp.add_argument("--config", default=None, help="a run config YAML (e.g. runs/x/config.yaml)")
+    sp.add_argument("--resume", action="store_true", help="continue from out_dir/last")
+    sp.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    add_dataclass_args(sp, GPTConfig)
+    add_dataclass_args(sp, TrainConfig)
+    sp.set_defaults(func=cmd_train)
+
+    for name, helptext, func in (("sample", "generate text from a trained model", cmd_sample),
+                                 ("chat", "talk to a model with its chat template", cmd_chat)):
+        sp = sub.add_parser(name, help=helptext)
+        sp.add_argument("--model", required=True, help="a run folder (runs/x) or checkpoint folder")
+        sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+        if name == "sample":
+            sp.add_argument("--prompt", default="", help="text to continue ('' starts a new document)")
+            sp.add_argument("--prompt-file", default=None, help="read the prompt from this file")
+            sp.add_argument("--truncate", action="store_true", help="keep the tail of a prompt longer than block_size")
+            sp.add_argument("--one-line", action="store_true", help="with --num-samples: print each sample on one line, ending in <EOS> when the model stopped")
+        else:
+            sp.add_argument("--system", default="", help="a system message")
+        add_dataclass_args(sp, SampleConfig)
+        sp.set_defaults(func=func)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``barkgpt`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        args.func(args)
+    except BarkError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line instead of a traceback
+        if args.debug:
+            raise
+        print(f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Small shared helpers: the user-facing error type, device/dtype resolution, seeding, atomic
+file writes and progress bars.
+
+Nothing here runs at import time; torch is imported inside the functions that need it so that
+``config`` and ``cli --help`` stay light.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+
+class BarkError(Exception):
+    """A user error: bad input, a missing file, a contradictory flag.
+
+    The message is one line that names the problem and the fix. The CLI prints it without a
+    traceback and exits with status 2; the server turns it into a 400 response.
+    """
+
+
+def resolve_device(device: str = "auto") -> str:
+    """Pick the device to run on.
+
+    ``auto`` picks cuda, then mps, then cpu (as nanochat's ``autodetect_device_type``). An
+    explicit ``cuda``/``cuda:N``/``mps`` that is not available is an error, not a silent fallback.
+
+    Returns:
+        A torch device string such as ``"cpu"`` or ``"cuda:0"``.
+
+    Raises:
+        BarkError: the requested device is unknown or not available here.
+    """
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device == "cpu":
+        return "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise BarkError(f"device {device!r} was asked for but CUDA is not available here; use --device cpu (or auto)")
+        return device
+    if device == "mps":
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise BarkError("device 'mps' was asked for but MPS is not available here; use --device cpu (or auto)")
+        return device
+    raise BarkError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """Pick the compute dtype for autocast.
+
+    ``auto`` gives bfloat16 on CUDA devices that support it, else float32 (this CPU runs bf16
+    matmuls about 50x slower than fp32). Master weights always stay float32.
+
+    Returns:
+        One of ``"float32"``, ``"bfloat16"``, ``"float16"``.
+
+    Raises:
+        BarkError: an unknown dtype, or float16 requested off CUDA.
+    """
+    import torch
+
+    if dtype == "auto":
+        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+            return "bfloat16"
+        return "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise BarkError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    if dtype == "float16" and not device.startswith("cuda"):
+        raise BarkError("dtype float16 needs a CUDA device (it trains with a GradScaler); use --dtype float32 on CPU")
+    return dtype
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global RNG and torch (CPU and CUDA)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
+
+    A crash at any point leaves either the old file or the new one, never a torn file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 ``text`` to ``path`` atomically (see :func:`atomic_write_bytes`)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike):
+    """Build a directory in a temporary sibling, then swap it into place.
+
+    Yields the temporary directory (a ``Path``) to fill. On success the old ``path`` (if any) is
+    renamed aside, the new one renamed in, and the old one deleted: at every instant either the
+    complete old directory or the complete new one sits at ``path`` (or at ``path.old`` during
+    the two renames, which :func:`recover_dir` restores). On an exception or a kill, the
+    temporary directory is left behind or removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        for f in tmp.iterdir():  # make the files durable before they become visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = path.with_name(path.name + ".old")
+        if path.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old.exists():
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def recover_dir(path: str | os.PathLike) -> None:
+    """Restore ``path`` from ``path.old`` if a kill fell between the two renames of :func:`atomic_dir`."""
+    path = Path(path)
+    old = path.with_name(path.name + ".old")
+    if old.exists() and not path.exists():
+        os.replace(old, path)
+
+
+def progress(total: int | None = None, desc: str = "", unit: str = "it", **kwargs):
+    """A tqdm progress bar on stderr, quiet when stderr is not a terminal and ``BARKGPT_PROGRESS`` is unset.
+
+    Args:
+        total: number of steps (or bytes, with ``unit="B"``), None if unknown.
+        desc: label shown on the left.
+        unit: what one step counts.
+    """
+    from tqdm.auto import tqdm
+
+    disable = not (sys.stderr.isatty() or os.environ.get("BARKGPT_PROGRESS"))
+    return tqdm(total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True, **kwargs)

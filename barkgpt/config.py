@@ -1,0 +1,366 @@
+"""Configuration dataclasses and how a config reaches the code.
+
+    dataclass defaults -> --preset / --config run.yaml -> --flags -> __post_init__ checks
+
+Each field's comment is its ``--help`` text. A config file is YAML with two sections, ``model``
+(:class:`GPTConfig`) and ``train`` (:class:`TrainConfig`); ``out_dir/config.yaml`` is written in
+the same shape, so ``barkgpt train --config runs/x/config.yaml`` reproduces a run.
+
+This module imports no torch: loading a config or printing ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from barkgpt.common import BarkError
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass
+class GPTConfig:
+    """Model shape. The names are nanoGPT's; HF names appear only in ``export/``.
+
+    Two families map 1:1 onto Hugging Face classes: ``gpt2`` (learned positions, LayerNorm, GELU,
+    biases; ``GPT2LMHeadModel``) and ``llama`` (RoPE, RMSNorm, SwiGLU, grouped-query attention, no
+    biases; ``LlamaForCausalLM``).
+
+    Raises:
+        BarkError: a cross-field rule fails (``n_embd % n_head``, ``n_head % n_kv_head``, ...).
+    """
+
+    family: str = "llama"  # llama (RoPE, RMSNorm, SwiGLU, GQA) or gpt2 (learned positions, LayerNorm, GELU)
+    vocab_size: int | None = None  # tokens in the vocabulary; None takes it from the data's tokenizer
+    block_size: int = 256  # context length in tokens
+    n_layer: int = 6  # transformer blocks
+    n_head: int = 6  # query heads
+    n_kv_head: int | None = None  # key/value heads (grouped-query attention); None means n_head
+    n_embd: int = 384  # width of the residual stream
+    intermediate_size: int | None = None  # MLP hidden width; None means 4*n_embd (gpt2) or 8/3*n_embd rounded up to 64 (llama)
+    dropout: float = 0.0  # dropout on attention and residual branches (0 for small data is usually fine)
+    bias: bool | None = None  # biases in Linear and LayerNorm; None means True for gpt2, False for llama
+    rope_theta: float = 10000.0  # RoPE base frequency (llama)
+    norm_eps: float = 1e-5  # epsilon of LayerNorm / RMSNorm
+    tie_embeddings: bool = True  # share the token embedding with the output head (lm_head)
+
+    def __post_init__(self):
+        if self.family not in ("llama", "gpt2"):
+            raise BarkError(f"family must be 'llama' or 'gpt2', got {self.family!r}")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.bias is None:
+            self.bias = self.family == "gpt2"
+        if self.intermediate_size is None:
+            if self.family == "gpt2":
+                self.intermediate_size = 4 * self.n_embd
+            else:  # SwiGLU has three matrices: 2/3 of 4*n_embd keeps the parameter count (LLaMA paper)
+                self.intermediate_size = 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        for name in ("block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size"):
+            if getattr(self, name) < 1:
+                raise BarkError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.vocab_size is not None and self.vocab_size < 2:
+            raise BarkError(f"vocab_size must be at least 2, got {self.vocab_size}")
+        if self.n_embd % self.n_head != 0:
+            raise BarkError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
+                f"try --n-head {_divisor_near(self.n_embd, self.n_head)}"
+            )
+        if self.n_head % self.n_kv_head != 0:
+            raise BarkError(
+                f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head}); "
+                f"try --n-kv-head {_divisor_near(self.n_head, self.n_kv_head)}"
+            )
+        if self.family == "llama" and (self.n_embd // self.n_head) % 2:
+            raise BarkError(f"RoPE needs an even head_dim, got n_embd/n_head = {self.n_embd // self.n_head}; change --n-head or --n-embd")
+        if self.family == "gpt2" and self.n_kv_head != self.n_head:
+            raise BarkError("the gpt2 family has no grouped-query attention: set --n-kv-head equal to --n-head (or use --family llama)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise BarkError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head: ``n_embd // n_head``."""
+        return self.n_embd // self.n_head
+
+
+@dataclass
+class TrainConfig:
+    """Training run settings: nanoGPT's ``train.py`` names.
+
+    Raises:
+        BarkError: contradictory settings (warmup longer than the run, min_lr above learning_rate...).
+    """
+
+    data: str | None = None  # prepared data folder (barkgpt prepare), a .txt/.jsonl/folder to prepare into out_dir/data, or 'bark' for the generated Bark corpus
+    tokenizer: str = "bpe"  # tokenizer kind when --data is raw text: bpe, char or word
+    tokenizer_vocab_size: int | None = None  # vocabulary size to train when --data is raw text (bpe default 2048)
+    out_dir: str = "runs/default"  # where config.yaml, metrics.jsonl, loss.png, last/ and best/ go
+    init_from: str = "scratch"  # scratch, or a checkpoint folder to start from (fine-tuning)
+    batch_size: int = 12  # sequences per micro-step
+    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
+    learning_rate: float = 1e-3  # peak learning rate after warmup
+    min_lr: float = 1e-4  # learning rate at the end of cosine decay
+    warmup_iters: int = 100  # linear warmup steps
+    lr_decay_iters: int | None = None  # steps of cosine decay; None means max_iters
+    max_iters: int = 2000  # optimizer steps
+    weight_decay: float = 0.1  # AdamW weight decay on 2-D weights (not norms, biases)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.99  # AdamW beta2
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 disables)
+    eval_interval: int = 250  # steps between evaluations and checkpoints
+    eval_iters: int = 20  # batches per evaluation split
+    log_interval: int = 10  # steps between metrics.jsonl lines
+    sample_interval: int = 0  # steps between text samples written to samples.jsonl (0: at each eval)
+    sample_prompt: str = ""  # prompt for the samples ('' starts from <EOS>)
+    device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), float32, bfloat16, float16
+    compile: bool = False  # torch.compile the model
+    seed: int = 1337  # seeds the model init and the batch sampler
+
+    def __post_init__(self):
+        positive = ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters", "log_interval")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise BarkError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.tokenizer not in ("bpe", "char", "word"):
+            raise BarkError(f"tokenizer must be bpe, char or word, got {self.tokenizer!r}")
+        if self.learning_rate <= 0:
+            raise BarkError(f"learning_rate must be positive, got {self.learning_rate}")
+        if not 0 <= self.min_lr <= self.learning_rate:
+            raise BarkError(f"min_lr ({self.min_lr}) must be between 0 and learning_rate ({self.learning_rate})")
+        if self.lr_decay_iters is None:
+            self.lr_decay_iters = self.max_iters
+        if self.warmup_iters < 0 or self.warmup_iters >= max(self.lr_decay_iters, 1) and self.max_iters > 1:
+            raise BarkError(
+                f"warmup_iters ({self.warmup_iters}) must be shorter than the run (lr_decay_iters {self.lr_decay_iters}); "
+                f"lower --warmup-iters or raise --max-iters"
+            )
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise BarkError("grad_clip and weight_decay must not be negative")
+        if self.sample_interval < 0:
+            raise BarkError("sample_interval must not be negative")
+
+
+@dataclass
+class SampleConfig:
+    """Generation settings (``barkgpt sample``/``chat`` and the Python API).
+
+    Raises:
+        BarkError: temperature < 0, top_p outside (0, 1], top_k < 0, min_p outside [0, 1),
+            repetition_penalty <= 0, max_new_tokens < 1 or num_samples < 1.
+    """
+
+    max_new_tokens: int = 200  # tokens to generate per sample
+    temperature: float = 0.8  # 0 is greedy (argmax)
+    top_k: int = 0  # keep the k most likely tokens (0: off)
+    top_p: float = 1.0  # nucleus sampling: keep the smallest set with this much probability (1: off)
+    min_p: float = 0.0  # drop tokens below min_p times the top probability (0: off)
+    repetition_penalty: float = 1.0  # CTRL-style penalty on tokens already in the context (1: off)
+    seed: int | None = None  # seed for sampling (None: random)
+    stop: list[str] = field(default_factory=list)  # stop strings; the text ends before them
+    num_samples: int = 1  # samples generated together in one batch
+
+    def __post_init__(self):
+        check_sampling(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
+        if self.max_new_tokens < 1:
+            raise BarkError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.num_samples < 1:
+            raise BarkError(f"num_samples must be at least 1, got {self.num_samples}")
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float, min_p: float = 0.0, repetition_penalty: float = 1.0) -> None:
+    """Validate sampling parameters.
+
+    Raises:
+        BarkError: naming the bad value and the valid range.
+    """
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise BarkError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k < 0:
+        raise BarkError(f"top_k must be >= 0 (0 turns it off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise BarkError(f"top_p must be in (0, 1], got {top_p}")
+    if not 0 <= min_p < 1:
+        raise BarkError(f"min_p must be in [0, 1), got {min_p}")
+    if not repetition_penalty > 0:
+        raise BarkError(f"repetition_penalty must be > 0 (1 turns it off), got {repetition_penalty}")
+
+
+def _divisor_near(n: int, want: int) -> int:
+    """The divisor of ``n`` closest to ``want`` (for error messages)."""
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - want), d))
+
+
+# --------------------------------------------------------------------------- parsing helpers
+
+def field_types(cls) -> dict[str, type]:
+    """Map each field of dataclass ``cls`` to its resolved annotation."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def field_help(cls) -> dict[str, str]:
+    """Map each field of dataclass ``cls`` to the comment after it in the source (its help text)."""
+    import inspect
+
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        line = line.strip()
+        if ":" in line and "#" in line and not line.startswith(("#", "def", '"')):
+            name = line.split(":", 1)[0].strip()
+            out[name] = line.split("#", 1)[1].strip()
+    return out
+
+
+def parse_value(name: str, text: str, tp) -> typing.Any:
+    """Convert a command-line string to the field's type (``"none"`` gives None for optionals).
+
+    Raises:
+        BarkError: the text is not a valid value of that type.
+    """
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    optional = type(None) in args
+    if optional:
+        if text.lower() in ("none", "null", ""):
+            return None
+        tp = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+    try:
+        if tp is bool:
+            low = text.lower()
+            if low in ("true", "1", "yes", "on"):
+                return True
+            if low in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if origin is list:
+            return [text] if text else []
+        return tp(text)
+    except ValueError:
+        kind = getattr(tp, "__name__", str(tp))
+        raise BarkError(f"--{name.replace('_', '-')} expects {kind}, got {text!r}") from None
+
+
+def coerce_value(name: str, value, tp):
+    """Check (and lightly convert) a value read from YAML against the field's type.
+
+    Raises:
+        BarkError: the value has the wrong type.
+    """
+    if isinstance(value, str):
+        return parse_value(name, value, tp) if tp is not str else value
+    args = typing.get_args(tp)
+    base = next((a for a in args if a is not type(None)), tp) if args and type(None) in args else tp
+    if value is None:
+        if type(None) in args:
+            return None
+        raise BarkError(f"{name} cannot be null")
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typing.get_origin(base) is list and isinstance(value, list):
+        return value
+    if isinstance(base, type) and isinstance(value, base) and not (base is int and isinstance(value, bool)):
+        return value
+    raise BarkError(f"{name} expects {getattr(base, '__name__', base)}, got {value!r}")
+
+
+def unknown_key_error(key: str, valid: typing.Iterable[str], where: str) -> BarkError:
+    """A one-line error for an unknown key, naming the closest valid one."""
+    valid = sorted(valid)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
+    return BarkError(f"unknown {where} {key!r}{hint}")
+
+
+def preset_path(name: str) -> Path:
+    """The YAML file of a preset in the package's ``configs/`` folder.
+
+    Raises:
+        BarkError: no such preset (the message lists the presets).
+    """
+    path = CONFIG_DIR / f"{name}.yaml"
+    if not path.exists():
+        names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise BarkError(f"unknown preset {name!r}; {hint}presets: {', '.join(names)}")
+    return path
+
+
+def read_config_file(path: str | Path) -> dict[str, dict]:
+    """Read a run config YAML into ``{"model": {...}, "train": {...}}`` of raw values.
+
+    Raises:
+        BarkError: missing file, invalid YAML, an unknown section or key.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise BarkError(f"config file {path} not found; check the path (presets: barkgpt train --preset NAME)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise BarkError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise BarkError(f"config file {path} must be a mapping with 'model' and 'train' sections")
+    out: dict[str, dict] = {"model": {}, "train": {}}
+    for section, values in raw.items():
+        if section not in out:
+            raise unknown_key_error(section, out, f"section in {path.name}")
+        if not isinstance(values, dict):
+            raise BarkError(f"section {section!r} in {path} must be a mapping")
+        cls = GPTConfig if section == "model" else TrainConfig
+        types = field_types(cls)
+        for key, value in values.items():
+            if key not in types:
+                raise unknown_key_error(key, types, f"key in section {section!r} of {path.name}")
+            out[section][key] = coerce_value(key, value, types[key])
+    return out
+
+
+def build_configs(preset: str | None = None, config: str | None = None, overrides: dict | None = None) -> tuple[GPTConfig, TrainConfig]:
+    """Resolve defaults, then a preset or config file, then flag overrides, into checked configs.
+
+    Args:
+        preset: name of a YAML file in ``barkgpt/configs`` (``bark``, ``shakespeare-char``...).
+        config: path to a run YAML (applied after the preset).
+        overrides: field name -> already-typed value, from command-line flags (last word).
+
+    Raises:
+        BarkError: an unknown key, a bad value, or a failed cross-field check.
+    """
+    values: dict[str, dict] = {"model": {}, "train": {}}
+    for path in ([preset_path(preset)] if preset else []) + ([Path(config)] if config else []):
+        for section, vals in read_config_file(path).items():
+            values[section].update(vals)
+    model_keys, train_keys = field_types(GPTConfig), field_types(TrainConfig)
+    for key, value in (overrides or {}).items():
+        if key in model_keys:
+            values["model"][key] = value
+        elif key in train_keys:
+            values["train"][key] = value
+        else:
+            raise unknown_key_error(key, [*model_keys, *train_keys], "option")
+    return GPTConfig(**values["model"]), TrainConfig(**values["train"])
+
+
+def config_to_dict(model: GPTConfig, train: TrainConfig | None = None) -> dict:
+    """The ``{"model": ..., "train": ...}`` dict written to ``config.yaml``."""
+    out = {"model": dataclasses.asdict(model)}
+    if train is not None:
+        out["train"] = dataclasses.asdict(train)
+    return out
+
+
+def dump_yaml(d: dict) -> str:
+    """YAML text of a config dict, keys in field order."""
+    import yaml
+
+    return yaml.safe_dump(d, sort_keys=False)

@@ -1,0 +1,531 @@
+"""Data preparation: text -> flat token-id files, and random training windows over them.
+
+The on-disk format is nanoGPT's (``data/shakespeare_char/prepare.py`` and ``get_batch`` in its
+``train.py``): ``train.bin`` and ``val.bin`` hold every token id back to back as ``uint16``
+(``uint32`` once ``vocab_size > 65535``), next to ``meta.json`` and the tokenizer files. Training
+reads random windows through ``np.memmap``, so a corpus never has to fit in memory.
+
+Preparation streams: the input is read a few hundred KiB at a time, cut only where no tokenizer
+kind would split the text differently, encoded in parallel batches and appended to the ``.bin``
+files, so memory stays flat whatever the corpus size. Validation data is the tail of the input
+(by bytes, cut at a line boundary), and the tokenizer is trained on the training part only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import os
+import random
+import re
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from barkgpt.common import BarkError, atomic_write_text, progress
+from barkgpt.tokenizer import BARKS, UNK, Tokenizer
+
+CHUNK_BYTES = 1 << 17  # bytes of text read at a time (128 KiB)
+BATCH_BYTES = 1 << 22  # text encoded per encode_batch call (4 MiB, ~32 chunks, one per thread)
+DEFAULT_BPE_VOCAB = 2048
+SPLITS = ("train", "val")
+
+# A place where text can be cut without changing any kind's tokens: an ASCII graphic character
+# followed by ASCII whitespace. No GPT-2 pre-token spans such a pair (a pre-token is either all
+# whitespace or starts after it), whitespace splitting cuts there anyway, and chars are chars.
+_SAFE_CUT = re.compile(rb"[!-~](?=[\t-\r ])")
+
+
+def prepare_dataset(input: str | Path, out: str | Path, tokenizer: str = "bpe", vocab_size: int | None = None,
+                    val_fraction: float = 0.1, tokenizer_from: str | Path | None = None, text_field: str = "text",
+                    errors: str = "strict", seed: int = 0) -> dict:
+    """Tokenize a text corpus into ``out/train.bin``, ``out/val.bin``, ``out/meta.json`` + tokenizer.
+
+    Input is one ``.txt`` file (one document; any extension other than ``.jsonl`` reads as text),
+    a folder of ``*.txt`` files (sorted by name, one document each; empty files are skipped), or
+    a ``.jsonl`` file (one document per line, in field ``text_field``; blank lines are skipped).
+    An EOS id follows every document, and the end of each split's last (possibly cut) document.
+
+    The last ``val_fraction`` of the input bytes, moved forward to the next line boundary, is
+    the validation split. The tokenizer is trained on the training split only, or loaded from
+    ``tokenizer_from``. Each file appears in ``out`` only once complete (temporary file, then
+    rename), and ``meta.json`` is written last, so a folder with ``meta.json`` is complete.
+
+    Args:
+        input: the corpus path.
+        out: the output folder (created; other files in it are left alone).
+        tokenizer: ``bpe``, ``char`` or ``word`` (ignored with ``tokenizer_from``).
+        vocab_size: bpe vocabulary (default 2048), or a cap for char/word (default none).
+        val_fraction: share of input bytes for validation, in (0, 0.5].
+        tokenizer_from: a folder with ``tokenizer.json`` to reuse instead of training one.
+        text_field: the JSON field holding each document's text, for ``.jsonl`` input.
+        errors: ``strict`` (invalid UTF-8 is an error) or ``replace`` (it becomes U+FFFD).
+        seed: accepted for a uniform interface; the output does not depend on it (the split is
+            the input's tail and tokenizer training is deterministic).
+
+    Returns:
+        The meta dict, also written to ``meta.json``: ``tokenizer`` (kind), ``vocab_size``,
+        ``dtype``, ``train_tokens``, ``val_tokens``, ``source``, ``source_sha256`` (of the input
+        bytes; for a folder, of its files concatenated in order), ``val_fraction``, and
+        ``unknown_count`` (tokens that are ``<UNK>``) when there are any.
+
+    Raises:
+        BarkError: a missing or empty input, non-UTF-8 bytes (with file and byte offset), a
+            jsonl line without ``text_field``, a bad ``vocab_size``/``val_fraction``/``errors``, or
+            a split with fewer than 2 tokens.
+    """
+    if errors not in ("strict", "replace"):
+        raise BarkError(f"unknown errors mode {errors!r}; use --errors strict or --errors replace")
+    _check_val_fraction(val_fraction)
+    files, sizes, fmt = _list_input(Path(input))
+    total = sum(sizes)
+    if total == 0:
+        raise BarkError(f"input {input} is empty; pass a file or folder that holds text")
+    split = _split_offset(files, sizes, val_fraction, fmt)
+
+    def pieces(start: int, end: int, hasher=None, bar=None) -> Iterator[tuple[str, bool]]:
+        if fmt == "jsonl":
+            return _read_jsonl(files[0], start, end, errors, text_field, hasher, bar)
+        return _read_text(files, sizes, start, end, errors, hasher, bar)
+
+    if tokenizer_from is not None:
+        tok = Tokenizer.load(tokenizer_from)
+        if vocab_size is not None and vocab_size != tok.vocab_size:
+            raise BarkError(f"--vocab-size {vocab_size} contradicts the tokenizer in {tokenizer_from} "
+                            f"(vocab_size {tok.vocab_size}); drop --vocab-size")
+    else:
+        if tokenizer == "bpe" and vocab_size is None:
+            vocab_size = DEFAULT_BPE_VOCAB
+        with progress(total=split, desc="training tokenizer", unit="B", unit_scale=True) as bar:
+            tok = Tokenizer.train(tokenizer, (text for text, _ in pieces(0, split, bar=bar)), vocab_size)
+
+    out = Path(out)
+    hasher = hashlib.sha256()
+    with progress(total=total, desc="encoding", unit="B", unit_scale=True) as bar:
+        counts = _write_splits(out, tok, pieces(0, split, hasher, bar), pieces(split, total, hasher, bar),
+                               add_eos=True, source=str(input), val_fraction=val_fraction)
+    meta = _meta(tok, counts, str(Path(input).resolve()), hasher.hexdigest(), val_fraction)
+    tok.save(out)
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def bark_documents(n_docs: int, seed: int) -> Iterator[str]:
+    """Yield ``n_docs`` Bark chat documents such as ``"User: speak Assistant: woof arf <EOS>"``.
+
+    Each has 1 to 10 barks drawn uniformly from ``woof arf ruff grrr``. Only ``random.random()``
+    is used, whose sequence for a given seed Python guarantees across versions, so the
+    documents are the same everywhere for the same ``seed``.
+    """
+    rng = random.Random(seed)
+    for _ in range(n_docs):
+        n = 1 + int(rng.random() * 10)
+        barks = " ".join(BARKS[int(rng.random() * len(BARKS))] for _ in range(n))
+        yield f"User: speak Assistant: {barks} <EOS>"
+
+
+def prepare_bark(out: str | Path, n_docs: int = 20000, val_fraction: float = 0.1, seed: int = 1337) -> dict:
+    """Write the Bark toy dataset (:func:`bark_documents`) with the Bark tokenizer into ``out``.
+
+    The last ``round(n_docs * val_fraction)`` documents (at least 1) form the validation split.
+    The documents already end in ``<EOS>``, so no extra EOS is added. ``source_sha256`` hashes
+    the documents, each followed by a newline.
+
+    Returns:
+        The meta dict, as :func:`prepare_dataset` (``source`` is ``"bark"``).
+
+    Raises:
+        BarkError: ``val_fraction`` outside (0, 0.5] or fewer than 2 documents.
+    """
+    _check_val_fraction(val_fraction)
+    if n_docs < 2:
+        raise BarkError(f"n_docs {n_docs} is too few to split into train and val; use at least 2")
+    n_val = max(1, round(n_docs * val_fraction))
+    tok = Tokenizer.bark()
+    docs = bark_documents(n_docs, seed)
+    hasher = hashlib.sha256()
+
+    def pieces(n: int) -> Iterator[tuple[str, bool]]:
+        for _ in range(n):
+            doc = next(docs)
+            hasher.update(doc.encode("utf-8") + b"\n")
+            yield doc, True
+
+    out = Path(out)
+    counts = _write_splits(out, tok, pieces(n_docs - n_val), pieces(n_val), add_eos=False, source="bark",
+                           val_fraction=val_fraction)
+    meta = _meta(tok, counts, "bark", hasher.hexdigest(), val_fraction)
+    tok.save(out)
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def read_meta(data_dir: str | Path) -> dict:
+    """Read ``data_dir/meta.json`` (see :func:`prepare_dataset` for its fields).
+
+    Raises:
+        BarkError: the file is missing (the folder was never prepared, or preparing it did not
+            finish) or is not valid JSON.
+    """
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        raise BarkError(f"no meta.json in {data_dir}; prepare it first with `barkgpt prepare INPUT --out {data_dir}`")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BarkError(f"{path} is corrupt ({e}); prepare the data again with `barkgpt prepare`") from None
+    if not isinstance(meta, dict) or meta.get("dtype") not in ("uint16", "uint32"):
+        raise BarkError(f"{path} has no valid 'dtype' (uint16 or uint32); prepare the data again with `barkgpt prepare`")
+    return meta
+
+
+def load_split(data_dir: str | Path, split: str) -> np.ndarray:
+    """Map ``data_dir/{split}.bin`` read-only as a flat (N,) array of token ids.
+
+    The dtype comes from ``meta.json``. Mapping is cheap: like nanoGPT, call this again for every
+    batch rather than keeping one map for the whole run, since pages read through a long-lived
+    ``np.memmap`` stay counted in the process's memory and it appears to leak.
+
+    Raises:
+        BarkError: ``split`` is not train/val, or ``meta.json``/the ``.bin`` file is missing,
+            empty or truncated.
+    """
+    if split not in SPLITS:
+        raise BarkError(f"unknown split {split!r}; use train or val")
+    dtype = np.dtype(read_meta(data_dir)["dtype"])
+    path = Path(data_dir) / f"{split}.bin"
+    if not path.is_file():
+        raise BarkError(f"no {split}.bin in {data_dir}; prepare it again with `barkgpt prepare INPUT --out {data_dir}`")
+    size = path.stat().st_size
+    if size == 0 or size % dtype.itemsize:
+        raise BarkError(f"{path} is empty or truncated ({size} bytes of {dtype}); prepare the data again")
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def get_batch(data: np.ndarray, batch_size: int, block_size: int,
+              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Sample ``batch_size`` random windows of ``block_size + 1`` tokens (nanoGPT's ``get_batch``).
+
+    Args:
+        data: a flat (N,) array of token ids, usually :func:`load_split`'s memmap.
+        batch_size: B, windows per batch.
+        block_size: T, tokens per window.
+        rng: the generator that picks window starts, uniform in ``[0, N - T)``.
+
+    Returns:
+        ``(x, y)``, both int64 (B, T) C-contiguous: ``x`` the inputs and ``y`` the targets,
+        ``y[:, t] == x[:, t + 1]`` (the same window shifted by one token).
+
+    Raises:
+        BarkError: ``data`` holds fewer than ``block_size + 1`` tokens.
+    """
+    assert batch_size >= 1 and block_size >= 1, (batch_size, block_size)
+    n = len(data)
+    if n < block_size + 1:
+        raise BarkError(f"the split has {n} tokens, too few for block_size {block_size}; "
+                        f"use --block-size {max(n - 1, 1)} or less, or prepare more data")
+    ix = rng.integers(0, n - block_size, size=batch_size)  # (B,) window starts
+    # One fancy-index read of (B, T+1) ids; only those pages of the memmap are touched.
+    buf = np.array(data[ix[:, None] + np.arange(block_size + 1)], dtype=np.int64)  # (B, T+1)
+    return np.ascontiguousarray(buf[:, :-1]), np.ascontiguousarray(buf[:, 1:])
+
+
+# ---- reading the input ----------------------------------------------------------------------
+
+
+def _check_val_fraction(val_fraction: float) -> None:
+    """Raise BarkError unless 0 < val_fraction <= 0.5."""
+    if not 0 < val_fraction <= 0.5:
+        raise BarkError(f"val_fraction {val_fraction} is outside (0, 0.5]; pass --val-fraction 0.1, say")
+
+
+def _list_input(path: Path) -> tuple[list[Path], list[int], str]:
+    """The input's files in order, their sizes in bytes, and the format (``text`` or ``jsonl``)."""
+    if not path.exists():
+        raise BarkError(f"input {path} does not exist; pass a .txt file, a folder of .txt files or a .jsonl file")
+    if path.is_dir():
+        files = sorted((p for p in path.glob("*.txt") if p.is_file()), key=lambda p: p.name)
+        if not files:
+            raise BarkError(f"folder {path} holds no .txt files; put the documents in *.txt files or pass a file")
+        fmt = "text"
+    else:
+        files = [path]
+        fmt = "jsonl" if path.suffix.lower() == ".jsonl" else "text"
+    return files, [p.stat().st_size for p in files], fmt
+
+
+def _decode(raw: bytes, path: Path, offset: int, errors: str) -> str:
+    """UTF-8 bytes -> str; ``offset`` is where ``raw`` starts in ``path`` (for the message)."""
+    try:
+        return raw.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise BarkError(f"{path} is not valid UTF-8 at byte offset {offset + e.start} "
+                        f"(byte 0x{raw[e.start]:02x}); convert it to UTF-8 or pass --errors replace") from None
+
+
+def _safe_cut(buf: bytes) -> int:
+    """The last index at which ``buf`` can be cut without changing its tokens (see _SAFE_CUT).
+
+    Falls back to just after the last newline, then to the start of the last UTF-8 character
+    (pathological text, e.g. long lines without ASCII spaces, may then tokenize slightly
+    differently at a cut, once per chunk). Returns 0 only for a buffer too short to cut.
+    """
+    hi = len(buf)
+    while True:  # search backwards in 4 KiB windows; text nearly always has a cut in the first
+        lo = max(0, hi - 4096)
+        last = None
+        for last in _SAFE_CUT.finditer(buf, lo, hi):
+            pass
+        if last is not None:
+            return last.end()
+        if lo == 0:
+            break
+        hi = lo + 1
+    nl = buf.rfind(b"\n")
+    if nl >= 0:
+        return nl + 1
+    for i in range(len(buf) - 1, max(len(buf) - 4, 0) - 1, -1):
+        if buf[i] & 0xC0 != 0x80:  # not a UTF-8 continuation byte: a character starts here
+            return i
+    return len(buf)  # not UTF-8 anyway; decoding reports it
+
+
+def _read_text(files: list[Path], sizes: list[int], start: int, end: int, errors: str,
+               hasher=None, bar=None) -> Iterator[tuple[str, bool]]:
+    """Yield ``(text, ends_document)`` pieces of bytes ``[start, end)`` of the files concatenated.
+
+    Each file is one document; the last piece of each file's part of the range ends a document.
+    Feeds the raw bytes to ``hasher`` and their count to ``bar`` as it goes.
+    """
+    offset = 0
+    for path, size in zip(files, sizes):
+        lo, hi = max(start, offset), min(end, offset + size)
+        pos = lo - offset  # where the next piece starts in this file
+        offset += size
+        if lo >= hi:
+            continue
+        with open(path, "rb") as f:
+            f.seek(pos)
+            left, carry = hi - lo, b""
+            while True:
+                block = f.read(min(CHUNK_BYTES, left))
+                left -= len(block)
+                buf = carry + block
+                done = left == 0 or not block
+                cut = len(buf) if done else _safe_cut(buf)
+                raw, carry = buf[:cut], buf[cut:]
+                if hasher is not None:
+                    hasher.update(raw)
+                if bar is not None:
+                    bar.update(len(raw))
+                text = _decode(raw, path, pos, errors)
+                pos += cut
+                if text or done:
+                    yield text, done
+                if done:
+                    break
+
+
+def _read_jsonl(path: Path, start: int, end: int, errors: str, text_field: str,
+                hasher=None, bar=None) -> Iterator[tuple[str, bool]]:
+    """Yield ``(text, True)`` for each non-blank line of ``path`` within bytes ``[start, end)``.
+
+    ``start`` and ``end`` lie on line boundaries. Empty texts are skipped.
+    """
+    with open(path, "rb") as f:
+        f.seek(start)
+        pos = start
+        while pos < end:
+            line = f.readline()
+            if not line:
+                break
+            line_start, pos = pos, pos + len(line)
+            if hasher is not None:
+                hasher.update(line)
+            if bar is not None:
+                bar.update(len(line))
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(_decode(line, path, line_start, errors))
+            except ValueError as e:
+                n = _line_number(path, line_start)
+                raise BarkError(f"{path} line {n} is not valid JSON ({e}); fix or remove that line") from None
+            if not isinstance(obj, dict) or text_field not in obj:
+                n = _line_number(path, line_start)
+                raise BarkError(f"{path} line {n} has no {text_field!r} field; "
+                                f"pass --text-field NAME to name the field that holds the text")
+            text = obj[text_field]
+            if not isinstance(text, str):
+                n = _line_number(path, line_start)
+                raise BarkError(f"{path} line {n}: field {text_field!r} is {type(text).__name__}, not a string; "
+                                f"pass --text-field NAME to name the field that holds the text")
+            if text:
+                yield text, True
+
+
+def _line_number(path: Path, offset: int) -> int:
+    """1-based number of the line starting at byte ``offset`` of ``path`` (for error messages)."""
+    n = 1
+    with open(path, "rb") as f:
+        while offset > 0:
+            block = f.read(min(1 << 20, offset))
+            n += block.count(b"\n")
+            offset -= len(block)
+    return n
+
+
+def _split_offset(files: list[Path], sizes: list[int], val_fraction: float, fmt: str) -> int:
+    """The byte where validation starts: ``(1 - val_fraction)`` of the input, moved to a line boundary.
+
+    A line boundary is just after a newline or between two files. The first one at or after the
+    target is used; if the rest of the input is one line, the last one before it; if the whole
+    input is one line, text input is cut at the target's character boundary.
+
+    Raises:
+        BarkError: one-line jsonl input, which cannot be split.
+    """
+    total = sum(sizes)
+    target = int(total * (1 - val_fraction))
+    starts = list(itertools.accumulate(sizes[:-1], initial=0))  # where each file starts
+    i = next(k for k in range(len(files)) if starts[k] + sizes[k] > target)  # the file holding the target
+    local = target - starts[i]
+    if local == 0 and target > 0:
+        return target  # already between two files
+    with open(files[i], "rb") as f:
+        # forward: just after the first newline at or after byte target - 1, else this file's end
+        pos = max(local - 1, 0)
+        f.seek(pos)
+        cut = starts[i] + sizes[i]
+        while block := f.read(1 << 20):
+            k = block.find(b"\n")
+            if k >= 0:
+                cut = starts[i] + pos + k + 1
+                break
+            pos += len(block)
+        if cut < total:
+            return cut
+        # backward: just after the last newline before the target, else this file's start
+        pos = local
+        while pos > 0:
+            lo = max(0, pos - (1 << 20))
+            f.seek(lo)
+            k = f.read(pos - lo).rfind(b"\n")
+            if k >= 0:
+                return starts[i] + lo + k + 1
+            pos = lo
+        if starts[i] > 0:
+            return starts[i]
+        if fmt == "jsonl":
+            raise BarkError(f"{files[0]} holds one line, too little to split into train and val; add more lines")
+        # one line of text: cut before the UTF-8 character that holds the target byte
+        lo = max(local - 3, 0)
+        f.seek(lo)
+        window = f.read(local - lo + 1)
+    cut = local
+    while cut > lo and window[cut - lo] & 0xC0 == 0x80:
+        cut -= 1
+    return cut
+
+
+# ---- writing the output ---------------------------------------------------------------------
+
+
+def _write_splits(out: Path, tok: Tokenizer, train: Iterable[tuple[str, bool]], val: Iterable[tuple[str, bool]],
+                  add_eos: bool, source: str, val_fraction: float) -> dict:
+    """Encode both splits into ``out/train.bin`` and ``out/val.bin``.
+
+    Removes an old ``meta.json`` first (so a half-updated folder reads as unprepared), writes
+    each file to a temporary name and renames both only when both hold at least 2 tokens.
+
+    Returns:
+        ``{"dtype", "train_tokens", "val_tokens", "unknown_count"}``.
+    """
+    dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
+    out.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(out / "meta.json")
+    counts = {"dtype": np.dtype(dtype).name, "unknown_count": 0}
+    tmps = {}
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        for split, pieces in zip(SPLITS, (train, val)):
+            fd, tmps[split] = tempfile.mkstemp(prefix=f".{split}.bin.", suffix=".tmp", dir=out)
+            os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
+            with os.fdopen(fd, "wb") as f:
+                n, unknown = _encode_to(f, pieces, tok, dtype, add_eos)
+                f.flush()
+                os.fsync(f.fileno())
+            counts[f"{split}_tokens"] = n
+            counts["unknown_count"] += unknown
+            if n < 2:
+                fix = "a larger --val-fraction" if split == "val" else "a smaller --val-fraction"
+                raise BarkError(f"the {split} split of {source} has only {n} token(s) at val_fraction "
+                                f"{val_fraction}; use a longer input or {fix}")
+        for split in SPLITS:
+            os.replace(tmps.pop(split), out / f"{split}.bin")
+    finally:
+        for tmp in tmps.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    return counts
+
+
+def _encode_to(f, pieces: Iterable[tuple[str, bool]], tok: Tokenizer, dtype, add_eos: bool) -> tuple[int, int]:
+    """Encode ``(text, ends_document)`` pieces in ~4 MiB batches and append their ids to ``f``.
+
+    An EOS id follows each piece that ends a document when ``add_eos``. Returns the number of
+    tokens written and how many of them are ``<UNK>`` (not counting literal ``"<UNK>"`` text).
+    """
+    n_tokens = n_unknown = 0
+    batch: list[str] = []
+    ends: list[bool] = []
+    size = 0
+
+    def flush() -> None:
+        nonlocal n_tokens, n_unknown
+        flat: list[int] = []
+        for ids, end in zip(tok.encode_batch(batch), ends):
+            flat.extend(ids)
+            if end and add_eos:
+                flat.append(tok.eos_id)
+        arr = np.array(flat, dtype=dtype)
+        arr.tofile(f)
+        n_tokens += len(arr)
+        if tok.kind != "bpe":
+            n_unknown += int(np.count_nonzero(arr == tok.unk_id)) - sum(t.count(UNK) for t in batch)
+        batch.clear()
+        ends.clear()
+
+    for text, end in pieces:
+        batch.append(text)
+        ends.append(end)
+        size += len(text)
+        if size >= BATCH_BYTES:
+            flush()
+            size = 0
+    if batch:
+        flush()
+    return n_tokens, n_unknown
+
+
+def _meta(tok: Tokenizer, counts: dict, source: str, sha256: str, val_fraction: float) -> dict:
+    """The ``meta.json`` dict, fields in a fixed order."""
+    meta = {
+        "tokenizer": tok.kind,
+        "vocab_size": tok.vocab_size,
+        "dtype": counts["dtype"],
+        "train_tokens": counts["train_tokens"],
+        "val_tokens": counts["val_tokens"],
+        "source": source,
+        "source_sha256": sha256,
+        "val_fraction": val_fraction,
+    }
+    if counts["unknown_count"]:
+        meta["unknown_count"] = counts["unknown_count"]
+    return meta

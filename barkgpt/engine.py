@@ -1,0 +1,242 @@
+"""Fast generation on token ids: a KV cache, a pure sampling function and the decode loop.
+
+The engine knows nothing about tokenization (as nanochat's ``engine.py``); ``generate.py``
+wraps it with a tokenizer, stop strings and streaming text. ``GPT.generate`` (full recompute)
+is the reference this engine is tested against.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from barkgpt.common import BarkError
+from barkgpt.model import GPT
+
+
+class KVCache:
+    """Keys and values of every layer for a batch of rows, each row at its own position.
+
+    Tensors ``k`` and ``v`` are (n_layer, B, n_kv_head, max_len, head_dim); ``lengths[b]`` is
+    how many positions row ``b`` holds. ``GPT.forward`` asks for ``positions(T)`` and
+    ``attn_mask(T)``, every attention layer calls ``update``, and the model calls ``advance(T)``
+    after the last layer.
+    """
+
+    def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int, device="cpu", dtype=torch.float32):
+        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.lengths = [0] * batch_size  # python ints: no device sync to read them
+        self.device = device
+        self._pos = None  # (B, T) positions of the tokens in flight
+
+    @classmethod
+    def for_model(cls, model: GPT, batch_size: int, max_len: int | None = None) -> "KVCache":
+        """A cache sized for ``model`` (``max_len`` defaults to ``block_size``)."""
+        c = model.config
+        p = next(model.parameters())
+        return cls(c.n_layer, batch_size, c.n_kv_head, max_len or c.block_size, c.head_dim, p.device, p.dtype)
+
+    @property
+    def batch_size(self) -> int:
+        """Rows in the cache."""
+        return len(self.lengths)
+
+    def expand(self, batch_size: int) -> "KVCache":
+        """A new cache whose ``batch_size`` rows all copy this one-row cache."""
+        assert self.batch_size == 1
+        out = KVCache.__new__(KVCache)
+        out.k = self.k.repeat(1, batch_size, 1, 1, 1)
+        out.v = self.v.repeat(1, batch_size, 1, 1, 1)
+        out.max_len, out.device, out._pos = self.max_len, self.device, None
+        out.lengths = self.lengths * batch_size
+        return out
+
+    def reset(self) -> None:
+        """Forget every row's contents."""
+        self.lengths = [0] * self.batch_size
+
+    def get_pos(self) -> int:
+        """The longest row's length in tokens."""
+        return max(self.lengths)
+
+    def _uniform(self) -> bool:
+        return all(n == self.lengths[0] for n in self.lengths)
+
+    def positions(self, T: int) -> torch.Tensor:
+        """Absolute positions (B, T) of the next ``T`` tokens of each row.
+
+        Raises:
+            BarkError: a row would exceed ``max_len``.
+        """
+        if self.get_pos() + T > self.max_len:
+            raise BarkError(f"the KV cache holds {self.max_len} positions; {self.get_pos()} + {T} do not fit")
+        start = torch.tensor(self.lengths, device=self.device).unsqueeze(1)  # (B, 1)
+        self._pos = start + torch.arange(T, device=self.device)  # (B, T)
+        return self._pos
+
+    def attn_mask(self, T: int) -> torch.Tensor | None:
+        """Boolean (B, 1, T, L) mask, True where query t of row b may attend key j (j <= pos).
+
+        None when plain causal attention is exact: all rows at 0 or a single new token at a
+        shared position.
+        """
+        if self._uniform() and (self.lengths[0] == 0 or T == 1):
+            return None
+        L = self.get_pos() + T
+        keys = torch.arange(L, device=self.device)  # (L,)
+        return (keys.view(1, 1, 1, L) <= self._pos.view(-1, 1, T, 1))  # (B, 1, T, L)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write new keys/values (B, n_kv_head, T, hs) and return all cached ones (B, n_kv_head, L, hs)."""
+        T = k.size(2)
+        L = self.get_pos() + T
+        if self._uniform():
+            p = self.lengths[0]
+            self.k[layer, :, :, p:p + T] = k
+            self.v[layer, :, :, p:p + T] = v
+        else:  # each row writes at its own offset
+            idx = self._pos.view(-1, 1, T, 1).expand_as(k)
+            self.k[layer].scatter_(2, idx, k)
+            self.v[layer].scatter_(2, idx, v)
+        return self.k[layer, :, :, :L], self.v[layer, :, :, :L]
+
+    def advance(self, T: int) -> None:
+        """Count ``T`` more tokens in every row."""
+        self.lengths = [n + T for n in self.lengths]
+
+
+def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty (Keskar et al. 2019, as HF's ``RepetitionPenaltyLogitsProcessor``):
+    logits of tokens in ``history`` are divided by ``penalty`` when positive, multiplied when negative.
+
+    Args:
+        logits: (B, V) float.
+        history: (B, L) int64 ids seen so far (prompt and generated).
+        penalty: > 0; 1 leaves logits unchanged.
+
+    Returns:
+        (B, V) penalised logits (a new tensor).
+    """
+    if penalty == 1.0 or history.numel() == 0:
+        return logits
+    seen = torch.gather(logits, 1, history)
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits.scatter(1, history, seen)
+
+
+def sample_next_token(logits: torch.Tensor, rng: torch.Generator | None = None, temperature: float = 1.0,
+                      top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
+    """Pick the next token of each row from its logits. A pure function of its arguments.
+
+    Filters apply to temperature-scaled logits, in HF's order: top-k, then top-p (nucleus,
+    Holtzman et al. 2019: the smallest set whose probability reaches ``top_p``, always keeping
+    the most likely token), then min-p (Nguyen et al. 2024: drop tokens below ``min_p`` times the
+    top probability).
+
+    Args:
+        logits: (B, V) float.
+        rng: the ``torch.Generator`` to sample with (None: torch's global one).
+        temperature: 0 means argmax (greedy).
+        top_k: keep the k most likely tokens; 0 keeps all.
+        top_p: in (0, 1]; 1 keeps all.
+        min_p: in [0, 1); 0 keeps all.
+
+    Returns:
+        (B,) int64 token ids.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    V = logits.size(-1)
+    if (0 < top_k < V) or top_p < 1.0 or min_p > 0.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        remove = torch.zeros_like(sorted_logits, dtype=torch.bool)
+        if 0 < top_k < V:
+            remove[:, top_k:] = True
+        probs = F.softmax(sorted_logits.masked_fill(remove, float("-inf")), dim=-1)
+        if top_p < 1.0:  # drop a token once the mass before it already reaches top_p
+            remove |= (probs.cumsum(dim=-1) - probs) >= top_p
+        if min_p > 0.0:
+            remove |= probs < min_p * probs[:, :1]
+        remove[:, 0] = False  # the most likely token always survives
+        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits.masked_fill(remove, float("-inf")))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=rng).squeeze(1)
+
+
+class Engine:
+    """Batched, KV-cached generation over token ids for one model.
+
+    Args:
+        model: a :class:`GPT` in eval mode (the engine calls ``model.eval()``).
+    """
+
+    def __init__(self, model: GPT):
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def generate(self, prompt: Sequence[int], num_samples: int = 1, max_new_tokens: int = 100,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                 repetition_penalty: float = 1.0, seed: int | None = None,
+                 stop_ids: Sequence[int] = ()) -> Iterator[list[int | None]]:
+        """Stream generated tokens, one step at a time, for ``num_samples`` rows of one prompt.
+
+        The prompt is prefilled once into a KV cache; each step decodes one token per row. When a
+        row reaches ``block_size`` the window slides: the last ``block_size // 2`` tokens are
+        prefilled into a fresh cache (an approximation of the naive path, which re-reads the
+        full last ``block_size`` tokens at every step).
+
+        Args:
+            prompt: token ids, 1 <= len <= block_size.
+            num_samples: rows generated together.
+            max_new_tokens: steps to run at most.
+            temperature, top_k, top_p, min_p: see :func:`sample_next_token`.
+            repetition_penalty: see :func:`apply_repetition_penalty`.
+            seed: seeds the sampling ``torch.Generator`` (None: nondeterministic).
+            stop_ids: token ids that end a row (the stop token is still yielded once).
+
+        Yields:
+            A list of ``num_samples`` entries per step: the new token id of each row, or None for
+            a row that has already stopped. Ends when every row stopped or after max_new_tokens.
+
+        Raises:
+            BarkError: an empty prompt or one longer than ``block_size``.
+        """
+        block_size = self.model.config.block_size
+        if len(prompt) == 0:
+            raise BarkError("the prompt is empty; give at least one token (e.g. start from <EOS>)")
+        if len(prompt) > block_size:
+            raise BarkError(f"the prompt has {len(prompt)} tokens but the model's block_size is {block_size}; shorten it or use --truncate")
+        rng = torch.Generator(device=self.device)
+        rng.manual_seed(seed) if seed is not None else rng.seed()
+        stop = set(stop_ids)
+        history = torch.tensor([list(prompt)] * num_samples, dtype=torch.long, device=self.device)  # (B, T)
+        cache = KVCache.for_model(self.model, 1)
+        logits, _ = self.model(history[:1], kv_cache=cache)  # prefill the prompt once...
+        cache = cache.expand(num_samples)  # ...and share it with every row
+        logits = logits[:, -1, :].expand(num_samples, -1)  # (B, V)
+        done = [False] * num_samples
+        for _ in range(max_new_tokens):
+            logits = apply_repetition_penalty(logits, history, repetition_penalty)
+            nxt = sample_next_token(logits, rng, temperature, top_k, top_p, min_p)  # (B,)
+            ids = nxt.tolist()
+            out = []
+            for b, t in enumerate(ids):
+                out.append(None if done[b] else t)
+                done[b] = done[b] or t in stop
+            yield out
+            if all(done):
+                return
+            history = torch.cat((history, nxt.unsqueeze(1)), dim=1)
+            if cache.get_pos() >= block_size:  # slide the window: re-prefill the recent half
+                cache = KVCache.for_model(self.model, num_samples)
+                logits, _ = self.model(history[:, -(block_size // 2):], kv_cache=cache)
+            else:
+                logits, _ = self.model(nxt.unsqueeze(1), kv_cache=cache)
+            logits = logits[:, -1, :]

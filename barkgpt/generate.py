@@ -1,0 +1,169 @@
+"""Text in, text out: a tokenizer wrapped around the token-level :class:`~barkgpt.engine.Engine`.
+
+Adds what needs text: encoding the prompt, incremental UTF-8-safe decoding for streaming, stop
+strings (held back until they can no longer match), chat templates, and ``--truncate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from barkgpt.checkpoint import load_checkpoint
+from barkgpt.common import BarkError, resolve_device
+from barkgpt.config import SampleConfig
+from barkgpt.engine import Engine
+from barkgpt.model import GPT
+from barkgpt.tokenizer import Tokenizer
+
+
+class TextGenerator:
+    """Generate text from a model and its tokenizer.
+
+    Args:
+        model: the :class:`GPT`.
+        tokenizer: the :class:`Tokenizer` it was trained with.
+        config: the checkpoint's ``config.json`` dict (shown by ``info``), optional.
+    """
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, config: dict | None = None):
+        self.model, self.tokenizer, self.config = model, tokenizer, config or {}
+        self.engine = Engine(model)
+
+    @property
+    def block_size(self) -> int:
+        """The model's context length in tokens."""
+        return self.model.config.block_size
+
+    def encode_prompt(self, prompt: str, truncate: bool = False) -> list[int]:
+        """Prompt text -> ids; an empty prompt starts from ``<EOS>`` (a document boundary).
+
+        Raises:
+            BarkError: the prompt is longer than ``block_size`` tokens and ``truncate`` is off.
+        """
+        ids = self.tokenizer.encode(prompt) if prompt else [self.tokenizer.eos_id]
+        if len(ids) > self.block_size:
+            if not truncate:
+                raise BarkError(f"the prompt has {len(ids)} tokens but the model's block_size is {self.block_size}; shorten it or pass --truncate to keep its last {self.block_size} tokens")
+            ids = ids[-self.block_size:]
+        return ids
+
+    def stream(self, prompt: str, truncate: bool = False, **sampling) -> Iterator[str]:
+        """Yield the reply to ``prompt`` piece by piece as it is generated (one sample).
+
+        Keyword args are :class:`~barkgpt.config.SampleConfig` fields. Generation ends at
+        ``<EOS>`` (not emitted), a stop string (not emitted), or ``max_new_tokens``.
+        Concatenated pieces equal ``generate(...)`` with the same arguments.
+
+        Raises:
+            BarkError: bad sampling values or an over-long prompt.
+        """
+        cfg = SampleConfig(**{**sampling, "num_samples": 1})
+        ids = self.encode_prompt(prompt, truncate)
+        yield from _TextStream(self.tokenizer, (s[0] for s in self._steps(ids, cfg)), cfg.stop)
+
+    def generate(self, prompt: str, truncate: bool = False, **sampling) -> str | list[str]:
+        """The full reply to ``prompt``: a string, or a list of strings when ``num_samples`` is given.
+
+        Raises:
+            BarkError: bad sampling values or an over-long prompt.
+        """
+        texts = [c.text for c in self.complete(prompt, truncate, **sampling)]
+        return texts if "num_samples" in sampling else texts[0]
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """Render ``messages`` (``role``/``content`` dicts) with the model's chat template."""
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    def complete(self, prompt: str, truncate: bool = False, **sampling) -> list[Completion]:
+        """Generate ``num_samples`` replies together, with their finish reasons.
+
+        Raises:
+            BarkError: bad sampling values or an over-long prompt.
+        """
+        cfg = SampleConfig(**sampling)
+        ids = self.encode_prompt(prompt, truncate)
+        columns: list[list[int]] = [[] for _ in range(cfg.num_samples)]
+        for step in self._steps(ids, cfg):
+            for b, t in enumerate(step):
+                if t is not None:
+                    columns[b].append(t)
+        out = []
+        for col in columns:
+            stream = _TextStream(self.tokenizer, iter(col), cfg.stop)
+            text = "".join(stream)
+            out.append(Completion(text, stream.finish_reason, len(ids), stream.n_tokens))
+        return out
+
+    def _steps(self, ids: list[int], cfg: SampleConfig):
+        return self.engine.generate(
+            ids, num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
+            repetition_penalty=cfg.repetition_penalty, seed=cfg.seed, stop_ids=[self.tokenizer.eos_id],
+        )
+
+
+@dataclass
+class Completion:
+    """One generated reply: ``text``, ``finish_reason`` (``stop`` or ``length``), and token counts."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class _TextStream:
+    """Decode a stream of token ids into text pieces, ending at ``<EOS>`` or a stop string.
+
+    Text that could still be the start of a stop string is held back until it cannot. After
+    iteration, ``finish_reason`` is ``"stop"`` (EOS or a stop string) or ``"length"``, and
+    ``n_tokens`` counts the tokens consumed (the EOS included).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, tokens, stop: list[str]):
+        self.tokenizer, self.tokens, self.stop = tokenizer, tokens, stop
+        self.finish_reason, self.n_tokens = "length", 0
+
+    def _cut(self, text: str) -> int:
+        return min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+
+    def __iter__(self) -> Iterator[str]:
+        decoder = self.tokenizer.decoder()
+        pending = ""
+        hold = max((len(s) for s in self.stop), default=1) - 1
+        for t in self.tokens:
+            if t is None:
+                break
+            self.n_tokens += 1
+            if t == self.tokenizer.eos_id:
+                self.finish_reason = "stop"
+                break
+            pending += decoder.add(t)
+            cut = self._cut(pending)
+            if cut >= 0:
+                self.finish_reason = "stop"
+                if pending[:cut]:
+                    yield pending[:cut]
+                return
+            if len(pending) > hold:  # emit what can no longer be part of a stop string
+                n = len(pending) - hold
+                yield pending[:n]
+                pending = pending[n:]
+        pending += decoder.flush()
+        cut = self._cut(pending)
+        if cut >= 0:
+            self.finish_reason, pending = "stop", pending[:cut]
+        if pending:
+            yield pending
+
+
+def load_generator(path: str | Path, device: str = "auto") -> TextGenerator:
+    """Load a run or checkpoint folder into a :class:`TextGenerator`.
+
+    Raises:
+        BarkError: no checkpoint or a corrupt one (see :func:`barkgpt.checkpoint.load_model`).
+    """
+    model, tokenizer, config = load_checkpoint(path, resolve_device(device))
+    return TextGenerator(model, tokenizer, config)

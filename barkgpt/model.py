@@ -1,0 +1,276 @@
+"""The GPT model: a decoder-only transformer in two families whose weights map 1:1 onto
+Hugging Face's classes.
+
+- ``llama``: rotary position embeddings in HF's rotate-half layout (RoFormer, Su et al. 2021),
+  RMSNorm (Zhang & Sennrich 2019), SwiGLU MLP (Shazeer 2020), grouped-query attention
+  (Ainslie et al. 2023), no biases; like ``LlamaForCausalLM``.
+- ``gpt2``: learned positions, LayerNorm, GELU MLP, biases; like ``GPT2LMHeadModel``
+  (Radford et al. 2019, and nanoGPT's ``model.py``).
+
+Notable choices: causal attention through ``F.scaled_dot_product_attention``; the query, key
+and value projections fused in one ``c_attn`` matmul (and SwiGLU's gate and up projections in
+one ``c_fc``), which at small widths saves most of a step's kernel-launch overhead; one
+``forward(idx, targets, kv_cache)`` path for training and cached decoding, where each batch row
+keeps its own position so rows of different lengths decode together (the server's continuous
+batching). ``GPT.generate`` is the naive full-recompute reference the fast engine is tested
+against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from barkgpt.config import GPTConfig
+
+
+def rope_cache(length: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin tables for rotary embeddings, each (length, head_dim), fp32.
+
+    Frequencies ``theta ** (-2i / head_dim)`` repeated over both halves, as HF's
+    ``LlamaRotaryEmbedding`` builds them (RoFormer, Su et al. 2021). The sin table carries the
+    sign of HF's ``rotate_half`` (-sin on the first half) so :func:`apply_rope` needs no negation.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    t = torch.arange(length, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)  # (length, head_dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (length, head_dim)
+    sin = emb.sin()
+    return emb.cos(), torch.cat((-sin[:, : head_dim // 2], sin[:, head_dim // 2 :]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (..., T, n, hs) by position: HF Llama's ``x * cos + rotate_half(x) * sin``.
+
+    ``rotate_half(x) * sin`` equals ``roll(x, hs/2) * sin_signed``: rolling swaps the halves
+    (a, b) -> (b, a) and the signed table supplies rotate_half's minus; three ops instead of six.
+    """
+    return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, dims=-1), sin_signed)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with optional grouped-query heads and RoPE.
+
+    Input and output ``x`` are (B, T, C). With a ``kv_cache`` the new keys and values are
+    written at each row's own position and attention covers everything cached so far.
+    """
+
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.rope = config.family == "llama"
+        # one matmul for q, k and v: (n_head + 2 * n_kv_head) heads of head_dim
+        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos_sin=None, kv_cache=None, attn_mask=None):
+        B, T, C = x.size()
+        qkv = self.c_attn(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)  # (B, T, nh+2nkv, hs)
+        qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=2)
+        if self.rope:  # rotate q and k together in one pass
+            qk = apply_rope(qk, *cos_sin)  # tables (T, 1, hs) or (B, T, 1, hs)
+        q, k = qk.split([self.n_head, self.n_kv_head], dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs), (B, nkv, T, hs)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, L, hs): all cached positions
+        if self.n_kv_head != self.n_head:  # grouped-query: each kv head serves n_head/n_kv_head query heads
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        if attn_mask is None:  # training, or a cache whose rows all start at 0 (or one new token)
+            dropout_p = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
+        else:  # rows at different positions: an explicit (B, 1, T, L) mask
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh*hs): re-assemble the heads
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: GELU (gpt2) or SwiGLU (llama), (B, T, C) -> (B, T, C).
+
+    For SwiGLU, ``c_fc`` holds the gate and up projections stacked ([gate; up]) so one matmul
+    computes both; the exporters split it into HF's ``gate_proj``/``up_proj``.
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.gated = config.family == "llama"
+        hidden = config.intermediate_size * (2 if self.gated else 1)
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up  # SwiGLU (Shazeer 2020)
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2's gelu_new
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))``; (B, T, C)."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        norm = nn.RMSNorm if config.family == "llama" else nn.LayerNorm
+        kw = {} if config.family == "llama" else {"bias": config.bias}
+        self.ln_1 = norm(config.n_embd, eps=config.norm_eps, **kw)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = norm(config.n_embd, eps=config.norm_eps, **kw)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos_sin=None, kv_cache=None, attn_mask=None):
+        x = x + self.attn(self.ln_1(x), cos_sin, kv_cache, attn_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """The language model: token ids (B, T) -> logits (B, T, vocab_size).
+
+    State-dict names are nanoGPT's: ``transformer.wte``, ``transformer.wpe`` (gpt2),
+    ``transformer.h.N.{ln_1,attn.c_attn,attn.c_proj,ln_2,mlp.c_fc,mlp.c_proj}``,
+    ``transformer.ln_f``, ``lm_head``.
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.vocab_size is not None, "resolve vocab_size from the tokenizer before building the model"
+        self.config = config
+        norm = nn.RMSNorm if config.family == "llama" else nn.LayerNorm
+        kw = {} if config.family == "llama" else {"bias": config.bias}
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+            ln_f=norm(config.n_embd, eps=config.norm_eps, **kw),
+        ))
+        if config.family == "gpt2":
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        if config.family == "llama":
+            cos, sin = rope_cache(config.block_size, config.head_dim, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None):
+        """Initialise every parameter (GPT-2 scheme, as nanoGPT).
+
+        | tensor                                  | init                                  |
+        |-----------------------------------------|---------------------------------------|
+        | ``wte``, ``wpe``, untied ``lm_head``    | normal(0, 0.02)                       |
+        | ``c_attn``, ``c_fc`` weights            | normal(0, 0.02)                       |
+        | ``attn.c_proj``, ``mlp.c_proj`` weights | normal(0, 0.02 / sqrt(2 * n_layer)): residual scaling, GPT-2 paper |
+        | all biases                              | zeros                                 |
+        | norm weights (and LayerNorm biases)     | ones (zeros)                          |
+
+        Args:
+            seed: if given, draw from a fresh ``torch.Generator`` seeded with it.
+        """
+        gen = None if seed is None else torch.Generator().manual_seed(seed)
+        std_resid = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                std = std_resid if name.endswith("c_proj.weight") else 0.02
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:  # norm scales
+                p.fill_(1.0)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count; ``non_embedding`` leaves out positional (and untied token) embeddings."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token: 6 * N (matmul params) + 12 * n_layer * n_embd * block_size
+        for attention (PaLM paper, appendix B; nanoGPT's ``estimate_mfu``)."""
+        c = self.config
+        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * c.block_size
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        """Run the model.
+
+        Args:
+            idx: (B, T) int64 token ids; T <= block_size (without a cache).
+            targets: (B, T) int64 next-token ids, or None; ``-1`` entries are ignored.
+            kv_cache: a :class:`barkgpt.engine.KVCache` (or anything with ``positions(T)``,
+                ``update(layer, k, v)``, ``attn_mask(T)`` and ``advance(T)``), or None.
+
+        Returns:
+            ``(logits, loss)``: logits (B, T, vocab_size) fp32 (only the last position,
+            (B, 1, vocab_size), when ``targets`` is None and no cache is given), and the mean
+            cross-entropy over non-ignored targets, or None.
+        """
+        B, T = idx.size()
+        x = self.transformer.wte(idx)  # (B, T, C)
+        pos = kv_cache.positions(T) if kv_cache is not None else None  # (B, T) absolute positions
+        if pos is None:
+            assert T <= self.config.block_size, f"sequence of {T} tokens exceeds block_size {self.config.block_size}"
+        cos_sin, attn_mask = None, None
+        if self.config.family == "llama":
+            if pos is None:
+                cos_sin = (self.rope_cos[:T].unsqueeze(1), self.rope_sin[:T].unsqueeze(1))  # (T, 1, hs)
+            else:
+                cos_sin = (self.rope_cos[pos].unsqueeze(2), self.rope_sin[pos].unsqueeze(2))  # (B, T, 1, hs)
+        else:
+            x = x + self.transformer.wpe(pos if pos is not None else torch.arange(T, device=idx.device))
+        if kv_cache is not None:
+            attn_mask = kv_cache.attn_mask(T)  # (B, 1, T, L) bool: causal per row
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, cos_sin, kv_cache, attn_mask)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        x = self.transformer.ln_f(x)
+        if targets is not None:
+            logits = self.lm_head(x)  # (B, T, vocab_size)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+            return logits, loss
+        if kv_cache is None:
+            x = x[:, [-1], :]  # inference without a cache only needs the last position
+        return self.lm_head(x).float(), None
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, generator=None):
+        """Naive generation by full recompute: the reference the KV-cache engine is tested against.
+
+        Args:
+            idx: (B, T) int64 prompt ids.
+            max_new_tokens: tokens to append.
+            temperature: 0 is greedy.
+            top_k: keep the k most likely tokens (0: all).
+            generator: a ``torch.Generator`` for sampling.
+
+        Returns:
+            (B, T + max_new_tokens) int64 ids. The context is cropped to the last ``block_size``
+            tokens at each step.
+        """
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.block_size:])
+            logits = logits[:, -1, :]  # (B, vocab_size)
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            idx = torch.cat((idx, nxt), dim=1)
+        return idx

@@ -1,0 +1,423 @@
+"""Tokenizers over Hugging Face ``tokenizers``: byte-level BPE, characters, and whitespace words.
+
+Three kinds share one :class:`Tokenizer` class and one file format:
+
+- ``bpe``: GPT-2's byte-level BPE (Radford et al. 2019; the GPT-2 pre-tokenizer regex, then BPE
+  over the 256 byte symbols), so every string encodes and none maps to ``<UNK>``.
+- ``char``: one token per distinct character, as nanoGPT's ``shakespeare_char/prepare.py``.
+- ``word``: one token per whitespace-separated word; ``Tokenizer.bark()`` is the fixed 11-token
+  Bark vocabulary the quick-start model speaks.
+
+A tokenizer is a folder with ``tokenizer.json`` (the ``tokenizers`` library's own file, which
+``transformers.PreTrainedTokenizerFast`` also loads) and ``tokenizer_config.json`` (kind, special
+tokens, chat template). Special tokens ``<PAD> <EOS> <BOS> <UNK>`` are registered as special
+added tokens, so the text ``"<EOS>"`` encodes to the EOS id in every kind. Nothing adds BOS or EOS
+automatically.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+from barkgpt.common import BarkError, atomic_write_text
+
+KINDS = ("bpe", "char", "word")
+PAD, EOS, BOS, UNK = "<PAD>", "<EOS>", "<BOS>", "<UNK>"
+SPECIAL_TOKENS = (PAD, EOS, BOS, UNK)  # ids 0..3, in this order, in every trained tokenizer
+BPE_MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # the byte alphabet plus the specials
+MIN_VOCAB = len(SPECIAL_TOKENS) + 1  # char/word: the specials plus at least one real token
+BARK_VOCAB = (PAD, EOS, "woof", "arf", "ruff", "grrr", "User:", "Assistant:", "speak", BOS, UNK)
+BARKS = ("woof", "arf", "ruff", "grrr")
+
+# Chat templates are Jinja, rendered the way transformers' apply_chat_template does (sandboxed,
+# trim_blocks, lstrip_blocks, with `messages`, `add_generation_prompt`, `bos_token`, `eos_token`
+# and `raise_exception`), so an exported tokenizer chats the same in transformers.
+# Bark: "User: {c} " / "Assistant: {c} <EOS> " / prompt "Assistant:". The Bark vocabulary has no
+# system role, so system messages are skipped rather than turned into <UNK> tokens.
+BARK_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{ 'User: ' + message['content'] + ' ' }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{ 'Assistant: ' + message['content'] + ' ' + eos_token + ' ' }}"
+    "{%- elif message['role'] != 'system' -%}"
+    "{{ raise_exception('unknown chat role ' ~ message['role'] ~ '; use user or assistant') }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}Assistant:{%- endif -%}"
+)
+# bpe and char: one line per turn, the assistant's turn closed by EOS.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{{ 'System: ' + message['content'] + '\\n' }}"
+    "{%- elif message['role'] == 'user' -%}"
+    "{{ 'User: ' + message['content'] + '\\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{ 'Assistant: ' + message['content'] + eos_token + '\\n' }}"
+    "{%- else -%}"
+    "{{ raise_exception('unknown chat role ' ~ message['role'] ~ '; use system, user or assistant') }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}Assistant:{%- endif -%}"
+)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (openai/gpt-2 ``encoder.py``), as ByteLevel uses.
+
+    Printable Latin-1 bytes map to themselves; the other 68 bytes map to U+0100 onwards.
+    """
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+class IncrementalDecoder:
+    """Streams text out of token ids one id at a time, in O(1) work per id.
+
+    Concatenating every ``add()`` output and the final ``flush()`` equals
+    ``Tokenizer.decode(all_ids, skip_special_tokens)``, and no output ever holds half of a UTF-8
+    character: for ``bpe`` the bytes of a multi-byte character split across tokens are held back
+    until the character completes, and an incomplete one left at ``flush()`` becomes U+FFFD (as
+    ``decode`` does). Ids outside the vocabulary give ``""``, as ``decode`` skips them.
+
+    Get one from :meth:`Tokenizer.decoder`; use a fresh one per sequence.
+    """
+
+    def __init__(self, pieces: list, kind: str, skip_ids: frozenset[int]):
+        self._pieces = pieces  # id -> bytes (bpe) or str (char, word); None for a hole
+        self._skip = skip_ids
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace") if kind == "bpe" else None
+        self._sep = " " if kind == "word" else ""  # decode joins words with single spaces
+        self._started = False
+
+    def add(self, token_id: int) -> str:
+        """Feed one token id; return the text it completes (possibly ``""``)."""
+        token_id = int(token_id)
+        if not 0 <= token_id < len(self._pieces) or token_id in self._skip:
+            return ""
+        piece = self._pieces[token_id]
+        if piece is None:
+            return ""
+        if self._utf8 is not None:
+            return self._utf8.decode(piece)
+        if self._started:
+            return self._sep + piece
+        self._started = True
+        return piece
+
+    def flush(self) -> str:
+        """End the sequence: return held-back text (bpe: U+FFFD for an incomplete character)."""
+        return self._utf8.decode(b"", final=True) if self._utf8 is not None else ""
+
+
+class Tokenizer:
+    """A trained tokenizer: text <-> token ids, special tokens, chat template, save/load.
+
+    Build one with :meth:`train`, :meth:`bark` or :meth:`load`, not the constructor.
+
+    Attributes:
+        kind: ``"bpe"``, ``"char"`` or ``"word"``.
+        chat_template: Jinja source rendered by :meth:`apply_chat_template`.
+        model_max_length: the context length to advertise in ``tokenizer_config.json``, or None.
+    """
+
+    def __init__(self, tk: HFTokenizer, kind: str, chat_template: str | None = None,
+                 model_max_length: int | None = None):
+        if kind not in KINDS:
+            raise BarkError(f"unknown tokenizer kind {kind!r}; use bpe, char or word")
+        self._tk = tk
+        self.kind = kind
+        self.chat_template = chat_template if chat_template is not None else _default_template(kind)
+        self.model_max_length = model_max_length
+        ids = [tk.token_to_id(t) for t in SPECIAL_TOKENS]
+        if None in ids:
+            missing = SPECIAL_TOKENS[ids.index(None)]
+            raise BarkError(f"the tokenizer has no {missing} token; re-create it with `barkgpt tokenizer` or `barkgpt prepare`")
+        self.pad_id, self.eos_id, self.bos_id, self.unk_id = ids
+        self._pieces: list | None = None  # id -> text piece, built on first decoder()
+        self._template = None  # compiled chat template, built on first use
+
+    # ---- building ---------------------------------------------------------------------------
+
+    @classmethod
+    def train(cls, kind: str, texts: Iterable[str], vocab_size: int | None = None) -> Tokenizer:
+        """Train a tokenizer of ``kind`` on a stream of documents.
+
+        Args:
+            kind: ``bpe``, ``char`` or ``word``.
+            texts: documents (or pieces of them), consumed once as a stream by
+                ``tokenizers``' ``train_from_iterator``; a single ``str`` counts as one document.
+            vocab_size: total vocabulary including the 4 special tokens. Required for ``bpe``
+                (at least 260: 256 bytes + 4 specials; training stops early on tiny text). For
+                ``char``/``word`` an optional cap (at least 5) that keeps the most frequent
+                tokens, ties broken by token text.
+
+        Returns:
+            A tokenizer with ``<PAD>=0, <EOS>=1, <BOS>=2, <UNK>=3``.
+
+        Raises:
+            BarkError: unknown kind, vocab_size missing or too small, or (char/word) no text.
+        """
+        if kind not in KINDS:
+            raise BarkError(f"unknown tokenizer kind {kind!r}; use bpe, char or word")
+        if isinstance(texts, str):
+            texts = [texts]
+        if kind == "bpe":
+            if vocab_size is None:
+                raise BarkError(f"a bpe tokenizer needs a vocab size; pass --vocab-size N (N >= {BPE_MIN_VOCAB})")
+            if vocab_size < BPE_MIN_VOCAB:
+                raise BarkError(f"vocab_size {vocab_size} is too small for bpe: the minimum is {BPE_MIN_VOCAB} "
+                                f"(256 bytes + 4 special tokens); pass --vocab-size {BPE_MIN_VOCAB} or more")
+        elif vocab_size is not None and vocab_size < MIN_VOCAB:
+            raise BarkError(f"vocab_size {vocab_size} is too small for {kind}: the minimum is {MIN_VOCAB} "
+                            f"(4 special tokens + 1); pass --vocab-size {MIN_VOCAB} or more, or leave it unset")
+        tk = _empty(kind)
+        if kind == "bpe":
+            trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        else:
+            # WordLevelTrainer sorts by count, then by token text, so the result is deterministic.
+            trainer = trainers.WordLevelTrainer(vocab_size=vocab_size or 2**31 - 1,
+                                                special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+        tk.train_from_iterator(texts, trainer=trainer)
+        if kind != "bpe" and tk.get_vocab_size(with_added_tokens=True) <= len(SPECIAL_TOKENS):
+            raise BarkError(f"no text to train the {kind} tokenizer on; check that the input is not empty")
+        return cls(tk, kind)
+
+    @classmethod
+    def bark(cls) -> Tokenizer:
+        """The fixed Bark vocabulary (word kind, vocab_size 11).
+
+        Ids: 0 ``<PAD>``, 1 ``<EOS>``, 2 ``woof``, 3 ``arf``, 4 ``ruff``, 5 ``grrr``, 6 ``User:``,
+        7 ``Assistant:``, 8 ``speak``, 9 ``<BOS>``, 10 ``<UNK>``. Chat template: ``User: {c} ``,
+        ``Assistant: {c} <EOS> ``, generation prompt ``Assistant:``.
+        """
+        tk = HFTokenizer(models.WordLevel({t: i for i, t in enumerate(BARK_VOCAB)}, unk_token=UNK))
+        tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        # Tokens already in the vocabulary keep their ids when registered as special.
+        tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+        return cls(tk, "word", BARK_CHAT_TEMPLATE)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Load a tokenizer folder (``tokenizer.json`` plus optional ``tokenizer_config.json``).
+
+        ``path`` may also name the ``tokenizer.json`` file itself. Without a config, the kind
+        is inferred from the model (BPE -> bpe; WordLevel split per character -> char, else word).
+
+        Raises:
+            BarkError: the folder or ``tokenizer.json`` is missing, or a file is corrupt.
+        """
+        path = Path(path)
+        folder = path.parent if path.is_file() else path
+        tk_file = folder / "tokenizer.json"
+        if not tk_file.is_file():
+            raise BarkError(f"no tokenizer.json in {folder}; pass a folder written by `barkgpt tokenizer` or `barkgpt prepare`")
+        try:
+            tk = HFTokenizer.from_file(str(tk_file))
+        except Exception as e:  # tokenizers raises plain Exception on bad JSON or schema
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise BarkError(f"{tk_file} is corrupt ({reason}); re-create it with `barkgpt tokenizer` or `barkgpt prepare`") from None
+        config: dict = {}
+        cfg_file = folder / "tokenizer_config.json"
+        if cfg_file.is_file():
+            try:
+                config = json.loads(cfg_file.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise BarkError(f"{cfg_file} is not valid JSON ({e}); fix or delete it") from None
+            if not isinstance(config, dict):
+                raise BarkError(f"{cfg_file} does not hold a JSON object; fix or delete it")
+        kind = config.get("kind") or _infer_kind(tk)
+        return cls(tk, kind, config.get("chat_template"), config.get("model_max_length"))
+
+    def save(self, path: str | Path) -> None:
+        """Write ``tokenizer.json`` and ``tokenizer_config.json`` into folder ``path`` (created if
+        needed), each atomically. The config holds the fields transformers reads
+        (``tokenizer_class``, special tokens, ``chat_template``, ``add_bos_token``) plus ``kind``.
+        """
+        folder = Path(path)
+        atomic_write_text(folder / "tokenizer.json", self._tk.to_str(pretty=True))
+        config = {
+            "kind": self.kind,
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": BOS,
+            "eos_token": EOS,
+            "pad_token": PAD,
+            "unk_token": UNK,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,  # else transformers rewrites " ." to "." on decode
+            "chat_template": self.chat_template,
+        }
+        if self.model_max_length is not None:
+            config["model_max_length"] = self.model_max_length
+        atomic_write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+    # ---- encoding and decoding --------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, special tokens included (ids are ``0..vocab_size-1``)."""
+        return self._tk.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> token ids. Adds no BOS/EOS; ``"<EOS>"`` etc. in the text map to their ids.
+
+        bpe never produces ``<UNK>``; char/word map unseen characters/words to ``unk_id``.
+        """
+        return self._tk.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Encode many texts at once, in parallel threads (the fast path for data preparation).
+
+        Returns one id list per text, each equal to ``encode(text)``.
+        """
+        return [e.ids for e in self._tk.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Token ids -> text. Ids outside ``0..vocab_size-1`` are skipped.
+
+        bpe joins the bytes of all tokens (invalid UTF-8 becomes U+FFFD); char concatenates the
+        characters; word joins the words with single spaces.
+        """
+        n = self.vocab_size
+        return self._tk.decode([i for i in map(int, ids) if 0 <= i < n], skip_special_tokens=skip_special_tokens)
+
+    def decoder(self, skip_special_tokens: bool = False) -> IncrementalDecoder:
+        """A fresh :class:`IncrementalDecoder` for streaming one sequence's text token by token."""
+        if self._pieces is None:
+            self._pieces = self._build_pieces()
+        skip = frozenset(i for i, t in self._tk.get_added_tokens_decoder().items() if t.special) \
+            if skip_special_tokens else frozenset()
+        return IncrementalDecoder(self._pieces, self.kind, skip)
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of one token (e.g. ``"<EOS>"``, ``"woof"``), or None if it is not in the vocabulary."""
+        return self._tk.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        """The token string of an id (bpe: in GPT-2's byte alphabet, e.g. ``"Ġthe"``), or None."""
+        if not 0 <= token_id < self.vocab_size:
+            return None
+        return self._tk.id_to_token(token_id)
+
+    def count_unknown(self, text: str) -> int:
+        """How many characters (char) or words (word) of ``text`` map to ``<UNK>``; 0 for bpe.
+
+        A literal ``"<UNK>"`` in the text is the special token, not an unknown, and is not counted.
+        """
+        if self.kind == "bpe":
+            return 0
+        return self.encode(text).count(self.unk_id) - text.count(UNK)
+
+    # ---- chat -------------------------------------------------------------------------------
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render a conversation to prompt text with :attr:`chat_template` (Jinja, as transformers).
+
+        Args:
+            messages: ``[{"role": "user"|"assistant"|"system", "content": str}, ...]``.
+            add_generation_prompt: end with ``"Assistant:"`` so the model writes the reply.
+
+        Returns:
+            The text, e.g. ``"User: speak Assistant:"`` for Bark and ``[{"role": "user",
+            "content": "speak"}]``. Encode it with :meth:`encode`.
+
+        Raises:
+            BarkError: a message is not a dict with string ``role`` and ``content``, a role the
+                template does not know, or a broken template.
+        """
+        import jinja2
+
+        for i, m in enumerate(messages):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise BarkError(f"chat message {i} must be an object with string 'role' and 'content'; got {m!r:.80}")
+        try:
+            if self._template is None:
+                self._template = _jinja_env().from_string(self.chat_template)
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK)
+        except jinja2.TemplateError as e:
+            raise BarkError(f"chat template failed: {e}; fix the messages or the tokenizer's chat_template") from None
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
+
+    def _build_pieces(self) -> list:
+        """id -> the bytes (bpe) or text (char/word) that token contributes to ``decode``."""
+        vocab = self._tk.get_vocab(with_added_tokens=True)
+        pieces: list = [None] * (max(vocab.values()) + 1)
+        if self.kind != "bpe":
+            for tok, i in vocab.items():
+                pieces[i] = tok
+            return pieces
+        # ByteLevel's decoder maps each character back to its byte; a token with a character
+        # outside the byte alphabet (only possible for added tokens) decodes to its UTF-8 bytes.
+        byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        for tok, i in vocab.items():
+            try:
+                pieces[i] = bytes(byte_of[c] for c in tok)
+            except KeyError:
+                pieces[i] = tok.encode("utf-8")
+        return pieces
+
+
+def _empty(kind: str) -> HFTokenizer:
+    """An untrained ``tokenizers`` pipeline for ``kind`` with the special tokens registered."""
+    if kind == "bpe":
+        tk = HFTokenizer(models.BPE())
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tk.decoder = decoders.ByteLevel()
+    else:
+        tk = HFTokenizer(models.WordLevel(unk_token=UNK))
+        if kind == "char":
+            # Every code point is its own pre-token ([\s\S] also matches newlines); Fuse joins
+            # tokens back with no separator. All three serialize into tokenizer.json.
+            tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+            tk.decoder = decoders.Fuse()
+        else:
+            tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # no decoder: decode joins with " "
+    # Registered before training so that "<EOS>" in training text is one token, not 5 characters.
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return tk
+
+
+def _infer_kind(tk: HFTokenizer) -> str:
+    """Guess the kind of a ``tokenizer.json`` that came without ``tokenizer_config.json``."""
+    spec = json.loads(tk.to_str())
+    if spec["model"]["type"] == "BPE":
+        return "bpe"
+    pre = spec.get("pre_tokenizer") or {}
+    return "char" if pre.get("type") == "Split" else "word"
+
+
+def _default_template(kind: str) -> str:
+    """The chat template of a kind: Bark's for word tokenizers, the line-per-turn one otherwise."""
+    return BARK_CHAT_TEMPLATE if kind == "word" else CHAT_TEMPLATE
+
+
+def _jinja_env():
+    """A Jinja environment configured like transformers' chat-template renderer."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env

@@ -1,0 +1,72 @@
+"""Configs: presets, YAML, flags, cross-field checks and their messages."""
+
+import pytest
+
+from barkgpt.common import BarkError
+from barkgpt.config import GPTConfig, SampleConfig, TrainConfig, build_configs, config_to_dict, dump_yaml
+
+
+def test_presets_resolve():
+    for name in ("bark", "shakespeare-char", "shakespeare-bpe", "tinystories"):
+        model, train = build_configs(preset=name)
+        assert model.n_embd % model.n_head == 0
+        assert train.max_iters > train.warmup_iters
+
+
+def test_shakespeare_char_is_nanogpts_cpu_recipe():
+    model, train = build_configs(preset="shakespeare-char")
+    assert (model.n_layer, model.n_head, model.n_embd, model.block_size) == (4, 4, 128, 64)
+    assert (train.batch_size, train.max_iters, train.learning_rate, model.dropout) == (12, 2000, 1e-3, 0.0)
+
+
+def test_flags_override_preset():
+    model, train = build_configs(preset="bark", overrides={"n_layer": 3, "max_iters": 7, "warmup_iters": 1})
+    assert model.n_layer == 3 and train.max_iters == 7
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(n_embd=30, n_head=4), ["n_embd", "n_head", "divisible"]),
+    (dict(n_head=4, n_kv_head=3), ["n_kv_head", "divisible"]),
+])
+def test_cross_field_errors_name_the_fields(kw, words):
+    with pytest.raises(BarkError) as e:
+        GPTConfig(**kw)
+    assert all(w in str(e.value) for w in words)
+
+
+def test_unknown_key_names_closest(tmp_path):
+    with pytest.raises(BarkError, match="did you mean 'n_layer'"):
+        build_configs(overrides={"n_layers": 3})
+    f = tmp_path / "run.yaml"
+    f.write_text("train:\n  max_iter: 5\n")
+    with pytest.raises(BarkError, match="max_iters"):
+        build_configs(config=str(f))
+
+
+def test_bad_value_type(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("model:\n  n_layer: many\n")
+    with pytest.raises(BarkError, match="n-layer"):
+        build_configs(config=str(f))
+
+
+def test_config_yaml_round_trip(tmp_path):
+    model, train = build_configs(preset="shakespeare-char")
+    f = tmp_path / "config.yaml"
+    f.write_text(dump_yaml(config_to_dict(model, train)))
+    model2, train2 = build_configs(config=str(f))
+    assert model2 == model and train2 == train
+
+
+def test_warmup_must_be_shorter_than_run():
+    with pytest.raises(BarkError, match="warmup"):
+        TrainConfig(max_iters=50, warmup_iters=100)
+
+
+@pytest.mark.parametrize("kw, word", [
+    (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-1), "top_k"), (dict(min_p=1.0), "min_p"), (dict(max_new_tokens=0), "max_new_tokens"),
+])
+def test_bad_sampling_values(kw, word):
+    with pytest.raises(BarkError, match=word):
+        SampleConfig(**kw)

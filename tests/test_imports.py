@@ -1,0 +1,54 @@
+"""The import rules of STYLE.md section 3, checked with ``ast``; and light imports."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "barkgpt"
+
+ALLOWED = {
+    "__init__": {"generate"},
+    "__main__": {"cli"},
+    "config": {"common"},
+    "common": set(),
+    "tokenizer": {"common"},
+    "model": {"config"},
+    "data": {"tokenizer", "config", "common"},
+    "engine": {"model", "common"},
+    "checkpoint": {"model", "tokenizer", "config", "common"},
+    "generate": {"engine", "checkpoint", "model", "tokenizer", "config", "common"},
+    "train": {"model", "data", "engine", "checkpoint", "config", "common", "tokenizer"},
+    "cli": None,  # anything, inside the subcommand's function
+}
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("barkgpt"):
+            parts = node.module.split(".")
+            out.add(parts[1] if len(parts) > 1 else node.names[0].name)
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("barkgpt."):
+                    out.add(a.name.split(".")[1])
+    return out - {"__version__"}
+
+
+def test_every_module_imports_only_what_the_table_allows():
+    for path in PKG.glob("*.py"):
+        name = path.stem
+        assert name in ALLOWED, f"{name}.py is not in the import table; add it to STYLE's table and this test"
+        allowed = ALLOWED[name]
+        if allowed is None:
+            continue
+        bad = imported_modules(path) - allowed - {name}
+        assert not bad, f"barkgpt/{name}.py imports {sorted(bad)}, which the import table forbids"
+
+
+def test_import_and_help_do_not_load_torch():
+    code = "import sys, barkgpt, barkgpt.cli, barkgpt.config; barkgpt.cli.build_parser().format_help(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,104 @@
+"""The model: causality, cached decoding, init loss, overfitting, both families."""
+
+import math
+
+import pytest
+import torch
+
+from barkgpt.config import GPTConfig
+from barkgpt.engine import KVCache
+from barkgpt.model import GPT
+
+FAMILIES = [dict(family="llama", n_kv_head=1), dict(family="gpt2", n_kv_head=2)]
+
+
+def make(family, n_kv_head, **kw):
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_kv_head=n_kv_head, n_embd=32, family=family, **kw)
+    return GPT(cfg).eval()
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f["family"])
+def test_future_tokens_do_not_change_past_logits(fam):
+    model = make(**fam)
+    idx = torch.randint(0, 64, (2, 24))
+    for t in (0, 7, 22):
+        changed = idx.clone()
+        changed[:, t + 1] = (changed[:, t + 1] + 1) % 64
+        a, _ = model(idx, idx)
+        b, _ = model(changed, changed)
+        assert torch.equal(a[:, : t + 1], b[:, : t + 1])  # positions <= t see nothing after t
+        assert not torch.allclose(a[:, t + 1], b[:, t + 1])  # and the changed position does change
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f["family"])
+def test_init_loss_is_about_ln_vocab(fam):
+    model = make(**fam)
+    idx = torch.randint(0, 64, (4, 32))
+    _, loss = model(idx, torch.randint(0, 64, (4, 32)))
+    assert abs(loss.item() - math.log(64)) < 0.1
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f["family"])
+def test_kv_cache_logits_match_full_forward(fam):
+    model = make(**fam)
+    idx = torch.randint(0, 64, (2, 20))
+    full, _ = model(idx, idx)
+    cache = KVCache.for_model(model, 2)
+    a, _ = model(idx[:, :9], kv_cache=cache)
+    pieces = [a] + [model(idx[:, t : t + 1], kv_cache=cache)[0] for t in range(9, 20)]
+    assert torch.allclose(torch.cat(pieces, 1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f["family"])
+def test_rows_at_different_positions_decode_together(fam):
+    model = make(**fam)
+    idx = torch.randint(0, 64, (2, 16))
+    full, _ = model(idx, idx)
+    rows = []
+    for b, n in enumerate((5, 11)):  # prefill each row alone, to a different length
+        c = KVCache.for_model(model, 1)
+        model(idx[b : b + 1, :n], kv_cache=c)
+        rows.append(c)
+    cache = KVCache.for_model(model, 2)
+    for b, c in enumerate(rows):
+        cache.k[:, b], cache.v[:, b] = c.k[:, 0], c.v[:, 0]
+    cache.lengths = [5, 11]
+    out, _ = model(torch.stack([idx[0, 5], idx[1, 11]]).view(2, 1), kv_cache=cache)
+    assert torch.allclose(out[0, 0], full[0, 5], atol=1e-5)
+    assert torch.allclose(out[1, 0], full[1, 11], atol=1e-5)
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f["family"])
+def test_overfits_one_batch(fam):
+    model = make(**fam).train()
+    torch.manual_seed(1)
+    idx = torch.randint(0, 64, (4, 16))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1
+
+
+def test_residual_projections_get_scaled_init():
+    model = make("llama", 1)
+    std = model.transformer.h[0].attn.c_proj.weight.std().item()
+    assert abs(std - 0.02 / math.sqrt(2 * 2)) < 0.004
+    assert abs(model.transformer.h[0].attn.c_attn.weight.std().item() - 0.02) < 0.004
+
+
+def test_tied_embeddings_share_storage():
+    model = make("llama", 1)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    untied = make("llama", 1, tie_embeddings=False)
+    assert untied.lm_head.weight is not untied.transformer.wte.weight
+
+
+def test_parameter_count_and_flops():
+    model = make("gpt2", 2)
+    n = sum(p.numel() for p in model.parameters())
+    assert model.num_params() == n
+    assert model.flops_per_token() > 6 * (n - 32 * 32)

@@ -1,0 +1,127 @@
+"""Training: exact resume, atomic checkpoints under SIGKILL, NaN guard, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from barkgpt.common import BarkError
+from barkgpt.config import GPTConfig, TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def char_data(tmp_path_factory):
+    from barkgpt.data import prepare_dataset
+
+    root = tmp_path_factory.mktemp("data")
+    src = root / "text.txt"
+    src.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 200)
+    prepare_dataset(src, root / "char", tokenizer="char")
+    return root / "char"
+
+
+def tiny(out_dir, data, **kw):
+    model = GPTConfig(block_size=16, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
+    base = dict(data=str(data), out_dir=str(out_dir), batch_size=4, max_iters=20, warmup_iters=2,
+                eval_interval=10, eval_iters=2, log_interval=1, learning_rate=3e-3, min_lr=3e-4)
+    base.update(kw)
+    return model, TrainConfig(**base)
+
+
+def losses(out_dir):
+    rows = [json.loads(l) for l in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train_loss"] for r in rows if "train_loss" in r}
+
+
+def test_loss_falls_and_files_are_written(tmp_path, char_data):
+    from barkgpt.train import train
+
+    result = train(*tiny(tmp_path / "run", char_data, max_iters=40), quiet=True)
+    run = tmp_path / "run"
+    for f in ("config.yaml", "metrics.jsonl", "loss.png", "samples.jsonl", "last/model.safetensors",
+              "last/trainer_state.pt", "last/tokenizer.json", "best/config.json"):
+        assert (run / f).is_file(), f
+    curve = losses(run)
+    assert curve[40] < curve[1] - 0.5
+    assert result["val_loss"] is not None
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, char_data):
+    from barkgpt.train import train
+
+    train(*tiny(tmp_path / "straight", char_data, max_iters=20, lr_decay_iters=20), quiet=True)
+    train(*tiny(tmp_path / "split", char_data, max_iters=10, lr_decay_iters=20), quiet=True)
+    train(*tiny(tmp_path / "split", char_data, max_iters=20, lr_decay_iters=20), resume=True, quiet=True)
+    assert losses(tmp_path / "straight") == losses(tmp_path / "split")
+
+
+def test_resume_errors(tmp_path, char_data):
+    from barkgpt.train import train
+
+    with pytest.raises(BarkError, match="no checkpoint"):
+        train(*tiny(tmp_path / "none", char_data), resume=True, quiet=True)
+    train(*tiny(tmp_path / "run", char_data, max_iters=10), quiet=True)
+    model, cfg = tiny(tmp_path / "run", char_data, max_iters=20)
+    model.n_layer = 3
+    with pytest.raises(BarkError, match="n_layer"):
+        train(model, cfg, resume=True, quiet=True)
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, char_data):
+    from barkgpt.checkpoint import load_model
+    from barkgpt.train import train
+
+    train(*tiny(tmp_path / "run", char_data, max_iters=10), quiet=True)
+    with pytest.raises(BarkError, match="loss became"):
+        train(*tiny(tmp_path / "run", char_data, max_iters=40, learning_rate=1e6, min_lr=1e5, grad_clip=0.0), resume=True, quiet=True)
+    load_model(tmp_path / "run" / "last")  # still loadable
+
+
+def test_block_size_larger_than_val_split(tmp_path, char_data):
+    from barkgpt.train import train
+
+    model, cfg = tiny(tmp_path / "run", char_data)
+    model.block_size = 5000
+    with pytest.raises(BarkError, match="block_size"):
+        train(model, cfg, quiet=True)
+
+
+KILL_SCRIPT = """
+import sys, torch
+from barkgpt.checkpoint import save_checkpoint
+from barkgpt.config import GPTConfig
+from barkgpt.model import GPT
+from barkgpt.tokenizer import Tokenizer
+tok = Tokenizer.bark()
+model = GPT(GPTConfig(vocab_size=11, block_size=32, n_layer=4, n_head=4, n_embd=256))
+print("ready", flush=True)
+i = 0
+while True:
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float(i))
+    save_checkpoint(sys.argv[1], model, tok, {"step": i}, {"step": i, "blob": torch.zeros(300_000)})
+    i += 1
+"""
+
+
+def test_sigkill_during_checkpoint_write_leaves_a_loadable_checkpoint(tmp_path):
+    from barkgpt.checkpoint import load_model
+
+    target = tmp_path / "last"
+    for delay in (0.05, 0.13, 0.27, 0.41):
+        proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(target)], stdout=subprocess.PIPE, cwd=REPO)
+        assert proc.stdout.readline().strip() == b"ready"
+        while not (target / "config.json").exists():
+            time.sleep(0.01)
+        time.sleep(delay)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        model, config = load_model(target)
+        assert model.lm_head.weight[0, 0].item() == config["step"]  # weights and config from the same save
