@@ -13,6 +13,7 @@ files, so memory stays flat whatever the corpus size. Validation data is the tai
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import itertools
@@ -20,7 +21,6 @@ import json
 import os
 import random
 import re
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -32,12 +32,19 @@ from barkgpt.tokenizer import BARKS, UNK, Tokenizer
 CHUNK_BYTES = 1 << 17  # bytes of text read at a time (128 KiB)
 BATCH_BYTES = 1 << 22  # text encoded per encode_batch call (4 MiB, ~32 chunks, one per thread)
 DEFAULT_BPE_VOCAB = 2048
+# bpe and word tokenizers train on at most this much of the training split, spread evenly over
+# it: their trainers keep every distinct word in memory (about 0.5 GB per million), and more
+# text barely changes a small vocabulary. char tokenizers count characters, so they see it all.
+TOKENIZER_TRAIN_BYTES = 1 << 28  # 256 MiB
 SPLITS = ("train", "val")
 
-# A place where text can be cut without changing any kind's tokens: an ASCII graphic character
-# followed by ASCII whitespace. No GPT-2 pre-token spans such a pair (a pre-token is either all
-# whitespace or starts after it), whitespace splitting cuts there anyway, and chars are chars.
-_SAFE_CUT = re.compile(rb"[!-~](?=[\t-\r ])")
+# Where text can be cut without changing any kind's tokens: between a non-whitespace character
+# and ASCII whitespace. No GPT-2 pre-token holds such a pair (a pre-token that starts with a
+# non-space has no whitespace in it, and the regex has no lookbehind), whitespace splitting cuts
+# there anyway, and chars are chars. Python's \S is narrower than the Unicode White_Space the
+# regex uses, so this is on the safe side.
+_SAFE_CUT = re.compile(r"\S(?=[\t-\r ])")
+MAX_CARRY = 1 << 23  # text without such a place is cut anyway after 8 Mi characters
 
 
 def prepare_dataset(input: str | Path, out: str | Path, tokenizer: str = "bpe", vocab_size: int | None = None,
@@ -52,7 +59,8 @@ def prepare_dataset(input: str | Path, out: str | Path, tokenizer: str = "bpe", 
 
     The last ``val_fraction`` of the input bytes, moved forward to the next line boundary, is
     the validation split. The tokenizer is trained on the training split only, or loaded from
-    ``tokenizer_from``. Each file appears in ``out`` only once complete (temporary file, then
+    ``tokenizer_from``; bpe and word tokenizers see at most 256 MiB of it, spread evenly (see
+    ``TOKENIZER_TRAIN_BYTES``). Each file appears in ``out`` only once complete (temporary file, then
     rename), and ``meta.json`` is written last, so a folder with ``meta.json`` is complete.
 
     Args:
@@ -101,7 +109,10 @@ def prepare_dataset(input: str | Path, out: str | Path, tokenizer: str = "bpe", 
         if tokenizer == "bpe" and vocab_size is None:
             vocab_size = DEFAULT_BPE_VOCAB
         with progress(total=split, desc="training tokenizer", unit="B", unit_scale=True) as bar:
-            tok = Tokenizer.train(tokenizer, (text for text, _ in pieces(0, split, bar=bar)), vocab_size)
+            texts = (text for text, _ in pieces(0, split, bar=bar))
+            if tokenizer != "char":
+                texts = _spread(texts, TOKENIZER_TRAIN_BYTES / split)
+            tok = Tokenizer.train(tokenizer, texts, vocab_size)
 
     out = Path(out)
     hasher = hashlib.sha256()
@@ -258,40 +269,27 @@ def _list_input(path: Path) -> tuple[list[Path], list[int], str]:
     return files, [p.stat().st_size for p in files], fmt
 
 
-def _decode(raw: bytes, path: Path, offset: int, errors: str) -> str:
-    """UTF-8 bytes -> str; ``offset`` is where ``raw`` starts in ``path`` (for the message)."""
-    try:
-        return raw.decode("utf-8", errors=errors)
-    except UnicodeDecodeError as e:
-        raise BarkError(f"{path} is not valid UTF-8 at byte offset {offset + e.start} "
-                        f"(byte 0x{raw[e.start]:02x}); convert it to UTF-8 or pass --errors replace") from None
+def _utf8_error(path: Path, offset: int, e: UnicodeDecodeError) -> BarkError:
+    """The one-line error for invalid UTF-8 at byte ``offset`` of ``path``."""
+    return BarkError(f"{path} is not valid UTF-8 at byte offset {offset} (byte 0x{e.object[e.start]:02x}); "
+                     f"convert it to UTF-8 or pass --errors replace")
 
 
-def _safe_cut(buf: bytes) -> int:
-    """The last index at which ``buf`` can be cut without changing its tokens (see _SAFE_CUT).
-
-    Falls back to just after the last newline, then to the start of the last UTF-8 character
-    (pathological text, e.g. long lines without ASCII spaces, may then tokenize slightly
-    differently at a cut, once per chunk). Returns 0 only for a buffer too short to cut.
-    """
-    hi = len(buf)
-    while True:  # search backwards in 4 KiB windows; text nearly always has a cut in the first
-        lo = max(0, hi - 4096)
+def _safe_cut(text: str, start: int = 0) -> int:
+    """The last index after ``start`` where ``text`` can be cut without changing its tokens
+    (see ``_SAFE_CUT``), or 0 if there is none."""
+    hi = len(text)
+    while hi > start:  # search backwards in 4 Ki windows; text nearly always has a cut in the first
+        lo = max(start, hi - 4096)
         last = None
-        for last in _SAFE_CUT.finditer(buf, lo, hi):
-            pass
+        for m in _SAFE_CUT.finditer(text, lo, hi):
+            last = m
         if last is not None:
             return last.end()
-        if lo == 0:
+        if lo == start:
             break
-        hi = lo + 1
-    nl = buf.rfind(b"\n")
-    if nl >= 0:
-        return nl + 1
-    for i in range(len(buf) - 1, max(len(buf) - 4, 0) - 1, -1):
-        if buf[i] & 0xC0 != 0x80:  # not a UTF-8 continuation byte: a character starts here
-            return i
-    return len(buf)  # not UTF-8 anyway; decoding reports it
+        hi = lo + 1  # the lookahead could not see past hi, so overlap by one
+    return 0
 
 
 def _read_text(files: list[Path], sizes: list[int], start: int, end: int, errors: str,
@@ -299,35 +297,46 @@ def _read_text(files: list[Path], sizes: list[int], start: int, end: int, errors
     """Yield ``(text, ends_document)`` pieces of bytes ``[start, end)`` of the files concatenated.
 
     Each file is one document; the last piece of each file's part of the range ends a document.
-    Feeds the raw bytes to ``hasher`` and their count to ``bar`` as it goes.
+    Pieces are cut only where tokens do not change (see ``_SAFE_CUT``). Feeds the raw bytes to
+    ``hasher`` and their count to ``bar`` as it goes. ``start`` and ``end`` must fall between
+    UTF-8 characters.
     """
     offset = 0
-    for path, size in zip(files, sizes):
+    for path, size in zip(files, sizes, strict=True):
         lo, hi = max(start, offset), min(end, offset + size)
-        pos = lo - offset  # where the next piece starts in this file
+        pos = lo - offset  # where the next block starts in this file
         offset += size
         if lo >= hi:
             continue
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors)  # holds back a split character
+        carry, searched = "", 0
         with open(path, "rb") as f:
             f.seek(pos)
-            left, carry = hi - lo, b""
+            left = hi - lo
             while True:
                 block = f.read(min(CHUNK_BYTES, left))
                 left -= len(block)
-                buf = carry + block
                 done = left == 0 or not block
-                cut = len(buf) if done else _safe_cut(buf)
-                raw, carry = buf[:cut], buf[cut:]
                 if hasher is not None:
-                    hasher.update(raw)
+                    hasher.update(block)
                 if bar is not None:
-                    bar.update(len(raw))
-                text = _decode(raw, path, pos, errors)
-                pos += cut
-                if text or done:
-                    yield text, done
+                    bar.update(len(block))
+                held = len(utf8.getstate()[0])  # bytes of a split character from the last block
+                try:
+                    text = carry + utf8.decode(block, final=done)
+                except UnicodeDecodeError as e:
+                    raise _utf8_error(path, pos - held + e.start, e) from None
+                pos += len(block)
                 if done:
+                    yield text, True
                     break
+                cut = _safe_cut(text, searched)
+                if cut == 0 and len(text) < MAX_CARRY:
+                    carry, searched = text, max(len(text) - 1, 0)  # read on until a cut appears
+                    continue
+                cut = cut or len(text)
+                carry, searched = text[cut:], 0
+                yield text[:cut], False
 
 
 def _read_jsonl(path: Path, start: int, end: int, errors: str, text_field: str,
@@ -351,7 +360,9 @@ def _read_jsonl(path: Path, start: int, end: int, errors: str, text_field: str,
             if not line.strip():
                 continue
             try:
-                obj = json.loads(_decode(line, path, line_start, errors))
+                obj = json.loads(line.decode("utf-8", errors))
+            except UnicodeDecodeError as e:
+                raise _utf8_error(path, line_start + e.start, e) from None
             except ValueError as e:
                 n = _line_number(path, line_start)
                 raise BarkError(f"{path} line {n} is not valid JSON ({e}); fix or remove that line") from None
@@ -432,6 +443,19 @@ def _split_offset(files: list[Path], sizes: list[int], val_fraction: float, fmt:
     return cut
 
 
+def _spread(texts: Iterable[str], ratio: float) -> Iterator[str]:
+    """Keep about ``ratio`` of the text (by characters), in pieces spread evenly over the stream."""
+    if ratio >= 1:
+        yield from texts
+        return
+    seen = taken = 0
+    for text in texts:
+        seen += len(text)
+        if taken + len(text) <= ratio * seen:
+            taken += len(text)
+            yield text
+
+
 # ---- writing the output ---------------------------------------------------------------------
 
 
@@ -451,13 +475,10 @@ def _write_splits(out: Path, tok: Tokenizer, train: Iterable[tuple[str, bool]], 
         os.unlink(out / "meta.json")
     counts = {"dtype": np.dtype(dtype).name, "unknown_count": 0}
     tmps = {}
-    umask = os.umask(0)
-    os.umask(umask)
     try:
-        for split, pieces in zip(SPLITS, (train, val)):
-            fd, tmps[split] = tempfile.mkstemp(prefix=f".{split}.bin.", suffix=".tmp", dir=out)
-            os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
-            with os.fdopen(fd, "wb") as f:
+        for split, pieces in zip(SPLITS, (train, val), strict=True):
+            tmps[split] = out / f".{split}.bin.{os.getpid()}.tmp"
+            with open(tmps[split], "wb") as f:
                 n, unknown = _encode_to(f, pieces, tok, dtype, add_eos)
                 f.flush()
                 os.fsync(f.fileno())
@@ -490,7 +511,7 @@ def _encode_to(f, pieces: Iterable[tuple[str, bool]], tok: Tokenizer, dtype, add
     def flush() -> None:
         nonlocal n_tokens, n_unknown
         flat: list[int] = []
-        for ids, end in zip(tok.encode_batch(batch), ends):
+        for ids, end in zip(tok.encode_batch(batch), ends, strict=True):
             flat.extend(ids)
             if end and add_eos:
                 flat.append(tok.eos_id)

@@ -130,7 +130,7 @@ class _TextStream:
         return min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
 
     def __iter__(self) -> Iterator[str]:
-        decoder = self.tokenizer.decoder()
+        decoder = self.tokenizer.decoder(continuation=True)
         pending = ""
         hold = max((len(s) for s in self.stop), default=1) - 1
         for t in self.tokens:

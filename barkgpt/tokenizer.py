@@ -82,7 +82,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(bs, map(chr, cs)))
+    return dict(zip(bs, map(chr, cs), strict=True))
 
 
 class IncrementalDecoder:
@@ -231,7 +231,8 @@ class Tokenizer:
             tk = HFTokenizer.from_file(str(tk_file))
         except Exception as e:  # tokenizers raises plain Exception on bad JSON or schema
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise BarkError(f"{tk_file} is corrupt ({reason}); re-create it with `barkgpt tokenizer` or `barkgpt prepare`") from None
+            raise BarkError(f"{tk_file} is corrupt ({reason}); "
+                            f"re-create it with `barkgpt tokenizer` or `barkgpt prepare`") from None
         config: dict = {}
         cfg_file = folder / "tokenizer_config.json"
         if cfg_file.is_file():
@@ -297,13 +298,22 @@ class Tokenizer:
         n = self.vocab_size
         return self._tk.decode([i for i in map(int, ids) if 0 <= i < n], skip_special_tokens=skip_special_tokens)
 
-    def decoder(self, skip_special_tokens: bool = False) -> IncrementalDecoder:
-        """A fresh :class:`IncrementalDecoder` for streaming one sequence's text token by token."""
+    def decoder(self, skip_special_tokens: bool = False, continuation: bool = False) -> IncrementalDecoder:
+        """A fresh :class:`IncrementalDecoder` for streaming one sequence's text token by token.
+
+        Args:
+            skip_special_tokens: leave out ``<PAD> <EOS> <BOS> <UNK>``.
+            continuation: the ids continue text decoded before (a prompt), so for ``word``
+                tokenizers the first word also gets its separating space: prompt text plus the
+                streamed pieces then equals ``decode(prompt_ids + new_ids)``.
+        """
         if self._pieces is None:
             self._pieces = self._build_pieces()
         skip = frozenset(i for i, t in self._tk.get_added_tokens_decoder().items() if t.special) \
             if skip_special_tokens else frozenset()
-        return IncrementalDecoder(self._pieces, self.kind, skip)
+        dec = IncrementalDecoder(self._pieces, self.kind, skip)
+        dec._started = continuation
+        return dec
 
     def token_to_id(self, token: str) -> int | None:
         """The id of one token (e.g. ``"<EOS>"``, ``"woof"``), or None if it is not in the vocabulary."""

@@ -164,8 +164,9 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: b
         quiet: no progress bar or start banner.
 
     Returns:
-        Summary dict: ``step``, ``train_loss``, ``val_loss``, ``best_val_loss``, ``tokens_per_s``,
-        ``elapsed_s``, ``interrupted``.
+        Summary dict: ``step``, ``train_loss``, ``val_loss``, ``best_val_loss``, ``tokens_per_s``
+        (over training steps only), ``train_seconds`` (time in training steps), ``elapsed_s``
+        (wall clock of the whole run, across resumes), ``interrupted``.
 
     Raises:
         BarkError: bad data, a model that does not match the checkpoint on resume, a NaN loss
@@ -287,8 +288,10 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: b
     losses, interrupted, last_loss = None, False, float("nan")
     bar = progress(total=cfg.max_iters, desc="train", unit="step", initial=step) if not quiet else None
     t_log, tok_log = time.perf_counter(), 0
+    loop_s, step0 = 0.0, step  # time in training steps only (no eval, checkpoints or plots)
     try:
         while step < cfg.max_iters:
+            t_step = time.perf_counter()
             lr = get_lr(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -307,6 +310,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: b
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            loop_s += time.perf_counter() - t_step
             tokens_seen += tokens_per_iter
             tok_log += tokens_per_iter
             if bar is not None:
@@ -334,7 +338,6 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: b
         if bar is not None:
             bar.close()
     total = (state.get("elapsed_s", 0.0) if state else 0.0) + time.perf_counter() - t_start
-    steps_run = step - (state["step"] if state else 0)
     return {"step": step, "train_loss": last_loss, "val_loss": losses["val"] if losses else None,
-            "best_val_loss": best_val, "tokens_per_s": steps_run * tokens_per_iter / max(time.perf_counter() - t_start, 1e-9),
-            "elapsed_s": total, "interrupted": interrupted}
+            "best_val_loss": best_val, "tokens_per_s": (step - step0) * tokens_per_iter / max(loop_s, 1e-9),
+            "train_seconds": loop_s, "elapsed_s": total, "interrupted": interrupted}

@@ -1,0 +1,100 @@
+"""Training speed: our trainer against ../shared/bench/reference_gpt.py, side by side in one run.
+
+Both train the shakespeare-char shape (n_layer 4, n_head 4, n_embd 128, block_size 64, batch 12)
+on tiny Shakespeare, char-level, fp32 on the CPU, for the same number of iterations. Runs
+alternate (reference, ours, reference, ours, ...) so machine noise hits both alike; the median of
+each is reported with the ratio. Prints JSON lines and appends a section to bench/RESULTS.md.
+
+    python bench/bench_train.py [--iters 300] [--rounds 2] [--full]
+
+``--full`` also trains the preset's 2000 iterations once each and reports the val loss reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+OUT = REPO / "bench" / "out"
+
+OURS = """
+import json, sys
+from barkgpt.config import build_configs
+from barkgpt.train import train
+model, cfg = build_configs("shakespeare-char", overrides=dict(data=sys.argv[1], out_dir=sys.argv[2], max_iters=int(sys.argv[3]),
+    eval_interval=int(sys.argv[3]), log_interval=50, compile=sys.argv[4] == "1"))
+r = train(model, cfg, quiet=True)
+print(json.dumps({"tokens_per_s": round(r["tokens_per_s"], 1), "val_loss": round(r["val_loss"], 4), "seconds": round(r["train_seconds"], 2)}))
+"""
+
+
+def run_json(cmd: list[str]) -> dict:
+    """Run a command and parse the last line of its stdout as JSON."""
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if out.returncode != 0:
+        sys.exit(f"benchmark command failed: {' '.join(cmd[:4])}...\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--iters", type=int, default=300, help="iterations per timed run")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds of (reference, ours)")
+    p.add_argument("--full", action="store_true", help="also run 2000 iterations each and compare val loss")
+    p.add_argument("--compile", action="store_true", help="run ours with --compile true")
+    a = p.parse_args()
+
+    text = SHARED / "data" / "tinyshakespeare.txt"
+    ref = SHARED / "bench" / "reference_gpt.py"
+    if not text.is_file() or not ref.is_file():
+        sys.exit(f"needs {text} and {ref} (the shared/ folder beside the repo)")
+    data = OUT / "shakespeare-char"
+    if not (data / "meta.json").is_file():
+        from barkgpt.data import prepare_dataset
+
+        prepare_dataset(text, data, tokenizer="char")
+
+    def ours(iters):
+        return run_json([sys.executable, "-c", OURS, str(data), str(OUT / "run"), str(iters), "1" if a.compile else "0"])
+
+    def reference(iters):
+        return run_json([sys.executable, str(ref), "--data", str(text), "--max-iters", str(iters)])
+
+    rows = {"reference": [], "barkgpt": []}
+    for r in range(a.rounds):
+        rows["reference"].append(reference(a.iters))
+        rows["barkgpt"].append(ours(a.iters))
+        print(json.dumps({"round": r, "reference": rows["reference"][-1], "barkgpt": rows["barkgpt"][-1]}), flush=True)
+    ref_tps = statistics.median(x["tokens_per_s"] for x in rows["reference"])
+    our_tps = statistics.median(x["tokens_per_s"] for x in rows["barkgpt"])
+    summary = {"iters": a.iters, "rounds": a.rounds, "reference_tokens_per_s": ref_tps, "barkgpt_tokens_per_s": our_tps,
+               "ratio": round(our_tps / ref_tps, 3), "compile": a.compile}
+    if a.full:
+        summary["full_reference"] = reference(2000)
+        summary["full_barkgpt"] = ours(2000)
+    print(json.dumps(summary), flush=True)
+    write_results("train: shakespeare-char shape, ours vs reference_gpt.py", summary)
+
+
+def write_results(title: str, summary: dict) -> None:
+    """Append a dated section with the machine's description to bench/RESULTS.md."""
+    import datetime
+    import os
+    import platform
+
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    import torch
+
+    with open(REPO / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
+        f.write(f"\n## {title}\n{datetime.date.today()}, {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                f"{torch.get_num_threads()} threads\n\n```\n{json.dumps(summary, indent=1)}\n```\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""Tests for barkgpt.tokenizer: round trips, special tokens, the Bark vocabulary, save/load,
+streaming decode and chat templates. Tokenizers are trained in-process on a few KB of text."""
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from barkgpt.common import BarkError
+from barkgpt.tokenizer import BARK_VOCAB, SPECIAL_TOKENS, Tokenizer
+
+CORPUS = (
+    "The quick brown fox jumps over the lazy dog. The dog sleeps; the fox runs away.\n"
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
+    "Ünïcödé wörds, naïve café, 東京は日本の首都です。 Привет, мир! 😀🐶 woof!\n"
+    "    indented line\twith\ttabs\r\nand a Windows line ending.\n"
+) * 20  # about 6 KB
+
+# Text rich in multi-byte characters, for round trips and streaming.
+UNICODE_TEXT = st.text(st.characters(codec="utf-8"), max_size=60) | st.text(
+    st.sampled_from(list("ab \n\t😀🐶東京é̈€𝄞")), max_size=40)
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return Tokenizer.train("bpe", [CORPUS], 300)
+
+
+@pytest.fixture(scope="module")
+def char():
+    return Tokenizer.train("char", iter(CORPUS.splitlines(keepends=True)))
+
+
+@pytest.fixture(scope="module")
+def word():
+    return Tokenizer.train("word", ["a a a b b c d", "e e e e"])
+
+
+def stream(tok, ids, skip_special_tokens=False):
+    """All pieces the incremental decoder emits for ids, flush included."""
+    dec = tok.decoder(skip_special_tokens)
+    return [dec.add(i) for i in ids] + [dec.flush()]
+
+
+# ---- bpe ------------------------------------------------------------------------------------
+
+def test_bpe_vocab_and_special_ids(bpe):
+    assert bpe.kind == "bpe"
+    assert bpe.vocab_size == 300
+    assert [bpe.pad_id, bpe.eos_id, bpe.bos_id, bpe.unk_id] == [0, 1, 2, 3]
+    assert [bpe.id_to_token(i) for i in range(4)] == list(SPECIAL_TOKENS)
+
+
+@settings(max_examples=200, deadline=None)
+@given(UNICODE_TEXT)
+def test_bpe_round_trips_any_unicode(bpe, text):
+    ids = bpe.encode(text)
+    assert bpe.decode(ids) == text
+    assert bpe.unk_id not in ids or "<UNK>" in text  # bytes cover everything
+
+
+def test_bpe_vocab_size_below_minimum_raises():
+    with pytest.raises(BarkError, match="minimum is 260"):
+        Tokenizer.train("bpe", ["hello"], 259)
+    with pytest.raises(BarkError, match="--vocab-size"):
+        Tokenizer.train("bpe", ["hello"])
+    with pytest.raises(BarkError, match="minimum is 5"):
+        Tokenizer.train("char", ["hello"], 4)
+    with pytest.raises(BarkError, match="unknown tokenizer kind"):
+        Tokenizer.train("wordpiece", ["hello"], 300)
+
+
+def test_bpe_encode_batch_equals_encode(bpe):
+    texts = ["hello world", "", "東京 😀", CORPUS[:500]]
+    assert bpe.encode_batch(texts) == [bpe.encode(t) for t in texts]
+
+
+def test_decode_skips_special_tokens_and_out_of_range_ids(bpe):
+    ids = [bpe.bos_id] + bpe.encode("fox") + [bpe.eos_id, 10**6, -1]
+    assert bpe.decode(ids) == "<BOS>fox<EOS>"
+    assert bpe.decode(ids, skip_special_tokens=True) == "fox"
+
+
+# ---- special tokens -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["bpe", "char", "word", "bark"])
+def test_special_tokens_in_text_encode_to_their_ids(kind, bpe, char, word):
+    tok = {"bpe": bpe, "char": char, "word": word, "bark": Tokenizer.bark()}[kind]
+    for name, i in zip(SPECIAL_TOKENS, (tok.pad_id, tok.eos_id, tok.bos_id, tok.unk_id), strict=True):
+        assert tok.encode(name) == [i]
+        assert tok.token_to_id(name) == i
+    ids = tok.encode("a <EOS> a")
+    assert ids.count(tok.eos_id) == 1
+
+
+# ---- char -----------------------------------------------------------------------------------
+
+def test_char_round_trip_is_exact_for_seen_characters(char):
+    text = "  The dog\tsleeps.\n\n東京 😀\r\nwoof!  "
+    ids = char.encode(text)
+    assert len(ids) == len(text)  # one token per character
+    assert char.unk_id not in ids
+    assert char.decode(ids) == text
+
+
+def test_char_unseen_characters_map_to_unk(char):
+    ids = char.encode("dog§¶")
+    assert ids[-2:] == [char.unk_id, char.unk_id]
+    assert char.count_unknown("dog§¶ <UNK>") == 2  # the literal special token is not unknown
+
+
+def test_char_vocab_cap_keeps_most_frequent():
+    tok = Tokenizer.train("char", ["aaabbc"], 6)
+    assert tok.vocab_size == 6
+    assert tok.encode("abc") == [4, 5, tok.unk_id]
+
+
+# ---- word -----------------------------------------------------------------------------------
+
+def test_word_unknown_words_map_to_unk_and_decode_joins_with_spaces(word):
+    ids = word.encode("a  b\n\tzebra")
+    assert ids == [word.token_to_id("a"), word.token_to_id("b"), word.unk_id]
+    assert word.decode(ids) == "a b <UNK>"
+    assert word.count_unknown("a zebra yak b") == 2
+
+
+def test_word_vocab_cap_keeps_most_frequent_ties_by_text():
+    tok = Tokenizer.train("word", ["b a c d b a e e"], 7)
+    assert [tok.id_to_token(i) for i in range(4, 7)] == ["a", "b", "e"]  # count 2 each; c, d dropped
+    assert tok.encode("c") == [tok.unk_id]
+
+
+def test_word_and_char_with_no_text_raise():
+    with pytest.raises(BarkError, match="no text"):
+        Tokenizer.train("word", ["  \n "])
+
+
+# ---- Bark -----------------------------------------------------------------------------------
+
+def test_bark_vocab_ids_are_fixed():
+    tok = Tokenizer.bark()
+    assert tok.kind == "word"
+    assert tok.vocab_size == 11
+    assert [tok.id_to_token(i) for i in range(11)] == list(BARK_VOCAB)
+    assert BARK_VOCAB == ("<PAD>", "<EOS>", "woof", "arf", "ruff", "grrr", "User:", "Assistant:", "speak", "<BOS>", "<UNK>")
+    assert (tok.pad_id, tok.eos_id, tok.bos_id, tok.unk_id) == (0, 1, 9, 10)
+    assert tok.encode("User: speak Assistant: woof arf <EOS>") == [6, 8, 7, 2, 3, 1]
+    assert tok.encode("meow") == [10]
+    assert tok.id_to_token(11) is None
+
+
+def test_bark_chat_template():
+    tok = Tokenizer.bark()
+    assert tok.apply_chat_template([{"role": "user", "content": "speak"}]) == "User: speak Assistant:"
+    convo = [{"role": "system", "content": "be a dog"}, {"role": "user", "content": "speak"},
+             {"role": "assistant", "content": "woof arf"}, {"role": "user", "content": "speak"}]
+    text = tok.apply_chat_template(convo)
+    assert text == "User: speak Assistant: woof arf <EOS> User: speak Assistant:"  # system skipped
+    assert tok.apply_chat_template(convo[:3], add_generation_prompt=False) == "User: speak Assistant: woof arf <EOS> "
+    assert tok.unk_id not in tok.encode(text)
+
+
+def test_generic_chat_template(bpe):
+    convo = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
+    assert bpe.apply_chat_template(convo) == "System: Be brief.\nUser: Hi\nAssistant: Hello.<EOS>\nUser: Bye\nAssistant:"
+    assert bpe.apply_chat_template(convo[:1], add_generation_prompt=False) == "System: Be brief.\n"
+
+
+def test_chat_template_rejects_bad_messages(bpe):
+    with pytest.raises(BarkError, match="unknown chat role"):
+        bpe.apply_chat_template([{"role": "tool", "content": "x"}])
+    with pytest.raises(BarkError, match="message 0"):
+        bpe.apply_chat_template([{"role": "user"}])
+
+
+# ---- save / load ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["bpe", "char", "word", "bark"])
+def test_save_load_gives_identical_encodings_and_config(kind, bpe, char, word, tmp_path):
+    tok = {"bpe": bpe, "char": char, "word": word, "bark": Tokenizer.bark()}[kind]
+    tok.model_max_length = 128
+    try:
+        tok.save(tmp_path)
+    finally:
+        tok.model_max_length = None
+    back = Tokenizer.load(tmp_path)
+    assert (back.kind, back.vocab_size, back.chat_template) == (tok.kind, tok.vocab_size, tok.chat_template)
+    assert (back.pad_id, back.eos_id, back.bos_id, back.unk_id) == (tok.pad_id, tok.eos_id, tok.bos_id, tok.unk_id)
+    assert back.model_max_length == 128
+    for text in [CORPUS[:300], "User: speak Assistant: woof <EOS>", "zebra 😀 §"]:
+        assert back.encode(text) == tok.encode(text)
+        assert back.decode(back.encode(text)) == tok.decode(tok.encode(text))
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert config["add_bos_token"] is False
+    assert (config["bos_token"], config["eos_token"], config["pad_token"], config["unk_token"]) == (
+        "<BOS>", "<EOS>", "<PAD>", "<UNK>")
+    # Without tokenizer_config.json the kind is inferred from tokenizer.json.
+    (tmp_path / "tokenizer_config.json").unlink()
+    assert Tokenizer.load(tmp_path / "tokenizer.json").kind == tok.kind
+
+
+def test_load_missing_or_corrupt_raises(tmp_path):
+    with pytest.raises(BarkError, match="no tokenizer.json"):
+        Tokenizer.load(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(BarkError, match="corrupt"):
+        Tokenizer.load(tmp_path)
+    Tokenizer.bark().save(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("[1, 2")
+    with pytest.raises(BarkError, match="not valid JSON"):
+        Tokenizer.load(tmp_path)
+
+
+# ---- streaming decode -----------------------------------------------------------------------
+
+def test_streaming_holds_back_partial_characters(bpe):
+    ids = bpe.encode("😀")
+    assert len(ids) > 1  # the small vocabulary has no token for it: several byte tokens
+    assert stream(bpe, ids) == [""] * (len(ids) - 1) + ["😀", ""]
+    assert stream(bpe, ids[:-1])[-1] == "\ufffd"  # an incomplete character at flush
+
+
+@settings(max_examples=200, deadline=None)
+@given(UNICODE_TEXT)
+def test_streaming_decode_never_emits_half_a_character(bpe, text):
+    ids = bpe.encode(text)
+    pieces = stream(bpe, ids)
+    assert all("\ufffd" not in p for p in pieces) or "\ufffd" in text
+    assert "".join(pieces) == bpe.decode(ids) == text
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 299), max_size=30), st.booleans())
+def test_streaming_decode_equals_decode_for_any_ids(bpe, ids, skip):
+    assert "".join(stream(bpe, ids, skip)) == bpe.decode(ids, skip_special_tokens=skip)
+
+
+@pytest.mark.parametrize("kind", ["char", "word", "bark"])
+def test_streaming_decode_char_and_word(kind, char, word):
+    tok = {"char": char, "word": word, "bark": Tokenizer.bark()}[kind]
+    ids = tok.encode("a b <EOS> zebra c\n") + [tok.bos_id, 10**6]
+    for skip in (False, True):
+        assert "".join(stream(tok, ids, skip)) == tok.decode(ids, skip_special_tokens=skip)
