@@ -49,7 +49,7 @@ MAX_CARRY = 1 << 23  # text without such a place is cut anyway after 8 Mi charac
 
 def prepare_dataset(input: str | Path, out: str | Path, tokenizer: str = "bpe", vocab_size: int | None = None,
                     val_fraction: float = 0.1, tokenizer_from: str | Path | None = None, text_field: str = "text",
-                    errors: str = "strict", seed: int = 0) -> dict:
+                    errors: str = "strict") -> dict:
     """Tokenize a text corpus into ``out/train.bin``, ``out/val.bin``, ``out/meta.json`` + tokenizer.
 
     Input is one ``.txt`` file (one document; any extension other than ``.jsonl`` reads as text),
@@ -72,8 +72,6 @@ def prepare_dataset(input: str | Path, out: str | Path, tokenizer: str = "bpe", 
         tokenizer_from: a folder with ``tokenizer.json`` to reuse instead of training one.
         text_field: the JSON field holding each document's text, for ``.jsonl`` input.
         errors: ``strict`` (invalid UTF-8 is an error) or ``replace`` (it becomes U+FFFD).
-        seed: accepted for a uniform interface; the output does not depend on it (the split is
-            the input's tail and tokenizer training is deterministic).
 
     Returns:
         The meta dict, also written to ``meta.json``: ``tokenizer`` (kind), ``vocab_size``,

@@ -125,3 +125,21 @@ def test_sigkill_during_checkpoint_write_leaves_a_loadable_checkpoint(tmp_path):
         proc.wait()
         model, config = load_model(target)
         assert model.lm_head.weight[0, 0].item() == config["step"]  # weights and config from the same save
+
+
+def test_ctrl_c_saves_last_and_exits_cleanly(tmp_path, char_data):
+    cmd = [sys.executable, "-m", "barkgpt", "train", "--data", str(char_data), "--out-dir", str(tmp_path / "run"),
+           "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16", "--max-iters", "100000",
+           "--warmup-iters", "2", "--eval-interval", "100000", "--log-interval", "1", "--batch-size", "4"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 5):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "interrupted" in out and "--resume" in out
+    from barkgpt.checkpoint import load_trainer_state
+
+    assert load_trainer_state(tmp_path / "run" / "last")["step"] >= 5
