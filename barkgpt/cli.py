@@ -132,6 +132,8 @@ def cmd_chat(args) -> None:
         sys.stdout.write("bot> " if interactive else "")
         reply = []
         for piece in gen.stream(gen.chat_prompt(messages), truncate=True, **kw):
+            if not reply:
+                piece = piece.lstrip()  # the reply continues the template's "Assistant:"
             reply.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
