@@ -67,14 +67,18 @@ class KVCache:
     def _uniform(self) -> bool:
         return all(n == self.lengths[0] for n in self.lengths)
 
-    def positions(self, T: int) -> torch.Tensor:
-        """Absolute positions (B, T) of the next ``T`` tokens of each row.
+    def positions(self, T: int) -> int | torch.Tensor:
+        """Where the next ``T`` tokens of each row go: an ``int`` start position shared by all
+        rows (the common case, which lets the model slice its tables), else a (B, T) tensor.
 
         Raises:
             BarkError: a row would exceed ``max_len``.
         """
         if self.get_pos() + T > self.max_len:
             raise BarkError(f"the KV cache holds {self.max_len} positions; {self.get_pos()} + {T} do not fit")
+        if self._uniform():
+            self._pos = None
+            return self.lengths[0]
         start = torch.tensor(self.lengths, device=self.device).unsqueeze(1)  # (B, 1)
         self._pos = start + torch.arange(T, device=self.device)  # (B, T)
         return self._pos
@@ -89,13 +93,14 @@ class KVCache:
             return None
         L = self.get_pos() + T
         keys = torch.arange(L, device=self.device)  # (L,)
-        return (keys.view(1, 1, 1, L) <= self._pos.view(-1, 1, T, 1))  # (B, 1, T, L)
+        pos = self._pos if self._pos is not None else self.lengths[0] + torch.arange(T, device=self.device).expand(self.batch_size, T)
+        return keys.view(1, 1, 1, L) <= pos.view(-1, 1, T, 1)  # (B, 1, T, L)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write new keys/values (B, n_kv_head, T, hs) and return all cached ones (B, n_kv_head, L, hs)."""
         T = k.size(2)
         L = self.get_pos() + T
-        if self._uniform():
+        if self._pos is None:  # rows share a position: one slice write
             p = self.lengths[0]
             self.k[layer, :, :, p:p + T] = k
             self.v[layer, :, :, p:p + T] = v

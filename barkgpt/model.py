@@ -79,14 +79,12 @@ class CausalSelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs), (B, nkv, T, hs)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, L, hs): all cached positions
-        if self.n_kv_head != self.n_head:  # grouped-query: each kv head serves n_head/n_kv_head query heads
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        gqa = self.n_kv_head != self.n_head  # each kv head serves n_head/n_kv_head query heads
         if attn_mask is None:  # training, or a cache whose rows all start at 0 (or one new token)
             dropout_p = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1, enable_gqa=gqa)
         else:  # rows at different positions: an explicit (B, 1, T, L) mask
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh*hs): re-assemble the heads
         return self.resid_dropout(self.c_proj(y))
 
@@ -219,17 +217,18 @@ class GPT(nn.Module):
         """
         B, T = idx.size()
         x = self.transformer.wte(idx)  # (B, T, C)
-        pos = kv_cache.positions(T) if kv_cache is not None else None  # (B, T) absolute positions
-        if pos is None:
-            assert T <= self.config.block_size, f"sequence of {T} tokens exceeds block_size {self.config.block_size}"
+        # positions: an int start shared by all rows (training, most decoding), or (B, T) per row
+        pos = kv_cache.positions(T) if kv_cache is not None else 0
+        shared = isinstance(pos, int)
+        assert not shared or pos + T <= self.config.block_size, f"positions up to {pos + T} exceed block_size {self.config.block_size}"
         cos_sin, attn_mask = None, None
         if self.config.family == "llama":
-            if pos is None:
-                cos_sin = (self.rope_cos[:T].unsqueeze(1), self.rope_sin[:T].unsqueeze(1))  # (T, 1, hs)
+            if shared:
+                cos_sin = (self.rope_cos[pos:pos + T].unsqueeze(1), self.rope_sin[pos:pos + T].unsqueeze(1))  # (T, 1, hs)
             else:
                 cos_sin = (self.rope_cos[pos].unsqueeze(2), self.rope_sin[pos].unsqueeze(2))  # (B, T, 1, hs)
         else:
-            x = x + self.transformer.wpe(pos if pos is not None else torch.arange(T, device=idx.device))
+            x = x + self.transformer.wpe(torch.arange(pos, pos + T, device=idx.device) if shared else pos)
         if kv_cache is not None:
             attn_mask = kv_cache.attn_mask(T)  # (B, 1, T, L) bool: causal per row
         x = self.transformer.drop(x)
