@@ -1,4 +1,4 @@
-"""The ``barkgpt`` command: verbs ``prepare``, ``train``, ``sample``, ``chat``.
+"""The ``barkgpt`` command: verbs ``prepare``, ``train``, ``sample``, ``chat``, ``serve``.
 
 Each verb imports its module inside its function, so ``barkgpt --help`` never imports torch.
 Every config field is a kebab-case flag derived from the dataclasses in ``config.py``. Errors
@@ -46,6 +46,7 @@ def collect_overrides(args: argparse.Namespace, cls) -> dict:
 
 
 def cmd_prepare(args) -> None:
+    """`barkgpt prepare`: tokenize a corpus into a data folder (see data.prepare_dataset)."""
     from barkgpt.data import prepare_dataset
 
     meta = prepare_dataset(args.input, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
@@ -56,6 +57,7 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_train(args) -> None:
+    """`barkgpt train`: resolve preset/config/flags, then train (or --print-config)."""
     from barkgpt.config import build_configs, config_to_dict, dump_yaml
 
     overrides = {**collect_overrides(args, GPTConfig), **collect_overrides(args, TrainConfig)}
@@ -79,6 +81,7 @@ def sampling_kwargs(args) -> dict:
 
 
 def cmd_sample(args) -> None:
+    """`barkgpt sample`: stream one sample, or print --num-samples of them."""
     from barkgpt.generate import load_generator
 
     kw = sampling_kwargs(args)
@@ -103,6 +106,7 @@ def cmd_sample(args) -> None:
 
 
 def cmd_chat(args) -> None:
+    """`barkgpt chat`: a REPL over the chat template; oldest turns are dropped to fit block_size."""
     from barkgpt.generate import load_generator
 
     kw = sampling_kwargs(args)
@@ -139,6 +143,37 @@ def cmd_chat(args) -> None:
             sys.stdout.flush()
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": "".join(reply).strip()})
+
+
+def cmd_serve(args) -> None:
+    """`barkgpt serve`: the OpenAI-compatible HTTP server (needs the `serve` extra)."""
+    import os
+    from pathlib import Path
+
+    try:
+        import uvicorn
+
+        from barkgpt.server.app import ServerSettings, create_app
+    except ImportError as e:
+        raise BarkError(f"barkgpt serve needs the serve extra ({e.name} is missing); pip install 'barkgpt[serve]'") from None
+    from barkgpt.generate import load_generator
+
+    api_key = args.api_key or os.environ.get("BARKGPT_API_KEY") or None
+    if args.api_key_file:
+        api_key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
+        if not api_key:
+            raise BarkError(f"--api-key-file {args.api_key_file} is empty")
+    if args.max_batch_size < 1 or args.max_queue < 0:
+        raise BarkError("--max-batch-size must be at least 1 and --max-queue at least 0")
+    gen = load_generator(args.model, device=args.device)
+    folder = Path(args.model).resolve()
+    name = args.model_name or (folder.parent.name if folder.name in ("best", "last") else folder.name)
+    settings = ServerSettings(model_name=name, api_key=api_key, max_batch_size=args.max_batch_size,
+                              max_queue=args.max_queue, cors_origins=args.cors_origin or [])
+    auth = "API key required" if api_key else "no API key"
+    print(f"serving {name} (block_size {gen.block_size}) at http://{args.host}:{args.port}/v1 ({auth})", flush=True)
+    uvicorn.run(create_app(gen, settings), host=args.host, port=args.port, log_level="warning",
+                timeout_graceful_shutdown=30)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,6 +217,19 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--system", default="", help="a system message")
         add_dataclass_args(sp, SampleConfig)
         sp.set_defaults(func=func)
+
+    sp = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    sp.add_argument("--model", required=True, help="a run folder (runs/x) or checkpoint folder")
+    sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    sp.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sp.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    sp.add_argument("--api-key", default=None, help="require this key as 'Authorization: Bearer KEY' (or env BARKGPT_API_KEY)")
+    sp.add_argument("--api-key-file", default=None, help="read the API key from this file")
+    sp.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (default 16)")
+    sp.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before 429 (default 256)")
+    sp.add_argument("--cors-origin", action="append", default=None, help="allow browser calls from this origin (repeatable; default: CORS off)")
+    sp.add_argument("--model-name", default=None, help="the model id in /v1/models (default: the run folder's name)")
+    sp.set_defaults(func=cmd_serve)
     return p
 
 

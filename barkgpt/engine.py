@@ -56,6 +56,26 @@ class KVCache:
         out.lengths = self.lengths * batch_size
         return out
 
+    def narrow(self, n: int) -> "KVCache":
+        """A cache over the first ``n`` rows that shares this one's storage: writes go through,
+        but ``lengths`` is a copy (read it back after a forward pass)."""
+        out = KVCache.__new__(KVCache)
+        out.k, out.v = self.k[:, :n], self.v[:, :n]  # views: (n_layer, n, n_kv_head, max_len, hs)
+        out.max_len, out.device, out._pos = self.max_len, self.device, None
+        out.lengths = self.lengths[:n]
+        return out
+
+    def copy_row(self, dst: int, src: "KVCache", src_row: int = 0) -> None:
+        """Copy row ``src_row`` of ``src`` (its keys, values and length) into row ``dst``.
+
+        The continuous-batching scheduler uses it to put a request prefilled alone into the shared
+        decode cache, and to move the last row into the slot a finished request left.
+        """
+        n = src.lengths[src_row]
+        self.k[:, dst, :, :n] = src.k[:, src_row, :, :n]
+        self.v[:, dst, :, :n] = src.v[:, src_row, :, :n]
+        self.lengths[dst] = n
+
     def reset(self) -> None:
         """Forget every row's contents."""
         self.lengths = [0] * self.batch_size

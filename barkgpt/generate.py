@@ -114,49 +114,84 @@ class Completion:
     completion_tokens: int
 
 
-class _TextStream:
-    """Decode a stream of token ids into text pieces, ending at ``<EOS>`` or a stop string.
+class TextDecoder:
+    """Turn token ids, pushed one at a time, into text pieces that end at ``<EOS>`` or a stop string.
 
-    Text that could still be the start of a stop string is held back until it cannot. After
-    iteration, ``finish_reason`` is ``"stop"`` (EOS or a stop string) or ``"length"``, and
-    ``n_tokens`` counts the tokens consumed (the EOS included).
+    Text that could still be the start of a stop string is held back until it cannot. Push ids
+    with :meth:`add` until ``done``, then call :meth:`flush` (a no-op once ``done``).
+    ``finish_reason`` is ``"stop"`` (EOS or a stop string) or ``"length"``, and ``n_tokens``
+    counts the ids pushed (the EOS included). The server uses this on tokens arriving from its
+    scheduler; :class:`_TextStream` uses it on an iterator.
     """
 
-    def __init__(self, tokenizer: Tokenizer, tokens, stop: list[str]):
-        self.tokenizer, self.tokens, self.stop = tokenizer, tokens, stop
-        self.finish_reason, self.n_tokens = "length", 0
+    def __init__(self, tokenizer: Tokenizer, stop: list[str]):
+        self.eos_id, self.stop = tokenizer.eos_id, list(stop)
+        self.finish_reason, self.n_tokens, self.done = "length", 0, False
+        self._decoder = tokenizer.decoder(continuation=True)
+        self._pending = ""
+        self._hold = max((len(s) for s in self.stop), default=1) - 1
 
     def _cut(self, text: str) -> int:
         return min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
 
-    def __iter__(self) -> Iterator[str]:
-        decoder = self.tokenizer.decoder(continuation=True)
-        pending = ""
-        hold = max((len(s) for s in self.stop), default=1) - 1
-        for t in self.tokens:
-            if t is None:
-                break
-            self.n_tokens += 1
-            if t == self.tokenizer.eos_id:
-                self.finish_reason = "stop"
-                break
-            pending += decoder.add(t)
-            cut = self._cut(pending)
-            if cut >= 0:
-                self.finish_reason = "stop"
-                if pending[:cut]:
-                    yield pending[:cut]
-                return
-            if len(pending) > hold:  # emit what can no longer be part of a stop string
-                n = len(pending) - hold
-                yield pending[:n]
-                pending = pending[n:]
-        pending += decoder.flush()
+    def add(self, t: int) -> str:
+        """Push one token id; return the text that can be shown now (possibly ``""``)."""
+        self.n_tokens += 1
+        if t == self.eos_id:
+            self.finish_reason = "stop"
+            return self.flush()
+        self._pending += self._decoder.add(t)
+        cut = self._cut(self._pending)
+        if cut >= 0:
+            self.finish_reason, self.done = "stop", True
+            return self._pending[:cut]
+        if len(self._pending) > self._hold:  # emit what can no longer be part of a stop string
+            n = len(self._pending) - self._hold
+            out, self._pending = self._pending[:n], self._pending[n:]
+            return out
+        return ""
+
+    def flush(self) -> str:
+        """End the text: return what was held back (cut at a stop string)."""
+        if self.done:
+            return ""
+        self.done = True
+        pending = self._pending + self._decoder.flush()
         cut = self._cut(pending)
         if cut >= 0:
             self.finish_reason, pending = "stop", pending[:cut]
-        if pending:
-            yield pending
+        return pending
+
+
+class _TextStream:
+    """Decode an iterator of token ids (None ends it) into text pieces, with a :class:`TextDecoder`.
+
+    After iteration, ``finish_reason`` and ``n_tokens`` are the decoder's.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, tokens, stop: list[str]):
+        self.tokens, self.decoder = tokens, TextDecoder(tokenizer, stop)
+
+    @property
+    def finish_reason(self) -> str:
+        return self.decoder.finish_reason
+
+    @property
+    def n_tokens(self) -> int:
+        return self.decoder.n_tokens
+
+    def __iter__(self) -> Iterator[str]:
+        for t in self.tokens:
+            if t is None:
+                break
+            piece = self.decoder.add(t)
+            if piece:
+                yield piece
+            if self.decoder.done:
+                return
+        piece = self.decoder.flush()
+        if piece:
+            yield piece
 
 
 def load_generator(path: str | Path, device: str = "auto") -> TextGenerator:

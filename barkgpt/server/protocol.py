@@ -1,0 +1,298 @@
+"""Pydantic models of the OpenAI API that the server speaks: requests, responses, stream chunks,
+errors, plus BarkGPT's ``/generate``, ``/tokenize`` and ``/detokenize``.
+
+Fields follow OpenAI's order (as vLLM's ``entrypoints/openai/protocol.py``). Unknown request
+fields are ignored, so clients that send newer fields keep working. OpenAI's ``max_tokens`` /
+``max_completion_tokens`` become BarkGPT's ``max_new_tokens`` here, in :meth:`sampling`, and
+nowhere else.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+
+# Caps on what one request may ask for (the body itself is capped in app.py).
+MAX_N = 16  # choices per request
+MAX_STOP = 4  # stop strings, as OpenAI
+MAX_STOP_CHARS = 256  # characters per stop string
+MAX_MESSAGES = 512  # chat messages per request
+MAX_PROMPTS = 64  # prompts in one /v1/completions request
+
+SEED_RANGE = dict(ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed accepts
+
+
+def stop_list(v: str | list[str] | None) -> list[str]:
+    """``stop`` as a list, checked against the caps."""
+    stops = [v] if isinstance(v, str) else list(v or [])
+    if len(stops) > MAX_STOP:
+        raise ValueError(f"at most {MAX_STOP} stop strings, got {len(stops)}")
+    if any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+        raise ValueError(f"each stop string must have 1 to {MAX_STOP_CHARS} characters")
+    return stops
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class Request(BaseModel):
+    """Fields shared by both generation routes. ``None`` means "the default"."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None  # None: the served model
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)  # accepted, not applied yet
+    logprobs: bool | int | None = None  # accepted, not returned yet
+    max_tokens: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1, le=MAX_N)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)  # accepted, not applied yet
+    seed: int | None = Field(None, **SEED_RANGE)
+    stop: str | list[str] | None = Field(None, validate_default=True)  # a list after validation
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0)  # None: 1.0, as OpenAI; 0 is greedy
+    top_p: float | None = Field(None, gt=0, le=1)
+    user: str | None = None
+    # extensions (vLLM's names)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, lt=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v):
+        return stop_list(v)
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def sampling(self) -> dict:
+        """The request's sampling settings in BarkGPT's names (``max_new_tokens`` None: fill the context)."""
+        return dict(
+            max_new_tokens=self.requested_max_tokens(),
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_k=self.top_k or 0,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            min_p=self.min_p or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            seed=self.seed,
+        )
+
+
+class CompletionRequest(Request):
+    """``POST /v1/completions``: ``prompt`` is a string, a list of strings, token ids or lists of ids."""
+
+    prompt: str | list[str] | list[int] | list[list[int]] = ""
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_count(cls, v):
+        if isinstance(v, list) and v and not isinstance(v[0], int) and len(v) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(v)}")
+        return v
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each a string or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [p]
+        return list(p) or [""]
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: str
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        """The content as one string (text parts joined)."""
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(Request):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+# ---- responses (OpenAI field order) -----------------------------------------------------------
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+    @model_serializer(mode="wrap")
+    def _usage_only_when_set(self, handler):  # stream chunks carry usage only in the last one
+        out = handler(self)
+        if out.get("usage") is None:
+            out.pop("usage", None)
+        return out
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler):  # role only in the first delta; {} in the finishing one
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+    @model_serializer(mode="wrap")
+    def _usage_only_when_set(self, handler):
+        out = handler(self)
+        if out.get("usage") is None:
+            out.pop("usage", None)
+        return out
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "barkgpt"
+    max_model_len: int  # vLLM's extension: the context length in tokens
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+# ---- BarkGPT's own routes ---------------------------------------------------------------------
+
+class GenerateRequest(BaseModel):
+    """``POST /generate``: continue ``prompt`` (raw text, no chat template)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, **SEED_RANGE)
+    stop: str | list[str] | None = Field(None, validate_default=True)  # a list after validation
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v):
+        return stop_list(v)
+
+    def sampling(self) -> dict:
+        return dict(max_new_tokens=self.max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
+                    top_k=self.top_k or 0, top_p=1.0 if self.top_p is None else self.top_p, min_p=0.0,
+                    repetition_penalty=1.0, seed=self.seed)
+
+
+class GenerateResponse(BaseModel):
+    message: str
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

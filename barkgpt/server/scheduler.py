@@ -1,0 +1,269 @@
+"""Continuous batching: one worker thread owns the model and decodes every running request together.
+
+A request is prefilled alone (a one-row :class:`~barkgpt.engine.KVCache`), then its row is copied
+into the shared decode cache and joins the batch between two decode steps; a finished or cancelled
+request leaves between steps and the last row moves into its slot, as vLLM's continuous batching
+(Yu et al. 2022, "Orca") lets requests join and leave one running batch. Rows sit at different
+positions; ``GPT.forward`` decodes each at its own (``KVCache.lengths``). Each row samples with
+its own settings and its own seeded ``torch.Generator``, so a request's tokens do not depend on
+what else is running (up to float rounding of batched matmuls).
+
+The scheduler works on token ids only; ``app.py`` turns them into text. Tokens reach the asyncio
+side through a queue per request, filled with ``loop.call_soon_threadsafe``, so the event loop
+never waits on the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from barkgpt.common import BarkError
+from barkgpt.engine import KVCache, apply_repetition_penalty, sample_next_token
+from barkgpt.model import GPT
+
+log = logging.getLogger("barkgpt.server")
+
+MAX_PREFILLS_PER_STEP = 4  # new requests admitted between two decode steps (keeps running streams smooth)
+
+
+class QueueFull(Exception):
+    """Too many requests are waiting; the client should retry later (HTTP 429)."""
+
+
+@dataclass
+class SamplingParams:
+    """How one request samples; see :func:`~barkgpt.engine.sample_next_token`."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+
+class Request:
+    """One submitted request: iterate it with ``async for`` to get its token ids as they come.
+
+    The iteration ends after the last token (EOS or ``max_new_tokens``), and raises if the worker
+    failed. :meth:`cancel` (from any thread) frees the row at the worker's next step.
+    """
+
+    def __init__(self, ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop):
+        self.ids, self.params, self.loop = ids, params, loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.cancelled = False
+        self.submitted_at = time.monotonic()
+        self._ended = False
+
+    def cancel(self) -> None:
+        """Stop generating for this request (no-op once it has finished)."""
+        self.cancelled = True
+
+    def _put(self, item) -> None:
+        """Hand a token id, None (the end) or an exception to the event loop (worker thread)."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self.cancelled = True
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> int:
+        if self._ended:
+            raise StopAsyncIteration
+        item = await self.queue.get()
+        if item is None or isinstance(item, BaseException):
+            self._ended = True
+            if item is None:
+                raise StopAsyncIteration
+            raise item
+        return item
+
+
+class _Row:
+    """A running request: its last sampled token, history (for the repetition penalty) and RNG."""
+
+    def __init__(self, req: Request, device):
+        self.req = req
+        self.history = list(req.ids)
+        self.n_new = 0
+        self.rng = torch.Generator(device=device)
+        if req.params.seed is not None:
+            self.rng.manual_seed(req.params.seed)
+        else:
+            self.rng.seed()
+
+
+class Scheduler:
+    """Owns ``model`` in one worker thread and batches concurrent requests step by step.
+
+    Args:
+        model: the :class:`GPT` (put in eval mode).
+        stop_ids: token ids that end a request (the tokenizer's ``<EOS>``); the id is still sent.
+        max_batch_size: rows decoded together at most; more requests wait.
+        max_queue: requests waiting at most; beyond it :meth:`submit` raises :class:`QueueFull`.
+    """
+
+    def __init__(self, model: GPT, stop_ids: list[int], max_batch_size: int = 16, max_queue: int = 256):
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.block_size = model.config.block_size
+        self.stop_ids = set(stop_ids)
+        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._wake = threading.Condition()
+        self._rows: list[_Row] = []  # row b of self._cache belongs to self._rows[b]
+        self._cache: KVCache | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ---- the asyncio side --------------------------------------------------------------------
+
+    @property
+    def running(self) -> int:
+        """Requests in the decode batch."""
+        return len(self._rows)
+
+    @property
+    def waiting(self) -> int:
+        """Requests submitted but not yet prefilled."""
+        return len(self._waiting)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, ids: list[int], params: SamplingParams) -> Request:
+        """Queue a request; call from the event loop that will iterate it.
+
+        Raises:
+            BarkError: an empty prompt, or prompt plus ``max_new_tokens`` longer than ``block_size``.
+            QueueFull: ``max_queue`` requests are already waiting.
+        """
+        if not ids:
+            raise BarkError("the prompt is empty")
+        if len(ids) + params.max_new_tokens > self.block_size:
+            raise BarkError(f"the prompt has {len(ids)} tokens and max_new_tokens is {params.max_new_tokens}, "
+                            f"more than the model's block_size of {self.block_size}")
+        req = Request(list(ids), params, asyncio.get_running_loop())
+        with self._wake:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting")
+            self._waiting.append(req)
+            self._wake.notify()
+        return req
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        self._thread = threading.Thread(target=self._run, name="barkgpt-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop taking requests, end the ones still running with an error, and join the worker."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ---- the worker thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            self._cache = KVCache.for_model(self.model, self.max_batch_size)
+            while True:
+                with self._wake:
+                    while not self._stopping and not self._waiting and not self._rows:
+                        self._wake.wait()
+                    if self._stopping:
+                        break
+                try:
+                    self._admit()
+                    if self._rows:
+                        self._step()
+                except Exception as e:  # noqa: BLE001 - fail the running requests, keep serving
+                    log.exception("generation failed")
+                    self._fail_all(RuntimeError(f"generation failed: {type(e).__name__}"))
+            self._fail_all(RuntimeError("the server is shutting down"))
+
+    def _fail_all(self, error: Exception) -> None:
+        with self._wake:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for req in waiting + [r.req for r in self._rows]:
+            req._put(error)
+        self._rows = []
+
+    def _admit(self) -> None:
+        """Prefill waiting requests alone and copy their rows into the decode cache."""
+        for _ in range(MAX_PREFILLS_PER_STEP):
+            if len(self._rows) >= self.max_batch_size:
+                return
+            with self._wake:
+                if not self._waiting:
+                    return
+                req = self._waiting.popleft()
+            if req.cancelled:
+                req._put(None)
+                continue
+            row = _Row(req, self.device)
+            one = KVCache.for_model(self.model, 1)
+            logits, _ = self.model(torch.tensor([req.ids], device=self.device), kv_cache=one)  # (1, T, V)
+            if self._sample(row, logits[:, -1, :]):
+                continue
+            self._cache.copy_row(len(self._rows), one)
+            self._rows.append(row)
+
+    def _step(self) -> None:
+        """Decode one token for every running row, then let finished and cancelled rows leave."""
+        cancelled = [b for b, r in enumerate(self._rows) if r.req.cancelled]
+        for b in cancelled:
+            self._rows[b].req._put(None)
+        self._remove(cancelled)
+        n = len(self._rows)
+        if n == 0:
+            return
+        idx = torch.tensor([[r.history[-1]] for r in self._rows], device=self.device)  # (n, 1)
+        cache = self._cache.narrow(n)
+        logits, _ = self.model(idx, kv_cache=cache)  # (n, 1, V), each row at its own position
+        self._cache.lengths[:n] = cache.lengths
+        done = [b for b, r in enumerate(self._rows) if self._sample(r, logits[b:b + 1, -1, :])]
+        self._remove(done)
+
+    def _sample(self, row: _Row, logits: torch.Tensor) -> bool:
+        """Sample row's next token from its (1, V) logits and send it; True when the row is done."""
+        if row.req.cancelled:
+            row.req._put(None)
+            return True
+        p = row.req.params
+        if p.repetition_penalty != 1.0:
+            history = torch.tensor([row.history], device=self.device)
+            logits = apply_repetition_penalty(logits, history, p.repetition_penalty)
+        t = int(sample_next_token(logits, row.rng, p.temperature, p.top_k, p.top_p, p.min_p)[0])
+        row.history.append(t)
+        row.n_new += 1
+        row.req._put(t)
+        if t in self.stop_ids or row.n_new >= p.max_new_tokens:
+            row.req._put(None)
+            return True
+        return False
+
+    def _remove(self, rows: list[int]) -> None:
+        """Free rows (indices into ``self._rows``): the last row moves into each freed slot."""
+        for b in sorted(rows, reverse=True):
+            last = len(self._rows) - 1
+            if b != last:
+                self._cache.copy_row(b, self._cache, last)
+                self._rows[b] = self._rows[last]
+            self._rows.pop()

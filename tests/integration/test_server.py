@@ -1,0 +1,197 @@
+"""A real ``barkgpt serve`` process on 127.0.0.1, driven by the official ``openai`` client.
+
+The model is the Bark toy, trained for a few seconds in a module fixture, so greedy replies are
+barks rather than noise. The server runs with one torch thread: on a shared 2-core machine
+OpenMP's spinning threads make tiny models several times slower.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+
+pytestmark = pytest.mark.integration
+
+KEY = "test-key"
+MODEL = "bark-test"
+PROMPT = "User: speak Assistant:"
+BARKS = {"woof", "arf", "ruff", "grrr", "yip", "bark"}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    import torch
+
+    from barkgpt.config import GPTConfig, TrainConfig
+    from barkgpt.train import train
+
+    out = tmp_path_factory.mktemp("serve") / "bark"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(GPTConfig(family="llama", block_size=32, n_layer=2, n_head=2, n_kv_head=2, n_embd=32),
+              TrainConfig(data="bark", out_dir=str(out), batch_size=16, max_iters=80, warmup_iters=10,
+                          learning_rate=1e-2, min_lr=1e-3, eval_interval=80, eval_iters=2, log_interval=40, seed=0),
+              quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+    """Base URL of a running server (API key ``KEY``); stopped with SIGTERM afterwards."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BARKGPT_API_KEY": KEY}
+    proc = subprocess.Popen([sys.executable, "-m", "barkgpt", "serve", "--model", str(run_dir), "--port", str(port),
+                             "--model-name", MODEL, "--device", "cpu"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"barkgpt serve did not come up:\n{proc.stdout.read()}")
+        time.sleep(0.2)
+    yield base
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=30)
+
+
+def post(url: str, body: bytes, key: str | None = KEY) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_completion_and_chat(client):
+    c = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0)
+    assert c.object == "text_completion" and c.model == MODEL
+    assert c.choices[0].text.split()[0] in BARKS, c.choices[0].text
+    assert c.usage.prompt_tokens == 3 and c.usage.total_tokens == 3 + c.usage.completion_tokens
+    assert c.choices[0].finish_reason in {"stop", "length"}
+
+    chat = client.chat.completions.create(messages=[{"role": "user", "content": [{"type": "text", "text": "speak"}]}],
+                                          model=MODEL, temperature=0, max_completion_tokens=8)
+    msg = chat.choices[0].message
+    assert msg.role == "assistant" and msg.content.split()[0] in BARKS and not msg.content[0].isspace()
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL] and client.models.retrieve(MODEL).id == MODEL
+
+
+def test_streaming_chat_with_usage_equals_non_streamed(client):
+    messages = [{"role": "user", "content": "speak"}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=10)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=10,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert len({(c.id, c.created) for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(ch.delta.role is None for c in chunks[1:] for ch in c.choices)
+    assert sum(1 for c in chunks for ch in c.choices if ch.finish_reason) == 1
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+    text = "".join(ch.delta.content or "" for c in chunks for ch in c.choices)
+    assert text == whole.choices[0].message.content
+
+    no_usage = list(client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=10, stream=True))
+    assert all(c.choices for c in no_usage)
+
+
+def test_streamed_completion_equals_non_streamed(client):
+    kw = dict(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, stop=["grrr"])
+    whole = client.completions.create(**kw)
+    text = "".join(c.choices[0].text for c in client.completions.create(**kw, stream=True))
+    assert text == whole.choices[0].text and "grrr" not in text
+
+
+def test_errors_have_openai_shapes(client, server):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature=-1)
+    assert e.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError, match="40 tokens.*32"):
+        client.completions.create(model=MODEL, prompt="woof " * 40, max_tokens=5)
+    with pytest.raises(openai.BadRequestError, match="max_tokens is 40"):
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=40, stream=True)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0).models.list()
+
+    status, body = post(server + "/v1/completions", b'{"prompt": "x", "n": "many"}')
+    assert status == 400 and set(body) == {"error"} and body["error"]["param"] == "n"
+    status, body = post(server + "/v1/nothing-here", b"{}")
+    assert status == 404 and body["error"]["type"] == "not_found_error"
+    status, body = post(server + "/v1/completions", b'{"prompt": "' + b"a" * (2 << 20) + b'"}')
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    with urllib.request.urlopen(server + "/health") as r:  # no key needed
+        assert json.loads(r.read())["model"] == MODEL
+
+
+def test_generate_tokenize_detokenize(server):
+    status, body = post(server + "/generate", json.dumps({"prompt": PROMPT, "temperature": 0, "max_tokens": 4}).encode())
+    assert status == 200 and body["message"].split()[0] in BARKS
+    status, other = post(server + "/generate", json.dumps({"prompt": "User:", "temperature": 0, "max_tokens": 4}).encode())
+    assert status == 200 and other["message"] != body["message"]  # the prompt is really used
+    status, tok = post(server + "/tokenize", json.dumps({"prompt": PROMPT}).encode())
+    assert status == 200 and tok["count"] == 3 and tok["max_model_len"] == 32
+    status, detok = post(server + "/detokenize", json.dumps({"tokens": tok["tokens"]}).encode())
+    assert status == 200 and detok["prompt"] == PROMPT
+
+
+def test_sixteen_concurrent_streams_match_each_alone(client, server):
+    words = ["speak", "bark", "woof", "sit", "hello", "speak speak", "good dog", "arf"]
+    alone = {w: client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": w}],
+                                               temperature=0, max_tokens=12).choices[0].message.content for w in words}
+
+    async def main():
+        aclient = openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+        async def one(w):
+            stream = await aclient.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": w}],
+                                                           temperature=0, max_tokens=12, stream=True)
+            return "".join([ch.delta.content or "" async for c in stream for ch in c.choices])
+
+        try:
+            return await asyncio.gather(*(one(w) for w in words * 2))
+        finally:
+            await aclient.close()
+
+    together = asyncio.run(main())
+    assert together == [alone[w] for w in words * 2]
