@@ -106,6 +106,63 @@ class _Guard:
         return ApiError(413, f"the request body is over {self.max_body_bytes} bytes", code="request_too_large")
 
 
+class ServerMetrics:
+    """Prometheus metrics of one app, in their own registry (``GET /metrics``, text format).
+
+    Requests by route and status, prompt and generated tokens, time to first token and
+    inter-token latency (seconds), and running/waiting requests (read from the scheduler when
+    scraped). Names follow vLLM's ``vllm:*`` metrics with a ``barkgpt_`` prefix.
+    """
+
+    ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
+              "/generate", "/tokenize", "/detokenize"}
+
+    def __init__(self, running, waiting):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("barkgpt_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.prompt_tokens = Counter("barkgpt_prompt_tokens", "prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("barkgpt_generation_tokens", "generated tokens", registry=r)
+        self.ttft = Histogram("barkgpt_time_to_first_token_seconds", "request arrival to first token", registry=r,
+                              buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.itl = Histogram("barkgpt_inter_token_latency_seconds", "time between two tokens of a request", registry=r,
+                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
+        Gauge("barkgpt_requests_running", "requests in the decode batch", registry=r).set_function(running)
+        Gauge("barkgpt_requests_waiting", "requests queued for the decode batch", registry=r).set_function(waiting)
+
+    def route(self, path: str) -> str:
+        """A bounded route label: known routes as is, ``/v1/models/{id}``, else ``other``."""
+        if path in self.ROUTES:
+            return path
+        return "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
+
+    def render(self) -> bytes:
+        """The registry in Prometheus text format."""
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+class _CountRequests:
+    """ASGI middleware (outermost): counts every response by route and status."""
+
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(self.metrics.route(scope["path"]), str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
 def create_app(generator: TextGenerator, settings: ServerSettings | None = None) -> FastAPI:
     """The FastAPI app serving ``generator``'s model; its scheduler thread runs while the app does.
 
@@ -132,6 +189,9 @@ def create_app(generator: TextGenerator, settings: ServerSettings | None = None)
 
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(_Guard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+    sched_count = lambda attr: (lambda: getattr(state["scheduler"], attr) if state["scheduler"] else 0)  # noqa: E731
+    metrics = ServerMetrics(sched_count("running"), sched_count("waiting"))
+    app.add_middleware(_CountRequests, metrics=metrics)  # added last: runs first, sees 401/413 too
 
     # ---- errors: one shape for all -----------------------------------------------------------
 
@@ -218,7 +278,7 @@ def create_app(generator: TextGenerator, settings: ServerSettings | None = None)
                 seed = None if base.seed is None else (base.seed + j) % 2**64  # n samples must differ
                 jobs.append((ids, SamplingParams(**{**base.__dict__, "seed": seed})))
         reqs = submit_all(jobs)
-        return [_Choice(r, tokenizer, body.stop, i, len(r.ids) if i % body.n == 0 else 0) for i, r in enumerate(reqs)]
+        return [_Choice(r, tokenizer, body.stop, i, len(r.ids) if i % body.n == 0 else 0, metrics) for i, r in enumerate(reqs)]
 
     async def chat_prompt(body: P.ChatCompletionRequest) -> list[int]:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
@@ -230,6 +290,13 @@ def create_app(generator: TextGenerator, settings: ServerSettings | None = None)
         return list(prompt) or [tokenizer.eos_id]
 
     # ---- routes ------------------------------------------------------------------------------
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics():
+        from fastapi.responses import Response
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     async def health():
@@ -289,7 +356,7 @@ def create_app(generator: TextGenerator, settings: ServerSettings | None = None)
     @app.post("/generate", response_model=P.GenerateResponse)
     async def generate(body: P.GenerateRequest, request: Request):
         ids = await encode(body.prompt)
-        choices = [_Choice(r, tokenizer, body.stop, 0) for r in submit_all([(ids, sampling_for(ids, body.sampling()))])]
+        choices = [_Choice(r, tokenizer, body.stop, 0, len(ids), metrics) for r in submit_all([(ids, sampling_for(ids, body.sampling()))])]
         await _collect(choices, request)
         return P.GenerateResponse(message=choices[0].text)
 
@@ -310,8 +377,9 @@ def create_app(generator: TextGenerator, settings: ServerSettings | None = None)
 class _Choice:
     """One choice of a response: consumes its scheduler request and yields text pieces."""
 
-    def __init__(self, req, tokenizer, stop: list[str], index: int, prompt_tokens: int = 0):
-        self.req, self.index, self.prompt_tokens = req, index, prompt_tokens
+    def __init__(self, req, tokenizer, stop: list[str], index: int, prompt_tokens: int = 0, metrics: ServerMetrics | None = None):
+        self.req, self.index, self.prompt_tokens, self.metrics = req, index, prompt_tokens, metrics
+        self.t_last = time.perf_counter()  # arrival, then the time of the latest token
         self.decoder = TextDecoder(tokenizer, stop)
         self.lstrip = False  # strip whitespace before the first visible text
         self.text = ""
@@ -322,8 +390,13 @@ class _Choice:
 
     async def pieces(self) -> AsyncIterator[str]:
         """Text pieces as tokens arrive; cancels the request when it stops early or is abandoned."""
+        n_seen = 0
         try:
             async for t in self.req:
+                if self.metrics is not None:
+                    now = time.perf_counter()
+                    (self.metrics.itl if n_seen else self.metrics.ttft).observe(now - self.t_last)
+                    self.t_last, n_seen = now, n_seen + 1
                 piece = self._visible(self.decoder.add(t))
                 if piece:
                     yield piece
@@ -334,6 +407,9 @@ class _Choice:
                 yield piece
         finally:
             self.req.cancel()  # no-op when it already finished; frees the row otherwise
+            if self.metrics is not None:
+                self.metrics.prompt_tokens.inc(self.prompt_tokens)
+                self.metrics.generation_tokens.inc(n_seen)
 
     def _visible(self, piece: str) -> str:
         if self.lstrip and not self.text:

@@ -195,3 +195,25 @@ def test_sixteen_concurrent_streams_match_each_alone(client, server):
 
     together = asyncio.run(main())
     assert together == [alone[w] for w in words * 2]
+
+
+def test_metrics_count_requests_tokens_and_latency(client, server):
+    client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0)
+    post(server + "/v1/completions", json.dumps({"prompt": PROMPT, "temperature": -1}).encode())
+    req = urllib.request.Request(server + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert r.headers["Content-Type"].startswith("text/plain")
+        text = r.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            values[key] = float(value)
+    assert values['barkgpt_requests_total{route="/v1/completions",status="200"}'] >= 1
+    assert values['barkgpt_requests_total{route="/v1/completions",status="400"}'] >= 1
+    assert values["barkgpt_generation_tokens_total"] >= 3
+    assert values["barkgpt_prompt_tokens_total"] >= 3
+    assert values["barkgpt_time_to_first_token_seconds_count"] >= 1
+    assert values["barkgpt_inter_token_latency_seconds_count"] >= 2
+    assert values["barkgpt_requests_running"] == 0
+    assert "barkgpt_requests_waiting" in values
