@@ -294,6 +294,14 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: b
         with open(out_dir / "samples.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, "prompt": cfg.sample_prompt, "text": text}) + "\n")
 
+    def forward_backward(m, batches):
+        """Accumulate gradients over the micro-batches; returns the last micro-batch's loss."""
+        for x, y in batches:
+            with autocast:
+                _, loss = m(x, y)
+            scaler.scale(loss / len(batches)).backward()
+        return loss
+
     t_start = time.perf_counter()
     elapsed = state.get("elapsed_s", 0.0) if state else 0.0
     losses, interrupted, last_loss = None, False, float("nan")
@@ -306,11 +314,17 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: b
             lr = get_lr(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            for micro in range(cfg.gradient_accumulation_steps):
-                x, y = to_device(get_batch(splits["train"], cfg.batch_size, block_size, rng), device)
-                with autocast:
-                    _, loss = model(x, y)
-                scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
+            batches = [to_device(get_batch(splits["train"], cfg.batch_size, block_size, rng), device)
+                       for _ in range(cfg.gradient_accumulation_steps)]
+            try:
+                loss = forward_backward(model, batches)
+            except Exception as e:  # noqa: BLE001 - a failed compile falls back to eager, once
+                if model is raw_model or step > step0:
+                    raise
+                print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); training without compile")
+                model = raw_model
+                optimizer.zero_grad(set_to_none=True)
+                loss = forward_backward(model, batches)
             last_loss = loss.item()
             if not math.isfinite(last_loss):
                 raise BarkError(f"the loss became {last_loss} at step {step}; the last good checkpoint in {out_dir / 'last'} is kept. Lower --learning-rate or set --grad-clip 1.0")
