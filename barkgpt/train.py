@@ -244,7 +244,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: b
 
     raw_model = model
     if device == "cpu":
-        torch.set_flush_denormal(True)  # denormal floats in grads/optimizer state are ~100x slower on x86
+        torch.set_flush_denormal(True)  # denormal floats in grads/optimizer state are ~100x slower on x86 (reset on return)
     if cfg.compile:
         model = torch.compile(model)
     autocast = torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype)) if dtype != "float32" else contextlib.nullcontext()
@@ -362,6 +362,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: b
     finally:
         if bar is not None:
             bar.close()
+        torch.set_flush_denormal(False)  # process-wide state: back to the default for the caller
     total = (state.get("elapsed_s", 0.0) if state else 0.0) + time.perf_counter() - t_start
     return {"step": step, "train_loss": last_loss, "val_loss": losses["val"] if losses else None,
             "best_val_loss": best_val, "tokens_per_s": (step - step0) * tokens_per_iter / max(loop_s, 1e-9),

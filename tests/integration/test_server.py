@@ -217,3 +217,46 @@ def test_metrics_count_requests_tokens_and_latency(client, server):
     assert values["barkgpt_inter_token_latency_seconds_count"] >= 2
     assert values["barkgpt_requests_running"] == 0
     assert "barkgpt_requests_waiting" in values
+
+
+def test_fuzzed_requests_never_get_a_5xx(server):
+    """Property-based: random JSON bodies on the /v1 routes get 2xx or 4xx, never 5xx."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=True),
+                        st.text(max_size=20))
+    values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                           st.dictionaries(st.text(max_size=8), inner, max_size=3)), max_leaves=6)
+    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "tool", 7]),
+                                     "content": st.one_of(st.text(max_size=30), values)})
+    fields = {
+        "model": st.one_of(st.just(MODEL), values), "prompt": st.one_of(st.text(max_size=40), values),
+        "messages": st.one_of(st.lists(message, max_size=3), values), "max_tokens": st.one_of(st.integers(-5, 40), values),
+        "temperature": st.one_of(st.floats(-2, 3), values), "top_p": st.one_of(st.floats(-1, 2), values),
+        "top_k": st.one_of(st.integers(-3, 50), values), "n": st.one_of(st.integers(-1, 20), values),
+        "stop": st.one_of(st.text(max_size=5), st.lists(st.text(max_size=5), max_size=6), values),
+        "seed": st.one_of(st.integers(-2**70, 2**70), values), "stream": st.one_of(st.booleans(), values),
+        "logprobs": values, "stream_options": values, "min_p": values, "repetition_penalty": values,
+    }
+    bodies = st.fixed_dictionaries({}, optional=fields)
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(route=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), body=bodies)
+    def check(route, body):
+        if isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 8:
+            body["max_tokens"] = 8  # keep each request short
+        data = json.dumps(body, allow_nan=True).encode()
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+        req = urllib.request.Request(server + route, data=data, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                status = r.status
+                r.read()
+        except urllib.error.HTTPError as e:
+            status = e.code
+            payload = json.loads(e.read())
+            assert set(payload) == {"error"} and {"message", "type", "param", "code"} <= set(payload["error"])
+        assert status < 500, (route, body)
+
+    check()
