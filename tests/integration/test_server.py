@@ -57,13 +57,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(run_dir):
-    """Base URL of a running server (API key ``KEY``); stopped with SIGTERM afterwards."""
+def start_server(model_dir, name: str):
+    """Start ``barkgpt serve`` on a free port (API key ``KEY``); yield its base URL; SIGTERM it."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "BARKGPT_API_KEY": KEY}
-    proc = subprocess.Popen([sys.executable, "-m", "barkgpt", "serve", "--model", str(run_dir), "--port", str(port),
-                             "--model-name", MODEL, "--device", "cpu"],
+    proc = subprocess.Popen([sys.executable, "-m", "barkgpt", "serve", "--model", str(model_dir), "--port", str(port),
+                             "--model-name", name, "--device", "cpu"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -84,6 +83,12 @@ def server(run_dir):
         proc.wait(timeout=15)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+    """Base URL of a running server on the trained Bark toy."""
+    yield from start_server(run_dir, MODEL)
 
 
 @pytest.fixture
@@ -260,3 +265,58 @@ def test_fuzzed_requests_never_get_a_5xx(server):
         assert status < 500, (route, body)
 
     check()
+
+
+@pytest.fixture(scope="module")
+def long_server(tmp_path_factory):
+    """A server on a random model with a 1024-token context, whose replies run long."""
+    import torch
+
+    from barkgpt.checkpoint import save_checkpoint
+    from barkgpt.config import GPTConfig
+    from barkgpt.model import GPT
+    from barkgpt.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=1024, n_layer=2, n_head=2, n_embd=32, vocab_size=11))
+    out = tmp_path_factory.mktemp("long") / "long"
+    save_checkpoint(out, model, Tokenizer.bark())
+    yield from start_server(out, "long")
+
+
+def health(base: str) -> dict:
+    with urllib.request.urlopen(base + "/health", timeout=10) as r:
+        return json.loads(r.read())
+
+
+def test_abandoned_streams_free_their_slots(long_server):
+    import http.client
+
+    port = int(long_server.rsplit(":", 1)[1])
+    body = json.dumps({"model": "long", "prompt": PROMPT, "max_tokens": 1000, "temperature": 0, "stream": True})
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+    # precondition: alone, this reply runs to its 1000 tokens (no early <EOS>)
+    t0 = time.monotonic()
+    status, whole = post(long_server + "/v1/completions", json.dumps({**json.loads(body), "stream": False}).encode())
+    solo_s = time.monotonic() - t0
+    assert status == 200 and whole["usage"]["completion_tokens"] == 1000
+    conns = []
+    for _ in range(20):
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        c.request("POST", "/v1/completions", body=body, headers=headers)
+        r = c.getresponse()
+        assert r.status == 200
+        r.fp.readline()  # the first chunk has arrived: the request is running
+        conns.append((c, r))
+    assert health(long_server)["running"] > 0
+    for c, r in conns:  # the clients go away mid-stream
+        r.close()
+        c.close()
+    # Left running, the 20 rows would need about solo_s or more to finish (a batched step is no
+    # faster than a solo one); freed rows leave within a few decode steps.
+    deadline = time.monotonic() + solo_s / 2
+    while health(long_server)["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert health(long_server)["running"] == 0, f"abandoned rows still running after {solo_s / 2:.1f} s"
+    status, out = post(long_server + "/v1/completions", json.dumps({"model": "long", "prompt": PROMPT, "max_tokens": 5}).encode())
+    assert status == 200 and out["usage"]["completion_tokens"] == 5
