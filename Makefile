@@ -35,6 +35,7 @@ test-fast: $(VENV)/.dev
 bench: $(VENV)/.dev
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_decode.py
+	$(PY) bench/bench_serve.py
 
 clean:
 	rm -rf runs/bark build *.egg-info

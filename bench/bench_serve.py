@@ -1,0 +1,129 @@
+"""Serving load test: aggregate generated tokens/s at 1, 4 and 16 concurrent streams, with
+p50/p99 time to first token, against a real ``barkgpt serve`` process on 127.0.0.1.
+
+The model has the shakespeare-bpe shape (n_layer 4, n_head 4, n_embd 128, block_size 128,
+byte-level BPE of 2048 tokens trained on tiny Shakespeare) with random weights: speed does not
+depend on the values. Every request streams ``--max-tokens`` tokens (``<EOS>`` is possible but
+rare) with the official ``openai`` async client; counts come from the usage chunk.
+
+    python bench/bench_serve.py [--max-tokens 64] [--requests 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "bench" / "out"
+
+
+def make_model() -> Path:
+    """A random-weight shakespeare-bpe-shaped checkpoint with a real BPE tokenizer."""
+    out = OUT / "serve-model"
+    if (out / "model.safetensors").is_file():
+        return out
+    import torch
+
+    from barkgpt.checkpoint import save_checkpoint
+    from barkgpt.config import build_configs
+    from barkgpt.model import GPT
+    from barkgpt.tokenizer import Tokenizer
+
+    text = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+    if not text.is_file():
+        sys.exit(f"needs {text} (the shared/ folder beside the repo)")
+    tok = Tokenizer.train("bpe", iter([text.read_text(encoding="utf-8")]), vocab_size=2048)
+    model_cfg, _ = build_configs("shakespeare-bpe", overrides={"vocab_size": tok.vocab_size})
+    torch.manual_seed(0)
+    save_checkpoint(out, GPT(model_cfg), tok)
+    return out
+
+
+async def one_request(client, max_tokens: int, seed: int) -> tuple[float, int]:
+    """Stream one completion; return (time to first token in s, completion tokens)."""
+    t0 = time.perf_counter()
+    ttft, tokens = None, 0
+    stream = await client.completions.create(model="bench", prompt="ROMEO:", max_tokens=max_tokens, temperature=0.8,
+                                             seed=seed, stream=True, stream_options={"include_usage": True})
+    async for chunk in stream:
+        if chunk.choices and ttft is None:
+            ttft = time.perf_counter() - t0
+        if chunk.usage:
+            tokens = chunk.usage.completion_tokens
+    return ttft or 0.0, tokens
+
+
+async def load(base: str, concurrency: int, requests: int, max_tokens: int) -> dict:
+    """``requests`` requests spread over ``concurrency`` clients that each send one at a time."""
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=base + "/v1", api_key="bench", max_retries=0, timeout=300)
+    results = []
+
+    async def worker(w: int):
+        for i in range(w, requests, concurrency):
+            results.append(await one_request(client, max_tokens, seed=i))
+
+    t0 = time.perf_counter()
+    try:
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    finally:
+        await client.close()  # inside this event loop, before asyncio.run closes it
+    wall = time.perf_counter() - t0
+    ttfts = sorted(r[0] for r in results)
+    tokens = sum(r[1] for r in results)
+    return {"concurrency": concurrency, "requests": len(results), "tokens": tokens, "seconds": round(wall, 2),
+            "tokens_per_s": round(tokens / wall, 1), "ttft_p50_ms": round(1000 * statistics.median(ttfts), 1),
+            "ttft_p99_ms": round(1000 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))], 1)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    a = p.parse_args()
+
+    from bench_train import write_results
+
+    model = make_model()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "BARKGPT_API_KEY": "bench"}
+    proc = subprocess.Popen([sys.executable, "-m", "barkgpt", "serve", "--model", str(model), "--port", str(port),
+                             "--model-name", "bench", "--max-batch-size", "16"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(base + "/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        asyncio.run(load(base, 1, 2, a.max_tokens))  # warm up
+        rows = [asyncio.run(load(base, c, max(a.requests, c), a.max_tokens)) for c in (1, 4, 16)]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    for r in rows:
+        print(json.dumps(r))
+    summary = {"max_tokens": a.max_tokens, "levels": rows,
+               "ratio_16_vs_1": round(rows[2]["tokens_per_s"] / rows[0]["tokens_per_s"], 2)}
+    print(json.dumps({"ratio_16_vs_1": summary["ratio_16_vs_1"]}))
+    write_results("serve: streamed completions at 1/4/16 concurrent clients, shakespeare-bpe shape", summary)
+
+
+if __name__ == "__main__":
+    main()
