@@ -154,6 +154,27 @@ def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalt
     return logits.scatter(1, history, seen)
 
 
+def apply_presence_frequency_penalty(logits: torch.Tensor, generated: torch.Tensor, presence: float,
+                                     frequency: float) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties (its API reference, "Parameter details"), over
+    the tokens generated so far, as vLLM applies them: ``logits[j] -= frequency * count[j] +
+    presence * (count[j] > 0)``.
+
+    Args:
+        logits: (B, V) float.
+        generated: (B, L) int64 ids generated so far (not the prompt).
+        presence: in [-2, 2]; 0 is off.
+        frequency: in [-2, 2]; 0 is off.
+
+    Returns:
+        (B, V) penalised logits (a new tensor).
+    """
+    if generated.numel() == 0 or (presence == 0 and frequency == 0):
+        return logits
+    counts = torch.zeros_like(logits).scatter_add_(1, generated, torch.ones_like(generated, dtype=logits.dtype))  # (B, V)
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
 def sample_next_token(logits: torch.Tensor, rng: torch.Generator | None = None, temperature: float = 1.0,
                       top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
     """Pick the next token of each row from its logits. A pure function of its arguments.

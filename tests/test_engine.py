@@ -57,3 +57,11 @@ def test_repetition_penalty():
     logits = torch.tensor([[2.0, -2.0, 1.0]])
     out = apply_repetition_penalty(logits, torch.tensor([[0, 1]]), 2.0)
     assert out.tolist() == [[1.0, -4.0, 1.0]]
+
+
+def test_presence_and_frequency_penalties():
+    from barkgpt.engine import apply_presence_frequency_penalty
+
+    logits = torch.zeros(1, 4)
+    out = apply_presence_frequency_penalty(logits, torch.tensor([[1, 1, 3]]), presence=0.5, frequency=0.25)
+    assert out.tolist() == [[0.0, -1.0, 0.0, -0.75]]

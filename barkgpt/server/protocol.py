@@ -43,11 +43,11 @@ class Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None  # None: the served model
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)  # accepted, not applied yet
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)  # minus penalty x count of each generated token
     logprobs: bool | int | None = None  # accepted, not returned yet
     max_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1, le=MAX_N)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)  # accepted, not applied yet
+    presence_penalty: float | None = Field(None, ge=-2, le=2)  # minus penalty once for each generated token
     seed: int | None = Field(None, **SEED_RANGE)
     stop: str | list[str] | None = Field(None, validate_default=True)  # a list after validation
     stream: bool = False
@@ -82,6 +82,8 @@ class Request(BaseModel):
             top_p=1.0 if self.top_p is None else self.top_p,
             min_p=self.min_p or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
             seed=self.seed,
         )
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from barkgpt.common import BarkError
-from barkgpt.engine import KVCache, apply_repetition_penalty, sample_next_token
+from barkgpt.engine import KVCache, apply_presence_frequency_penalty, apply_repetition_penalty, sample_next_token
 from barkgpt.model import GPT
 
 log = logging.getLogger("barkgpt.server")
@@ -47,6 +47,8 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
 
 
@@ -250,6 +252,9 @@ class Scheduler:
         if p.repetition_penalty != 1.0:
             history = torch.tensor([row.history], device=self.device)
             logits = apply_repetition_penalty(logits, history, p.repetition_penalty)
+        if p.presence_penalty or p.frequency_penalty:
+            generated = torch.tensor([row.history[len(row.req.ids):]], dtype=torch.long, device=self.device)
+            logits = apply_presence_frequency_penalty(logits, generated, p.presence_penalty, p.frequency_penalty)
         t = int(sample_next_token(logits, row.rng, p.temperature, p.top_k, p.top_p, p.min_p)[0])
         row.history.append(t)
         row.n_new += 1

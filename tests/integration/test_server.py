@@ -320,3 +320,11 @@ def test_abandoned_streams_free_their_slots(long_server):
     assert health(long_server)["running"] == 0, f"abandoned rows still running after {solo_s / 2:.1f} s"
     status, out = post(long_server + "/v1/completions", json.dumps({"model": "long", "prompt": PROMPT, "max_tokens": 5}).encode())
     assert status == 200 and out["usage"]["completion_tokens"] == 5
+
+
+def test_frequency_penalty_changes_a_repetitive_greedy_reply(client):
+    plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0).choices[0].text.split()
+    penalised = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0,
+                                          frequency_penalty=2.0).choices[0].text.split()
+    assert len(set(plain)) < len(plain)  # greedy repeats itself...
+    assert penalised != plain  # ...and the penalty steers away from the repeats
