@@ -32,6 +32,7 @@ from barkgpt.server.scheduler import QueueFull, SamplingParams, Scheduler
 log = logging.getLogger("barkgpt.server")
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: larger request bodies get 413
+DRAIN_MAX_BYTES = 64 << 20  # a refused body up to 64 MiB is read and dropped before the 413
 RETRY_AFTER_S = 1  # the Retry-After of a 429
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 PUBLIC_PATHS = {"/health"}  # reachable without the API key
@@ -82,6 +83,7 @@ class _Guard:
                 return await err.response()(scope, receive, send)
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body_bytes:
+            await self._drain(receive, int(length))
             return await self._too_large().response()(scope, receive, send)
         # Read the body here (at most max_body_bytes), so a chunked body without Content-Length
         # is capped too, then hand it on; later receive() calls (disconnects) pass through.
@@ -92,6 +94,8 @@ class _Guard:
                 return  # the client left before sending its body
             size += len(message.get("body", b""))
             if size > self.max_body_bytes:
+                if message.get("more_body"):
+                    await self._drain(receive, size)
                 return await self._too_large().response()(scope, receive, send)
             messages.append(message)
             if not message.get("more_body"):
@@ -101,6 +105,19 @@ class _Guard:
             return messages.pop(0) if messages else await receive()
 
         await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _drain(receive, length: int) -> None:
+        """Read and drop a refused body (up to ``DRAIN_MAX_BYTES``) so the 413 reaches a client
+        that sends its whole body before reading, instead of a connection reset."""
+        if length > DRAIN_MAX_BYTES:
+            return
+        read = 0
+        while read <= DRAIN_MAX_BYTES:
+            message = await receive()
+            read += len(message.get("body", b""))
+            if message["type"] != "http.request" or not message.get("more_body"):
+                return
 
     def _too_large(self) -> ApiError:
         return ApiError(413, f"the request body is over {self.max_body_bytes} bytes", code="request_too_large")
