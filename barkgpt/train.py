@@ -303,7 +303,8 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: b
         return loss
 
     t_start = time.perf_counter()
-    elapsed = state.get("elapsed_s", 0.0) if state else 0.0
+    elapsed0 = state.get("elapsed_s", 0.0) if state else 0.0  # wall clock of the runs before a resume
+    elapsed = elapsed0
     losses, interrupted, last_loss = None, False, float("nan")
     bar = progress(total=cfg.max_iters, desc="train", unit="step", initial=step) if not quiet else None
     t_log, tok_log = time.perf_counter(), 0
@@ -343,13 +344,13 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: b
             if step % cfg.log_interval == 0 or step == cfg.max_iters:
                 now = time.perf_counter()
                 tps = tok_log / max(now - t_log, 1e-9)
-                elapsed = (state.get("elapsed_s", 0.0) if state else 0.0) + now - t_start
+                elapsed = elapsed0 + now - t_start
                 log({"step": step, "train_loss": round(last_loss, 5), "lr": lr, "tokens_per_s": round(tps, 1), "elapsed_s": round(elapsed, 3)})
                 if bar is not None:
                     bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
                 t_log, tok_log = now, 0
             if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-                elapsed = (state.get("elapsed_s", 0.0) if state else 0.0) + time.perf_counter() - t_start
+                elapsed = elapsed0 + time.perf_counter() - t_start
                 losses = evaluate()
                 if bar is not None:
                     bar.write(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f} (perplexity {math.exp(losses['val']):.2f})")
@@ -363,7 +364,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: b
         if bar is not None:
             bar.close()
         torch.set_flush_denormal(False)  # process-wide state: back to the default for the caller
-    total = (state.get("elapsed_s", 0.0) if state else 0.0) + time.perf_counter() - t_start
+    total = elapsed0 + time.perf_counter() - t_start
     return {"step": step, "train_loss": last_loss, "val_loss": losses["val"] if losses else None,
             "best_val_loss": best_val, "tokens_per_s": (step - step0) * tokens_per_iter / max(loop_s, 1e-9),
             "train_seconds": loop_s, "elapsed_s": total, "interrupted": interrupted}
