@@ -153,20 +153,24 @@ class CompletionChoice(BaseModel):
     finish_reason: Literal["stop", "length"] | None = None
 
 
-class CompletionResponse(BaseModel):
+class _UsageWhenSet(BaseModel):
+    """Base of responses whose ``usage`` is left out when None: stream chunks carry it only in the last one."""
+
+    @model_serializer(mode="wrap")
+    def _usage_only_when_set(self, handler):
+        out = handler(self)
+        if out.get("usage") is None:
+            out.pop("usage", None)
+        return out
+
+
+class CompletionResponse(_UsageWhenSet):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
-
-    @model_serializer(mode="wrap")
-    def _usage_only_when_set(self, handler):  # stream chunks carry usage only in the last one
-        out = handler(self)
-        if out.get("usage") is None:
-            out.pop("usage", None)
-        return out
 
 
 class AssistantMessage(BaseModel):
@@ -206,20 +210,13 @@ class ChatChunkChoice(BaseModel):
     finish_reason: Literal["stop", "length"] | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_UsageWhenSet):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
-
-    @model_serializer(mode="wrap")
-    def _usage_only_when_set(self, handler):
-        out = handler(self)
-        if out.get("usage") is None:
-            out.pop("usage", None)
-        return out
 
 
 class ModelCard(BaseModel):
