@@ -174,10 +174,12 @@ class _TextStream:
 
     @property
     def finish_reason(self) -> str:
+        """``"stop"`` (EOS or a stop string) or ``"length"``."""
         return self.decoder.finish_reason
 
     @property
     def n_tokens(self) -> int:
+        """Tokens consumed so far, the EOS included."""
         return self.decoder.n_tokens
 
     def __iter__(self) -> Iterator[str]:

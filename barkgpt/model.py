@@ -70,6 +70,8 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cos_sin=None, kv_cache=None, attn_mask=None):
+        """(B, T, C) -> (B, T, C). ``cos_sin``: RoPE tables (T, 1, hs) or (B, T, 1, hs) (llama);
+        ``kv_cache``: see :class:`barkgpt.engine.KVCache`; ``attn_mask``: (B, 1, T, L) bool or None."""
         B, T, C = x.size()
         qkv = self.c_attn(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)  # (B, T, nh+2nkv, hs)
         qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=2)
@@ -105,6 +107,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
+        """(B, T, C) -> (B, T, C)."""
         h = self.c_fc(x)
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
@@ -127,6 +130,7 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos_sin=None, kv_cache=None, attn_mask=None):
+        """(B, T, C) -> (B, T, C); the other arguments pass to :class:`CausalSelfAttention`."""
         x = x + self.attn(self.ln_1(x), cos_sin, kv_cache, attn_mask)
         return x + self.mlp(self.ln_2(x))
 

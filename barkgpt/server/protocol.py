@@ -34,6 +34,8 @@ def stop_list(v: str | list[str] | None) -> list[str]:
 
 
 class StreamOptions(BaseModel):
+    """``stream_options``: ``include_usage`` adds a last chunk with ``usage`` and ``choices: []``."""
+
     include_usage: bool = False
 
 
@@ -71,6 +73,7 @@ class Request(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def requested_max_tokens(self) -> int | None:
+        """The completion length asked for: ``max_tokens`` (None: fill the rest of the context)."""
         return self.max_tokens
 
     def sampling(self) -> dict:
@@ -111,11 +114,15 @@ class CompletionRequest(Request):
 
 
 class TextPart(BaseModel):
+    """One part of a message's list content; only text parts are read."""
+
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
+    """A chat message: ``role`` and ``content`` (a string or a list of text parts)."""
+
     model_config = ConfigDict(extra="ignore")
 
     role: str
@@ -135,18 +142,23 @@ class ChatCompletionRequest(Request):
     max_completion_tokens: int | None = Field(None, ge=1)
 
     def requested_max_tokens(self) -> int | None:
+        """``max_tokens`` or ``max_completion_tokens`` (None: fill the rest of the context)."""
         return self.max_completion_tokens or self.max_tokens
 
 
 # ---- responses (OpenAI field order) -----------------------------------------------------------
 
 class Usage(BaseModel):
+    """Token counts of a response (tokens, not characters)."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
 
 
 class CompletionChoice(BaseModel):
+    """One choice of a (streamed) completion."""
+
     text: str
     index: int
     logprobs: None = None
@@ -165,6 +177,8 @@ class _UsageWhenSet(BaseModel):
 
 
 class CompletionResponse(_UsageWhenSet):
+    """``POST /v1/completions`` response, and each chunk of its stream."""
+
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
@@ -174,11 +188,15 @@ class CompletionResponse(_UsageWhenSet):
 
 
 class AssistantMessage(BaseModel):
+    """The reply message of a chat choice."""
+
     role: Literal["assistant"] = "assistant"
     content: str
 
 
 class ChatChoice(BaseModel):
+    """One choice of a chat completion."""
+
     index: int
     message: AssistantMessage
     logprobs: None = None
@@ -186,6 +204,8 @@ class ChatChoice(BaseModel):
 
 
 class ChatCompletionResponse(BaseModel):
+    """``POST /v1/chat/completions`` response (non-streamed)."""
+
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
@@ -195,6 +215,8 @@ class ChatCompletionResponse(BaseModel):
 
 
 class DeltaMessage(BaseModel):
+    """The increment of a streamed chat message."""
+
     role: Literal["assistant"] | None = None
     content: str | None = None
 
@@ -204,6 +226,8 @@ class DeltaMessage(BaseModel):
 
 
 class ChatChunkChoice(BaseModel):
+    """One choice of a chat stream chunk."""
+
     index: int
     delta: DeltaMessage
     logprobs: None = None
@@ -211,6 +235,8 @@ class ChatChunkChoice(BaseModel):
 
 
 class ChatCompletionChunk(_UsageWhenSet):
+    """One ``chat.completion.chunk`` event of a chat stream."""
+
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
@@ -220,6 +246,8 @@ class ChatCompletionChunk(_UsageWhenSet):
 
 
 class ModelCard(BaseModel):
+    """One entry of ``GET /v1/models``; ``max_model_len`` is the context in tokens."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
@@ -228,11 +256,15 @@ class ModelCard(BaseModel):
 
 
 class ModelList(BaseModel):
+    """``GET /v1/models`` response."""
+
     object: Literal["list"] = "list"
     data: list[ModelCard]
 
 
 class ErrorInfo(BaseModel):
+    """OpenAI's error object: ``message``, ``type``, ``param``, ``code``."""
+
     message: str
     type: str
     param: str | None = None
@@ -240,6 +272,8 @@ class ErrorInfo(BaseModel):
 
 
 class ErrorResponse(BaseModel):
+    """The body of every error response: an ``error`` object."""
+
     error: ErrorInfo
 
 
@@ -264,16 +298,21 @@ class GenerateRequest(BaseModel):
         return stop_list(v)
 
     def sampling(self) -> dict:
+        """Sampling settings in BarkGPT's names (``max_new_tokens``...)."""
         return dict(max_new_tokens=self.max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
                     top_k=self.top_k or 0, top_p=1.0 if self.top_p is None else self.top_p, min_p=0.0,
                     repetition_penalty=1.0, seed=self.seed)
 
 
 class GenerateResponse(BaseModel):
+    """``POST /generate`` response: the reply text."""
+
     message: str
 
 
 class TokenizeRequest(BaseModel):
+    """``POST /tokenize``: text to token ids."""
+
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
@@ -281,12 +320,16 @@ class TokenizeRequest(BaseModel):
 
 
 class TokenizeResponse(BaseModel):
+    """``POST /tokenize`` response: ids, their count and the context size."""
+
     tokens: list[int]
     count: int
     max_model_len: int
 
 
 class DetokenizeRequest(BaseModel):
+    """``POST /detokenize``: token ids to text."""
+
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
@@ -294,4 +337,6 @@ class DetokenizeRequest(BaseModel):
 
 
 class DetokenizeResponse(BaseModel):
+    """``POST /detokenize`` response."""
+
     prompt: str

@@ -143,6 +143,7 @@ class Scheduler:
 
     @property
     def alive(self) -> bool:
+        """True while the worker thread runs (False before start() and after stop() or a crash)."""
         return self._thread is not None and self._thread.is_alive()
 
     def submit(self, ids: list[int], params: SamplingParams) -> Request:
