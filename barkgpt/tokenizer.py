@@ -133,21 +133,34 @@ class Tokenizer:
         kind: ``"bpe"``, ``"char"`` or ``"word"``.
         chat_template: Jinja source rendered by :meth:`apply_chat_template`.
         model_max_length: the context length to advertise in ``tokenizer_config.json``, or None.
+        pad_token, eos_token, bos_token, unk_token: the special tokens' text (``<PAD>``...; an
+            imported tokenizer's own, e.g. GPT-2's ``<|endoftext|>``), and ``*_id`` their ids.
+
+    Raises:
+        BarkError: unknown kind, or a special token missing from the vocabulary.
     """
 
     def __init__(self, tk: HFTokenizer, kind: str, chat_template: str | None = None,
-                 model_max_length: int | None = None):
+                 model_max_length: int | None = None, special_tokens: dict[str, str] | None = None):
         if kind not in KINDS:
             raise BarkError(f"unknown tokenizer kind {kind!r}; use bpe, char or word")
         self._tk = tk
         self.kind = kind
         self.chat_template = chat_template if chat_template is not None else _default_template(kind)
         self.model_max_length = model_max_length
-        ids = [tk.token_to_id(t) for t in SPECIAL_TOKENS]
-        if None in ids:
-            missing = SPECIAL_TOKENS[ids.index(None)]
-            raise BarkError(f"the tokenizer has no {missing} token; re-create it with `barkgpt tokenizer` or `barkgpt prepare`")
-        self.pad_id, self.eos_id, self.bos_id, self.unk_id = ids
+        # Role -> token text. Ours are <PAD> <EOS> <BOS> <UNK>; an imported tokenizer (GPT-2's
+        # "<|endoftext|>") names its own, and a role it lacks falls back to the EOS token.
+        names = dict(zip(("pad", "eos", "bos", "unk"), SPECIAL_TOKENS))
+        names.update({k: v for k, v in (special_tokens or {}).items() if v})
+        if tk.token_to_id(names["eos"]) is None:
+            raise BarkError(f"the tokenizer has no {names['eos']} token; re-create it with `barkgpt tokenizer` or `barkgpt prepare`")
+        for role in ("pad", "bos", "unk"):
+            if tk.token_to_id(names[role]) is None:
+                if special_tokens is None:  # our own files always hold all four
+                    raise BarkError(f"the tokenizer has no {names[role]} token; re-create it with `barkgpt tokenizer` or `barkgpt prepare`")
+                names[role] = names["eos"]
+        self.pad_token, self.eos_token, self.bos_token, self.unk_token = (names[r] for r in ("pad", "eos", "bos", "unk"))
+        self.pad_id, self.eos_id, self.bos_id, self.unk_id = (tk.token_to_id(names[r]) for r in ("pad", "eos", "bos", "unk"))
         self._pieces: list | None = None  # id -> text piece, built on first decoder()
         self._template = None  # compiled chat template, built on first use
 
@@ -243,7 +256,9 @@ class Tokenizer:
             if not isinstance(config, dict):
                 raise BarkError(f"{cfg_file} does not hold a JSON object; fix or delete it")
         kind = config.get("kind") or _infer_kind(tk)
-        return cls(tk, kind, config.get("chat_template"), config.get("model_max_length"))
+        special = {role: _token_text(config.get(f"{role}_token")) for role in ("pad", "eos", "bos", "unk")}
+        special = special if any(special.values()) else None
+        return cls(tk, kind, config.get("chat_template"), config.get("model_max_length"), special)
 
     def save(self, path: str | Path) -> None:
         """Write ``tokenizer.json`` and ``tokenizer_config.json`` into folder ``path`` (created if
@@ -255,10 +270,10 @@ class Tokenizer:
         config = {
             "kind": self.kind,
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": BOS,
-            "eos_token": EOS,
-            "pad_token": PAD,
-            "unk_token": UNK,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "unk_token": self.unk_token,
             "add_bos_token": False,
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,  # else transformers rewrites " ." to "." on decode
@@ -332,7 +347,7 @@ class Tokenizer:
         """
         if self.kind == "bpe":
             return 0
-        return self.encode(text).count(self.unk_id) - text.count(UNK)
+        return self.encode(text).count(self.unk_id) - text.count(self.unk_token)
 
     # ---- chat -------------------------------------------------------------------------------
 
@@ -360,7 +375,8 @@ class Tokenizer:
             if self._template is None:
                 self._template = _jinja_env().from_string(self.chat_template)
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK)
+                                         bos_token=self.bos_token, eos_token=self.eos_token,
+                                         pad_token=self.pad_token, unk_token=self.unk_token)
         except jinja2.TemplateError as e:
             raise BarkError(f"chat template failed: {e}; fix the messages or the tokenizer's chat_template") from None
 
@@ -404,6 +420,13 @@ def _empty(kind: str) -> HFTokenizer:
     # Registered before training so that "<EOS>" in training text is one token, not 5 characters.
     tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return tk
+
+
+def _token_text(value) -> str | None:
+    """A special token as ``tokenizer_config.json`` gives it: a string, or HF's ``{"content": ...}``."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
 
 
 def _infer_kind(tk: HFTokenizer) -> str:
