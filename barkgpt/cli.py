@@ -1,4 +1,4 @@
-"""The ``barkgpt`` command: verbs ``prepare``, ``train``, ``sample``, ``chat``, ``serve``.
+"""The ``barkgpt`` command: verbs ``prepare``, ``train``, ``sample``, ``chat``, ``serve``, ``export``, ``import``.
 
 Each verb imports its module inside its function, so ``barkgpt --help`` never imports torch.
 Every config field is a kebab-case flag derived from the dataclasses in ``config.py``. Errors
@@ -71,6 +71,32 @@ def cmd_train(args) -> None:
     val = f"{result['val_loss']:.4f}" if result["val_loss"] is not None else "n/a"
     print(f"done: step {result['step']}, train loss {result['train_loss']:.4f}, val loss {val} "
           f"(best {result['best_val_loss']:.4f}), {result['tokens_per_s']:,.0f} tokens/s; checkpoints in {train_cfg.out_dir}")
+
+
+def cmd_export(args) -> None:
+    """`barkgpt export hf|gguf`: write a Hugging Face folder or a GGUF file (see barkgpt.export)."""
+    if args.format == "hf":
+        from barkgpt.export.hf import export_hf
+
+        out = export_hf(args.model, args.out, force=args.force)
+        print(f"wrote {out}: load it with transformers' AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    else:
+        try:
+            import gguf  # noqa: F401
+        except ImportError:
+            raise BarkError("barkgpt export gguf needs the gguf package; pip install 'barkgpt[export]'") from None
+        from barkgpt.export.gguf import export_gguf
+
+        out = export_gguf(args.model, args.out, outtype=args.outtype, force=args.force)
+        print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.outtype}): run it with llama-cli -m {out}")
+
+
+def cmd_import(args) -> None:
+    """`barkgpt import hf`: turn a Hugging Face GPT-2/Llama folder into a checkpoint."""
+    from barkgpt.export.hf import import_hf
+
+    out = import_hf(args.model, args.out, force=args.force)
+    print(f"wrote {out}: use it with barkgpt sample/chat/serve --model {out}, or train --init-from {out}")
 
 
 def sampling_kwargs(args) -> dict:
@@ -202,6 +228,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(sp, GPTConfig)
     add_dataclass_args(sp, TrainConfig)
     sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("export", help="export a model to a Hugging Face folder or a GGUF file (llama.cpp)")
+    sp.add_argument("format", choices=["hf", "gguf"], help="hf: a transformers folder; gguf: one file for llama.cpp")
+    sp.add_argument("--model", required=True, help="a run folder (best/ is used) or checkpoint folder")
+    sp.add_argument("--out", required=True, help="the folder (hf) or .gguf file (gguf) to write")
+    sp.add_argument("--outtype", default="f16", choices=["f32", "f16", "q8_0"], help="gguf: weight type of the 2-D tensors (default f16)")
+    sp.add_argument("--force", action="store_true", help="replace --out if it exists")
+    sp.set_defaults(func=cmd_export)
+
+    sp = sub.add_parser("import", help="turn a Hugging Face GPT-2 or Llama folder into a barkgpt checkpoint")
+    sp.add_argument("format", choices=["hf"], help="hf: a transformers folder (local path, or a Hub name when online)")
+    sp.add_argument("--model", required=True, help="the Hugging Face folder (config.json, weights, tokenizer.json)")
+    sp.add_argument("--out", required=True, help="the checkpoint folder to write")
+    sp.add_argument("--force", action="store_true", help="replace --out if it exists")
+    sp.set_defaults(func=cmd_import)
 
     for name, helptext, func in (("sample", "generate text from a trained model", cmd_sample),
                                  ("chat", "talk to a model with its chat template", cmd_chat)):
