@@ -1,8 +1,10 @@
-"""Decode speed at batch 1: the KV-cache engine against naive full recompute, side by side.
+"""Decode speed at batch 1, side by side: our KV-cache engine against naive full recompute, against
+Hugging Face ``generate`` on our exported weights (when transformers is installed), and against
+llama.cpp on our f32 GGUF (when llama-cpp-python is installed).
 
 Uses the shakespeare-bpe model shape (n_layer 4, n_head 4, n_embd 128, block_size 128, vocab
 2048) with random weights (speed does not depend on the values), greedy decoding of
-``block_size - 1`` tokens from a one-token prompt, alternating the two paths over several rounds.
+``block_size - 1`` tokens from a one-token prompt, alternating the paths over several rounds.
 
     python bench/bench_decode.py [--rounds 3]
 """
@@ -48,19 +50,80 @@ def main() -> None:
             out = model.generate(torch.tensor([[0]]), n)
         return n / (time.perf_counter() - t), out[0, 1:].tolist()
 
-    cached(), naive()  # warm up
-    rows = {"kv_cache": [], "naive": []}
+    paths = {"kv_cache": cached, "naive": naive, **exported_paths(model, n)}
+    for fn in paths.values():  # warm up
+        fn()
+    rows = {name: [] for name in paths}
     for _ in range(a.rounds):
-        tps, a_toks = cached()
-        rows["kv_cache"].append(tps)
-        tps, b_toks = naive()
-        rows["naive"].append(tps)
-        assert a_toks == b_toks, "cached and naive greedy decoding disagree"
-    summary = {"tokens": n, "kv_cache_tokens_per_s": round(statistics.median(rows["kv_cache"]), 1),
-               "naive_tokens_per_s": round(statistics.median(rows["naive"]), 1)}
-    summary["ratio"] = round(summary["kv_cache_tokens_per_s"] / summary["naive_tokens_per_s"], 2)
+        toks = {}
+        for name, fn in paths.items():
+            tps, toks[name] = fn()
+            rows[name].append(tps)
+        assert toks["kv_cache"] == toks["naive"], "cached and naive greedy decoding disagree"
+    summary = {"tokens": n, "torch_threads": torch.get_num_threads(),
+               **{f"{name}_tokens_per_s": round(statistics.median(r), 1) for name, r in rows.items()}}
+    ours = summary["kv_cache_tokens_per_s"]
+    for name in paths:
+        if name != "kv_cache":
+            summary[f"ours_vs_{name}"] = round(ours / summary[f"{name}_tokens_per_s"], 2)
     print(json.dumps(summary))
     write_results("decode: batch 1, greedy, shakespeare-bpe shape", summary)
+
+
+def exported_paths(model, n: int) -> dict:
+    """Decode functions for HF ``generate`` and llama.cpp on exports of ``model`` (each returns
+    ``(tokens/s, tokens)``); a path whose package is missing is left out."""
+    import importlib.util
+    import tempfile
+
+    import torch
+
+    from barkgpt.checkpoint import save_checkpoint
+    from barkgpt.tokenizer import Tokenizer
+
+    paths = {}
+    tmp = Path(tempfile.mkdtemp(prefix="bench-decode-"))
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+    text = shared.read_text() if shared.is_file() else "the quick brown fox jumps over the lazy dog " * 2000
+    tokenizer = Tokenizer.train("bpe", [text], model.config.vocab_size)
+    save_checkpoint(tmp / "ckpt", model, tokenizer)
+    threads = torch.get_num_threads()
+    if importlib.util.find_spec("transformers"):
+        import transformers
+
+        from barkgpt.export.hf import export_hf
+
+        hf = transformers.AutoModelForCausalLM.from_pretrained(export_hf(tmp / "ckpt", tmp / "hf")).eval()
+
+        def hf_generate():
+            t = time.perf_counter()
+            out = hf.generate(torch.tensor([[0]]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+            return n / (time.perf_counter() - t), out[0, 1:].tolist()
+
+        paths["hf_generate"] = hf_generate
+    if importlib.util.find_spec("llama_cpp") and importlib.util.find_spec("gguf"):
+        import numpy as np
+        from llama_cpp import Llama
+
+        from barkgpt.export.gguf import export_gguf
+
+        llm = Llama(model_path=str(export_gguf(tmp / "ckpt", tmp / "m.gguf", outtype="f32")), n_ctx=model.config.block_size,
+                    n_threads=threads, n_threads_batch=threads, verbose=False)
+
+        def llama_cpp():
+            t = time.perf_counter()
+            llm.reset()
+            llm.eval([0])
+            toks = []
+            for _ in range(n):
+                toks.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+                if len(toks) < n:
+                    llm.eval([toks[-1]])
+            return n / (time.perf_counter() - t), toks
+
+        paths["llama_cpp"] = llama_cpp
+    return paths
 
 
 if __name__ == "__main__":
