@@ -13,7 +13,7 @@ import sys
 
 from barkgpt import __version__
 from barkgpt.common import BarkError
-from barkgpt.config import GPTConfig, SampleConfig, TrainConfig, field_help, field_types, parse_value
+from barkgpt.config import GPTConfig, SampleConfig, ServeConfig, TrainConfig, field_help, field_types, parse_value
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
@@ -172,34 +172,45 @@ def cmd_chat(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    """`barkgpt serve`: the OpenAI-compatible HTTP server (needs the `serve` extra)."""
+    """`barkgpt serve`: the OpenAI-compatible HTTP server (needs the `serve` extra).
+
+    The port opens first and the model loads in the background (``/health`` answers 503 until
+    then). Test-only: ``BARKGPT_TEST_LOAD_DELAY`` (seconds) delays the load, so tests can see the
+    503 window; it is not a user setting.
+    """
     import os
+    import time
     from pathlib import Path
 
+    cfg = ServeConfig(**collect_overrides(args, ServeConfig))  # bad flags fail before the slow imports
+    api_key = cfg.api_key or os.environ.get("BARKGPT_API_KEY") or None
+    if cfg.api_key_file:
+        try:
+            api_key = Path(cfg.api_key_file).read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise BarkError(f"cannot read --api-key-file {cfg.api_key_file}: {e.strerror}") from None
+        if not api_key:
+            raise BarkError(f"--api-key-file {cfg.api_key_file} is empty")
+    folder = Path(args.model).resolve()
+    if not folder.exists():
+        raise BarkError(f"--model {args.model} does not exist; give a run folder (runs/x) or a checkpoint folder")
+    name = cfg.model_name or (folder.parent.name if folder.name in ("best", "last") else folder.name)
+    cfg = dataclasses.replace(cfg, model_name=name, api_key=api_key, api_key_file=None)
     try:
-        import uvicorn
-
-        from barkgpt.server.app import ServerSettings, create_app
+        from barkgpt.server.app import run_server
     except ImportError as e:
         raise BarkError(f"barkgpt serve needs the serve extra ({e.name} is missing); pip install 'barkgpt[serve]'") from None
     from barkgpt.generate import load_generator
 
-    api_key = args.api_key or os.environ.get("BARKGPT_API_KEY") or None
-    if args.api_key_file:
-        api_key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
-        if not api_key:
-            raise BarkError(f"--api-key-file {args.api_key_file} is empty")
-    if args.max_batch_size < 1 or args.max_queue < 0:
-        raise BarkError("--max-batch-size must be at least 1 and --max-queue at least 0")
-    gen = load_generator(args.model, device=args.device)
-    folder = Path(args.model).resolve()
-    name = args.model_name or (folder.parent.name if folder.name in ("best", "last") else folder.name)
-    settings = ServerSettings(model_name=name, api_key=api_key, max_batch_size=args.max_batch_size,
-                              max_queue=args.max_queue, cors_origins=args.cors_origin or [])
+    def load():
+        time.sleep(float(os.environ.get("BARKGPT_TEST_LOAD_DELAY") or 0))  # test-only, see the docstring
+        gen = load_generator(args.model, device=args.device)
+        print(f"model loaded: block_size {gen.block_size}", flush=True)
+        return gen
+
     auth = "API key required" if api_key else "no API key"
-    print(f"serving {name} (block_size {gen.block_size}) at http://{args.host}:{args.port}/v1 ({auth})", flush=True)
-    uvicorn.run(create_app(gen, settings), host=args.host, port=args.port, log_level="warning",
-                timeout_graceful_shutdown=30)
+    print(f"serving {name} at http://{cfg.host}:{cfg.port}/v1 ({auth}); loading the model", flush=True)
+    run_server(load, cfg)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,14 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     sp.add_argument("--model", required=True, help="a run folder (runs/x) or checkpoint folder")
     sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    sp.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    sp.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    sp.add_argument("--api-key", default=None, help="require this key as 'Authorization: Bearer KEY' (or env BARKGPT_API_KEY)")
-    sp.add_argument("--api-key-file", default=None, help="read the API key from this file")
-    sp.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (default 16)")
-    sp.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before 429 (default 256)")
-    sp.add_argument("--cors-origin", action="append", default=None, help="allow browser calls from this origin (repeatable; default: CORS off)")
-    sp.add_argument("--model-name", default=None, help="the model id in /v1/models (default: the run folder's name)")
+    add_dataclass_args(sp, ServeConfig)
     sp.set_defaults(func=cmd_serve)
     return p
 

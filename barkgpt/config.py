@@ -174,6 +174,45 @@ class SampleConfig:
             raise BarkError(f"num_samples must be at least 1, got {self.num_samples}")
 
 
+@dataclass
+class ServeConfig:
+    """Settings of ``barkgpt serve``, one ``--flag`` per field (the model folder and device are
+    the separate ``--model`` and ``--device`` flags). The API key may also come from the
+    ``BARKGPT_API_KEY`` environment variable, read by the command, not here.
+
+    Raises:
+        BarkError: a port outside 1..65535, max_batch_size < 1, max_queue < 0, max_body_bytes < 1,
+            a negative shutdown_timeout, an empty api_key, or both api_key and api_key_file.
+    """
+
+    host: str = "127.0.0.1"  # address to bind (127.0.0.1: this machine only; 0.0.0.0: every interface)
+    port: int = 8000  # TCP port
+    api_key: str | None = None  # require this key as 'Authorization: Bearer KEY' (None: no key, unless env BARKGPT_API_KEY is set)
+    api_key_file: str | None = None  # read the API key from this file (instead of --api-key)
+    model_name: str | None = None  # the model id in /v1/models (None: the run folder's name)
+    max_batch_size: int = 16  # requests decoded together in one batch
+    max_queue: int = 256  # requests waiting for a batch row; more get 429
+    max_body_bytes: int = 1 << 20  # request bodies larger than this get 413
+    cors_origin: list[str] = field(default_factory=list)  # allow browser calls from this origin (repeatable; none: CORS off)
+    shutdown_timeout: float = 30.0  # seconds running requests get to finish after SIGTERM; then they end with an error
+
+    def __post_init__(self):
+        if not 1 <= self.port <= 65535:
+            raise BarkError(f"port must be in 1..65535, got {self.port}")
+        if self.max_batch_size < 1:
+            raise BarkError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
+        if self.max_queue < 0:
+            raise BarkError(f"max_queue must be at least 0, got {self.max_queue}")
+        if self.max_body_bytes < 1:
+            raise BarkError(f"max_body_bytes must be at least 1, got {self.max_body_bytes}")
+        if not (self.shutdown_timeout >= 0 and math.isfinite(self.shutdown_timeout)):
+            raise BarkError(f"shutdown_timeout must be a number of seconds >= 0, got {self.shutdown_timeout}")
+        if self.api_key == "":
+            raise BarkError("api_key is empty; give a key or leave --api-key out")
+        if self.api_key is not None and self.api_key_file is not None:
+            raise BarkError("give --api-key or --api-key-file, not both")
+
+
 def check_sampling(temperature: float, top_k: int, top_p: float, min_p: float = 0.0, repetition_penalty: float = 1.0) -> None:
     """Validate sampling parameters.
 

@@ -215,6 +215,26 @@ def sample_next_token(logits: torch.Tensor, rng: torch.Generator | None = None, 
     return torch.multinomial(probs, 1, generator=rng).squeeze(1)
 
 
+def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the chosen tokens and of the ``k`` most likely ones, as OpenAI's
+    ``logprobs``: taken from the model's own distribution, ``log_softmax(logits)``, before
+    temperature, filters and penalties (vLLM's default ``raw_logprobs``), so they describe the
+    model rather than the sampler.
+
+    Args:
+        logits: (B, V) float, the raw model logits at the sampled position.
+        chosen: (B,) int64, the sampled token ids.
+        k: how many top tokens to return, >= 0 (a vocabulary smaller than k gives all V).
+
+    Returns:
+        ``(chosen_logprob, top_logprob, top_ids)``: (B,) float32, (B, min(k, V)) float32 sorted
+        from most likely down, (B, min(k, V)) int64. Every value is <= 0.
+    """
+    logp = F.log_softmax(logits.float(), dim=-1)  # (B, V), in fp32 whatever the model's dtype
+    top_logprob, top_ids = logp.topk(min(k, logp.size(-1)), dim=-1)  # (B, k)
+    return logp.gather(1, chosen.view(-1, 1)).squeeze(1), top_logprob, top_ids
+
+
 class Engine:
     """Batched, KV-cached generation over token ids for one model.
 

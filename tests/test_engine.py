@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from barkgpt.config import GPTConfig
-from barkgpt.engine import Engine, apply_repetition_penalty, sample_next_token
+from barkgpt.engine import Engine, apply_repetition_penalty, sample_next_token, token_logprobs
 from barkgpt.model import GPT
 
 
@@ -65,3 +65,12 @@ def test_presence_and_frequency_penalties():
     logits = torch.zeros(1, 4)
     out = apply_presence_frequency_penalty(logits, torch.tensor([[1, 1, 3]]), presence=0.5, frequency=0.25)
     assert out.tolist() == [[0.0, -1.0, 0.0, -0.75]]
+
+
+def test_token_logprobs_are_the_raw_log_softmax():
+    logits = torch.tensor([[2.0, 0.5, -1.0, 3.0], [0.0, 0.0, 0.0, 0.0]])
+    chosen, top, ids = token_logprobs(logits, torch.tensor([0, 2]), k=2)
+    expected = torch.log_softmax(logits, dim=-1)
+    assert torch.allclose(chosen, expected[[0, 1], [0, 2]])
+    assert ids[0].tolist() == [3, 0] and torch.allclose(top[0], expected[0, [3, 0]])
+    assert (top <= 0).all() and token_logprobs(logits, torch.tensor([0, 1]), k=10)[1].shape == (2, 4)

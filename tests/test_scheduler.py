@@ -104,3 +104,43 @@ def test_limits(model):
             sched.submit([1], SamplingParams(max_new_tokens=5))
 
     asyncio.run(go())
+
+
+def test_same_prompt_is_prefilled_once_and_each_copy_samples_alone(model):
+    """The n choices of one request (queued together) share one prefill; each still gets the
+    tokens its seed gives it alone."""
+    prefills = []
+    hook = model.register_forward_pre_hook(lambda m, args: prefills.append(1) if args[0].size(1) > 1 else None)
+    prompt, seeds = [1, 2, 3, 4], [11, 12, 13]
+    try:
+        sched = Scheduler(model, stop_ids=[])
+
+        async def together():
+            reqs = [sched.submit(prompt, SamplingParams(max_new_tokens=6, seed=s)) for s in seeds]
+            return await asyncio.gather(*(collect(r) for r in reqs))
+
+        shared = run(sched, together)
+        n_prefills = len(prefills)
+        sched = Scheduler(model, stop_ids=[])
+        alone = run(sched, lambda: asyncio.gather(*[collect(sched.submit(prompt, SamplingParams(max_new_tokens=6, seed=s)))
+                                                    for s in seeds[:1]]))
+    finally:
+        hook.remove()
+    assert n_prefills == 1
+    assert shared[0] == alone[0] and len({tuple(t) for t in shared}) > 1
+
+
+def test_logprobs_only_for_requests_that_ask(model):
+    sched = Scheduler(model, stop_ids=[])
+
+    async def go():
+        asked = sched.submit([1, 2], SamplingParams(max_new_tokens=5, temperature=0, logprobs=3))
+        plain = sched.submit([1, 2], SamplingParams(max_new_tokens=5, temperature=0))
+        tokens = await collect(asked)
+        await collect(plain)
+        return tokens, asked.logprobs, plain.logprobs
+
+    tokens, logprobs, none = run(sched, go)
+    assert none == [] and len(logprobs) == len(tokens) == 5
+    for t, (lp, top) in zip(tokens, logprobs):
+        assert len(top) == 3 and top[0] == (t, lp) and lp <= 0  # greedy: the chosen token is the top one

@@ -1,53 +1,52 @@
-"""``create_app()``: the FastAPI app of ``barkgpt serve``, an OpenAI-compatible API over one model.
+"""``create_app()``: the FastAPI app of ``barkgpt serve``, an OpenAI-compatible API over one model,
+and ``run_server()``, which serves it with uvicorn.
 
 Routes hand token ids to the :class:`~barkgpt.server.scheduler.Scheduler` (which owns the model
 in its own thread) and turn the tokens it streams back into text with
 :class:`~barkgpt.generate.TextDecoder` (incremental UTF-8, stop strings held back). Every error,
 ours or FastAPI's, leaves as OpenAI's ``{"error": {"message", "type", "param", "code"}}``, as
 llama-cpp-python's ``server/errors.py`` does. Nothing happens at import time.
+
+Lifecycle: :func:`run_server` opens the port first and loads the model in a background thread;
+until it is loaded, ``/health`` and every model route answer 503. On SIGTERM (or Ctrl-C) the port
+closes, new requests are refused, and running ones get ``shutdown_timeout`` seconds to finish;
+those still running then end with an error (an ``error`` event in a stream), and the process
+exits 0.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import logging
+import signal
+import threading
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable, NamedTuple
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from barkgpt.common import BarkError
+from barkgpt.config import ServeConfig
 from barkgpt.generate import TextDecoder, TextGenerator
 from barkgpt.server import protocol as P
-from barkgpt.server.scheduler import QueueFull, SamplingParams, Scheduler
+from barkgpt.server.scheduler import QueueFull, SamplingParams, Scheduler, ShuttingDown
 
 log = logging.getLogger("barkgpt.server")
 
-MAX_BODY_BYTES = 1 << 20  # 1 MiB: larger request bodies get 413
 DRAIN_MAX_BYTES = 64 << 20  # a refused body up to 64 MiB is read and dropped before the 413
-RETRY_AFTER_S = 1  # the Retry-After of a 429
+RETRY_AFTER_S = 1  # the Retry-After of a 429 or of a 503 while the model loads
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+SHUTDOWN_GRACE_S = 5.0  # after shutdown_timeout, how long requests get to send their error before uvicorn cancels them
 PUBLIC_PATHS = {"/health"}  # reachable without the API key
-
-
-@dataclass
-class ServerSettings:
-    """What ``barkgpt serve`` passes to :func:`create_app`."""
-
-    model_name: str = "barkgpt"  # the id in /v1/models
-    api_key: str | None = None  # None: no authentication
-    max_batch_size: int = 16  # requests decoded together
-    max_queue: int = 256  # requests waiting for a row; more get 429
-    cors_origins: list[str] = field(default_factory=list)  # empty: CORS off
-    max_body_bytes: int = MAX_BODY_BYTES
 
 
 class ApiError(Exception):
@@ -180,35 +179,102 @@ class _CountRequests:
         await self.app(scope, receive, counting_send)
 
 
-def create_app(generator: TextGenerator, settings: ServerSettings | None = None) -> FastAPI:
+class ModelHost:
+    """The model side of one app: the generator and its scheduler once loaded, and shutdown.
+
+    ``barkgpt serve`` opens the port first and loads the model in a background thread, which
+    calls :meth:`attach`; until then, and from the start of shutdown on, :meth:`ready` raises a 503.
+
+    Args:
+        settings: batch and queue sizes of the scheduler.
+    """
+
+    def __init__(self, settings: ServeConfig):
+        self.settings = settings
+        self.generator: TextGenerator | None = None
+        self.scheduler: Scheduler | None = None
+        self.draining = False  # shutdown began: refuse new requests
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def attach(self, generator: TextGenerator) -> None:
+        """Start a scheduler on ``generator``'s model; the model routes serve from then on.
+
+        Callable from any thread; a no-op once :meth:`close` ran.
+        """
+        s = self.settings
+        scheduler = Scheduler(generator.model, [generator.tokenizer.eos_id], s.max_batch_size, s.max_queue)
+        with self._lock:
+            if self._closed:
+                return
+            scheduler.start()
+            self.generator = generator
+            self.scheduler = scheduler  # set last: ready() reads it first
+
+    def ready(self) -> tuple[TextGenerator, Scheduler]:
+        """The generator and its running scheduler.
+
+        Raises:
+            ApiError: 503 while the model loads, once shutdown began, or after the worker died.
+        """
+        if self.draining:
+            raise ApiError(503, "the server is shutting down", "service_unavailable_error", code="shutting_down")
+        scheduler = self.scheduler
+        if scheduler is None:
+            raise ApiError(503, "the model is still loading; retry shortly", "service_unavailable_error",
+                           code="model_loading", headers={"Retry-After": str(RETRY_AFTER_S)})
+        if not scheduler.alive:
+            raise ApiError(503, "the model is not available (its worker stopped)", "service_unavailable_error",
+                           code="not_ready")
+        return self.generator, scheduler
+
+    def stop_generating(self) -> None:
+        """End every waiting and running request now (with :class:`ShuttingDown`), without waiting."""
+        if self.scheduler is not None:
+            self.scheduler.stop(timeout=0)
+
+    def close(self) -> None:
+        """Stop the scheduler and join its thread; a later :meth:`attach` does nothing."""
+        with self._lock:
+            self._closed = True
+        if self.scheduler is not None:
+            self.scheduler.stop()
+
+
+def create_app(generator: TextGenerator | None = None, settings: ServeConfig | None = None) -> FastAPI:
     """The FastAPI app serving ``generator``'s model; its scheduler thread runs while the app does.
 
     Args:
-        generator: the model and its tokenizer (see :func:`barkgpt.generate.load_generator`).
-        settings: name, API key, batch and queue sizes, CORS origins, body cap.
+        generator: the model and its tokenizer (see :func:`barkgpt.generate.load_generator`), or
+            None to plug one in later with ``app.state.host.attach(generator)`` (see
+            :class:`ModelHost`); until then ``/health`` and the model routes answer 503.
+        settings: name (None: ``barkgpt``), API key, batch and queue sizes, CORS origins, body cap.
     """
-    settings = settings or ServerSettings()
-    tokenizer, block_size, name = generator.tokenizer, generator.block_size, settings.model_name
-    state = {"scheduler": None, "started": time.time()}
+    settings = settings or ServeConfig()
+    name, host, started = settings.model_name or "barkgpt", ModelHost(settings), time.time()
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        scheduler = Scheduler(generator.model, [tokenizer.eos_id], settings.max_batch_size, settings.max_queue)
-        scheduler.start()
-        state["scheduler"] = scheduler
+        if generator is not None:
+            host.attach(generator)
         yield
-        state["scheduler"] = None
-        await asyncio.to_thread(scheduler.stop)
+        await asyncio.to_thread(host.close)
 
     app = FastAPI(title="BarkGPT", version="0.1.0", lifespan=lifespan)
-    if settings.cors_origins:
+    app.state.host = host
+    if settings.cors_origin:
         from fastapi.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"])
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin, allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(_Guard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
-    sched_count = lambda attr: (lambda: getattr(state["scheduler"], attr) if state["scheduler"] else 0)  # noqa: E731
+    sched_count = lambda attr: (lambda: getattr(host.scheduler, attr) if host.scheduler else 0)  # noqa: E731
     metrics = ServerMetrics(sched_count("running"), sched_count("waiting"))
     app.add_middleware(_CountRequests, metrics=metrics)  # added last: runs first, sees 401/413 too
+
+    @functools.lru_cache(maxsize=1 << 16)
+    def token_text(i: int) -> str:
+        """One token's own text (for logprobs); a byte of a multi-byte character shows as U+FFFD."""
+        return host.generator.tokenizer.decode([i])
 
     # ---- errors: one shape for all -----------------------------------------------------------
 
@@ -219,6 +285,10 @@ def create_app(generator: TextGenerator, settings: ServerSettings | None = None)
     @app.exception_handler(BarkError)
     async def _bark_error(request, exc: BarkError):
         return ApiError(400, str(exc)).response()
+
+    @app.exception_handler(ShuttingDown)
+    async def _shutting_down(request, exc: ShuttingDown):
+        return _shutdown_error().response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, exc: RequestValidationError):
@@ -245,18 +315,12 @@ def create_app(generator: TextGenerator, settings: ServerSettings | None = None)
 
     # ---- helpers -----------------------------------------------------------------------------
 
-    def scheduler() -> Scheduler:
-        s = state["scheduler"]
-        if s is None or not s.alive:
-            raise ApiError(503, "the model is not ready yet", "service_unavailable_error", code="not_ready")
-        return s
-
     def check_model(model: str | None) -> None:
         if model is not None and model != name:
             raise ApiError(404, f"the model '{model}' does not exist; this server serves '{name}'",
                            "not_found_error", param="model", code="model_not_found")
 
-    def sampling_for(ids: list[int], sampling: dict) -> SamplingParams:
+    def sampling_for(ids: list[int], sampling: dict, block_size: int) -> SamplingParams:
         """Fill ``max_new_tokens`` (None: the rest of the context) and check the prompt fits."""
         room = block_size - len(ids)
         want = sampling["max_new_tokens"]
@@ -268,14 +332,14 @@ def create_app(generator: TextGenerator, settings: ServerSettings | None = None)
                            code="context_length_exceeded")
         return SamplingParams(**{**sampling, "max_new_tokens": want or room})
 
-    async def encode(text: str) -> list[int]:
+    async def encode(gen: TextGenerator, text: str) -> list[int]:
         """Prompt text -> ids off the event loop; an empty prompt starts from <EOS>."""
         if not text:
-            return [tokenizer.eos_id]
-        return await asyncio.to_thread(tokenizer.encode, text)
+            return [gen.tokenizer.eos_id]
+        return await asyncio.to_thread(gen.tokenizer.encode, text)
 
-    def submit_all(jobs: list[tuple[list[int], SamplingParams]]) -> list:
-        sched, reqs = scheduler(), []
+    def submit_all(sched: Scheduler, jobs: list[tuple[list[int], SamplingParams]]) -> list:
+        reqs = []
         try:
             for ids, params in jobs:
                 reqs.append(sched.submit(ids, params))
@@ -286,25 +350,28 @@ def create_app(generator: TextGenerator, settings: ServerSettings | None = None)
                            code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         return reqs
 
-    def prepare(body: P.Request, prompts: list[list[int]]) -> list[_Choice]:
-        """Check each prompt fits, then submit ``n`` requests per prompt; choices come prompt-major, as OpenAI's."""
+    def prepare(body: P.Request, prompts: list[list[int]], gen: TextGenerator, sched: Scheduler) -> list[_Choice]:
+        """Check each prompt fits, then submit ``n`` requests per prompt, queued together so the
+        scheduler prefills each prompt once; choices come prompt-major, as OpenAI's."""
         jobs = []
         for ids in prompts:
-            base = sampling_for(ids, body.sampling())
+            base = sampling_for(ids, body.sampling(), gen.block_size)
             for j in range(body.n):
                 seed = None if base.seed is None else (base.seed + j) % 2**64  # n samples must differ
                 jobs.append((ids, SamplingParams(**{**base.__dict__, "seed": seed})))
-        reqs = submit_all(jobs)
-        return [_Choice(r, tokenizer, body.stop, i, len(r.ids) if i % body.n == 0 else 0, metrics) for i, r in enumerate(reqs)]
+        reqs = submit_all(sched, jobs)
+        return [_Choice(r, gen.tokenizer, body.stop, i, len(r.ids) if i % body.n == 0 else 0, metrics, token_text)
+                for i, r in enumerate(reqs)]
 
-    async def chat_prompt(body: P.ChatCompletionRequest) -> list[int]:
+    async def chat_prompt(body: P.ChatCompletionRequest, gen: TextGenerator) -> list[int]:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        return await encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        return await encode(gen, gen.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
 
-    def ids_of(prompt) -> list[int]:
-        if any(not 0 <= t < tokenizer.vocab_size for t in prompt):
-            raise ApiError(400, f"prompt token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
-        return list(prompt) or [tokenizer.eos_id]
+    def ids_of(prompt, gen: TextGenerator) -> list[int]:
+        vocab_size = gen.tokenizer.vocab_size
+        if any(not 0 <= t < vocab_size for t in prompt):
+            raise ApiError(400, f"prompt token ids must be in [0, {vocab_size})", param="prompt")
+        return list(prompt) or [gen.tokenizer.eos_id]
 
     # ---- routes ------------------------------------------------------------------------------
 
@@ -317,12 +384,13 @@ def create_app(generator: TextGenerator, settings: ServerSettings | None = None)
 
     @app.get("/health")
     async def health():
-        s = scheduler()
-        return {"status": "ok", "model": name, "uptime_s": round(time.time() - state["started"], 3),
+        _, s = host.ready()
+        return {"status": "ok", "model": name, "uptime_s": round(time.time() - started, 3),
                 "running": s.running, "waiting": s.waiting}
 
     def card() -> P.ModelCard:
-        return P.ModelCard(id=name, created=int(state["started"]), max_model_len=block_size)
+        gen, _ = host.ready()
+        return P.ModelCard(id=name, created=int(started), max_model_len=gen.block_size)
 
     @app.get("/v1/models", response_model=P.ModelList)
     async def list_models():
@@ -336,74 +404,166 @@ def create_app(generator: TextGenerator, settings: ServerSettings | None = None)
     @app.post("/v1/completions", response_model=P.CompletionResponse)
     async def completions(body: P.CompletionRequest, request: Request):
         check_model(body.model)
-        prompts = [await encode(p) if isinstance(p, str) else ids_of(p) for p in body.prompts()]
-        choices = prepare(body, prompts)
+        gen, sched = host.ready()
+        prompts = [await encode(gen, p) if isinstance(p, str) else ids_of(p, gen) for p in body.prompts()]
+        choices = prepare(body, prompts, gen, sched)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def chunk(i, text, finish, usage=None):
-            cs = [] if i is None else [P.CompletionChoice(text=text, index=i, finish_reason=finish)]
+        def chunk(i, text, finish, usage=None, logprobs=None):
+            cs = [] if i is None else [P.CompletionChoice(text=text, index=i, logprobs=_completion_logprobs(logprobs),
+                                                          finish_reason=finish)]
             return P.CompletionResponse(id=rid, created=created, model=name, choices=cs, usage=usage)
 
         if body.stream:
             return _sse(_stream_choices(choices, chunk, body.include_usage, first=None))
         await _collect(choices, request)
         return P.CompletionResponse(id=rid, created=created, model=name, usage=_usage(choices), choices=[
-            P.CompletionChoice(text=c.text, index=c.index, finish_reason=c.finish_reason) for c in choices])
+            P.CompletionChoice(text=c.text, index=c.index, logprobs=_completion_logprobs(c.logprobs),
+                               finish_reason=c.finish_reason) for c in choices])
 
     @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse)
     async def chat_completions(body: P.ChatCompletionRequest, request: Request):
         check_model(body.model)
-        choices = prepare(body, [await chat_prompt(body)])
+        gen, sched = host.ready()
+        choices = prepare(body, [await chat_prompt(body, gen)], gen, sched)
         for c in choices:
             c.lstrip = True  # the reply continues the template's "Assistant:"
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def chunk(i, text, finish, usage=None, role=None):
+        def chunk(i, text, finish, usage=None, role=None, logprobs=None):
             cs = [] if i is None else [P.ChatChunkChoice(
-                index=i, delta=P.DeltaMessage(role=role, content=None if finish else text), finish_reason=finish)]
+                index=i, delta=P.DeltaMessage(role=role, content=None if finish else text),
+                logprobs=_chat_logprobs(logprobs), finish_reason=finish)]
             return P.ChatCompletionChunk(id=rid, created=created, model=name, choices=cs, usage=usage)
 
         if body.stream:
             return _sse(_stream_choices(choices, chunk, body.include_usage, first="assistant"))
         await _collect(choices, request)
         return P.ChatCompletionResponse(id=rid, created=created, model=name, usage=_usage(choices), choices=[
-            P.ChatChoice(index=c.index, message=P.AssistantMessage(content=c.text), finish_reason=c.finish_reason)
-            for c in choices])
+            P.ChatChoice(index=c.index, message=P.AssistantMessage(content=c.text), logprobs=_chat_logprobs(c.logprobs),
+                         finish_reason=c.finish_reason) for c in choices])
 
     @app.post("/generate", response_model=P.GenerateResponse)
     async def generate(body: P.GenerateRequest, request: Request):
-        ids = await encode(body.prompt)
-        choices = [_Choice(r, tokenizer, body.stop, 0, len(ids), metrics) for r in submit_all([(ids, sampling_for(ids, body.sampling()))])]
+        gen, sched = host.ready()
+        ids = await encode(gen, body.prompt)
+        reqs = submit_all(sched, [(ids, sampling_for(ids, body.sampling(), gen.block_size))])
+        choices = [_Choice(reqs[0], gen.tokenizer, body.stop, 0, len(ids), metrics)]
         await _collect(choices, request)
         return P.GenerateResponse(message=choices[0].text)
 
     @app.post("/tokenize", response_model=P.TokenizeResponse)
     async def tokenize(body: P.TokenizeRequest):
         check_model(body.model)
-        ids = await asyncio.to_thread(tokenizer.encode, body.prompt)
-        return P.TokenizeResponse(tokens=ids, count=len(ids), max_model_len=block_size)
+        gen, _ = host.ready()
+        ids = await asyncio.to_thread(gen.tokenizer.encode, body.prompt)
+        return P.TokenizeResponse(tokens=ids, count=len(ids), max_model_len=gen.block_size)
 
     @app.post("/detokenize", response_model=P.DetokenizeResponse)
     async def detokenize(body: P.DetokenizeRequest):
         check_model(body.model)
-        return P.DetokenizeResponse(prompt=tokenizer.decode(ids_of(body.tokens)))
+        gen, _ = host.ready()
+        return P.DetokenizeResponse(prompt=gen.tokenizer.decode(ids_of(body.tokens, gen)))
 
     return app
 
 
-class _Choice:
-    """One choice of a response: consumes its scheduler request and yields text pieces."""
+class _Server(uvicorn.Server):
+    """uvicorn's server with BarkGPT's shutdown: once uvicorn has stopped accepting connections,
+    refuse new requests on open ones (503), and after ``shutdown_timeout`` seconds end the
+    requests still running (an error, or an ``error`` event in a stream)."""
 
-    def __init__(self, req, tokenizer, stop: list[str], index: int, prompt_tokens: int = 0, metrics: ServerMetrics | None = None):
+    def __init__(self, config: uvicorn.Config, host: ModelHost, shutdown_timeout: float):
+        super().__init__(config)
+        self.host, self.shutdown_timeout = host, shutdown_timeout
+
+    async def shutdown(self, sockets=None) -> None:
+        """uvicorn's graceful shutdown, with the requests' deadline set first."""
+        self.host.draining = True
+        running = self.host.scheduler.running + self.host.scheduler.waiting if self.host.scheduler else 0
+        if running:
+            log.warning("shutting down: %d request(s) still running get %.0f s to finish", running, self.shutdown_timeout)
+        asyncio.get_running_loop().call_later(self.shutdown_timeout, self.host.stop_generating)
+        await super().shutdown(sockets)
+
+
+def run_server(load: Callable[[], TextGenerator], settings: ServeConfig) -> None:
+    """Serve on ``settings.host:settings.port`` until SIGTERM or Ctrl-C.
+
+    The port opens at once and ``load`` runs in a background thread; ``/health`` and the model
+    routes answer 503 until it returns. On SIGTERM, running requests get
+    ``settings.shutdown_timeout`` seconds to finish, then this returns (so the process exits 0).
+
+    Raises:
+        Exception: whatever ``load`` raised; the server stops as soon as it fails.
+        KeyboardInterrupt: after the graceful shutdown that Ctrl-C starts.
+        SystemExit: uvicorn could not bind the port (it logs why).
+    """
+    app = create_app(None, settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
+                            timeout_graceful_shutdown=settings.shutdown_timeout + SHUTDOWN_GRACE_S)
+    server = _Server(config, app.state.host, settings.shutdown_timeout)
+    failed: list[Exception] = []
+
+    def load_in_background():
+        try:
+            app.state.host.attach(load())
+        except Exception as e:  # noqa: BLE001 - re-raised by run_server, in the main thread
+            failed.append(e)
+            server.should_exit = True
+
+    threading.Thread(target=load_in_background, name="barkgpt-load", daemon=True).start()
+    main = threading.current_thread() is threading.main_thread()
+    # uvicorn re-raises the signal it stopped on, under the handler it found before it started:
+    # a no-op SIGTERM handler lets a graceful stop end with exit status 0.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None) if main else None
+    try:
+        server.run()
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+    if failed:
+        raise failed[0]
+
+
+class _TokenLogprob(NamedTuple):
+    """One generated token's logprob entry: its text, logprob, top (text, logprob) pairs and its
+    character offset in the choice's text (the sum of the earlier tokens' text lengths)."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
+    offset: int
+
+
+class _Choice:
+    """One choice of a response: consumes its scheduler request and yields text pieces.
+
+    When the request asked for logprobs, ``logprobs`` collects one :class:`_TokenLogprob` per token
+    (the EOS included, as ``usage`` counts it); :meth:`take_logprobs` hands a stream the new ones.
+    """
+
+    def __init__(self, req, tokenizer, stop: list[str], index: int, prompt_tokens: int = 0,
+                 metrics: ServerMetrics | None = None, token_text: Callable[[int], str] | None = None):
         self.req, self.index, self.prompt_tokens, self.metrics = req, index, prompt_tokens, metrics
         self.t_last = time.perf_counter()  # arrival, then the time of the latest token
         self.decoder = TextDecoder(tokenizer, stop)
         self.lstrip = False  # strip whitespace before the first visible text
         self.text = ""
+        self.logprobs: list[_TokenLogprob] | None = [] if req.params.logprobs is not None else None
+        self._token_text, self._taken = token_text, 0
 
     @property
     def finish_reason(self) -> str:
+        """``"stop"`` (EOS or a stop string) or ``"length"``."""
         return self.decoder.finish_reason
+
+    def take_logprobs(self) -> list[_TokenLogprob] | None:
+        """The logprob entries not taken yet (None when the request did not ask for logprobs)."""
+        if self.logprobs is None:
+            return None
+        new, self._taken = self.logprobs[self._taken:], len(self.logprobs)
+        return new
 
     async def pieces(self) -> AsyncIterator[str]:
         """Text pieces as tokens arrive; cancels the request when it stops early or is abandoned."""
@@ -413,7 +573,10 @@ class _Choice:
                 if self.metrics is not None:
                     now = time.perf_counter()
                     (self.metrics.itl if n_seen else self.metrics.ttft).observe(now - self.t_last)
-                    self.t_last, n_seen = now, n_seen + 1
+                    self.t_last = now
+                if self.logprobs is not None:
+                    self._add_logprob(t, n_seen)
+                n_seen += 1
                 piece = self._visible(self.decoder.add(t))
                 if piece:
                     yield piece
@@ -428,11 +591,36 @@ class _Choice:
                 self.metrics.prompt_tokens.inc(self.prompt_tokens)
                 self.metrics.generation_tokens.inc(n_seen)
 
+    def _add_logprob(self, t: int, i: int) -> None:
+        """Record token ``t``, the ``i``-th of the reply, with the logprobs the scheduler computed."""
+        logprob, top = self.req.logprobs[i]
+        prev = self.logprobs[-1] if self.logprobs else None
+        offset = prev.offset + len(prev.token) if prev else 0
+        text = self._token_text
+        self.logprobs.append(_TokenLogprob(text(t), logprob, [(text(j), lp) for j, lp in top], offset))
+
     def _visible(self, piece: str) -> str:
         if self.lstrip and not self.text:
             piece = piece.lstrip()
         self.text += piece
         return piece
+
+
+def _chat_logprobs(entries: list[_TokenLogprob] | None) -> P.ChatLogprobs | None:
+    """Chat's ``logprobs`` object of some tokens (None for none), with each text's UTF-8 bytes."""
+    if not entries:
+        return None
+    return P.ChatLogprobs(content=[
+        P.TokenLogprob(token=e.token, logprob=e.logprob, bytes=list(e.token.encode()), top_logprobs=[
+            P.TopLogprob(token=t, logprob=lp, bytes=list(t.encode())) for t, lp in e.top]) for e in entries])
+
+
+def _completion_logprobs(entries: list[_TokenLogprob] | None) -> P.CompletionLogprobs | None:
+    """The legacy completions ``logprobs`` object of some tokens (None for none)."""
+    if not entries:
+        return None
+    return P.CompletionLogprobs(tokens=[e.token for e in entries], token_logprobs=[e.logprob for e in entries],
+                                top_logprobs=[dict(e.top) for e in entries], text_offset=[e.offset for e in entries])
 
 
 def _usage(choices: list[_Choice]) -> P.Usage:
@@ -467,17 +655,18 @@ async def _collect(choices: list[_Choice], request: Request) -> None:
 async def _stream_choices(choices: list[_Choice], chunk, include_usage: bool, first: str | None):
     """Chunks of every choice as they come (interleaved), one finishing chunk each, then usage.
 
-    ``first`` is the role sent in each choice's first delta (chat), or None (completions).
+    ``first`` is the role sent in each choice's first delta (chat), or None (completions). Each
+    chunk carries the logprobs of the tokens that arrived since the choice's previous chunk.
     """
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(c: _Choice):
         try:
             async for piece in c.pieces():
-                await queue.put((c, piece, None))
-            await queue.put((c, None, c.finish_reason))
+                await queue.put((c, piece, c.take_logprobs(), None))
+            await queue.put((c, None, c.take_logprobs(), c.finish_reason))
         except Exception as e:  # noqa: BLE001 - reported in the stream
-            await queue.put((c, None, e))
+            await queue.put((c, None, None, e))
 
     tasks = [asyncio.create_task(pump(c)) for c in choices]
     try:
@@ -486,14 +675,14 @@ async def _stream_choices(choices: list[_Choice], chunk, include_usage: bool, fi
                 yield chunk(c.index, "", None, role=first)
         left = len(choices)
         while left:
-            c, piece, end = await queue.get()
+            c, piece, logprobs, end = await queue.get()
             if isinstance(end, Exception):
                 raise end
             if end is not None:
                 left -= 1
-                yield chunk(c.index, "", end)
+                yield chunk(c.index, "", end, logprobs=logprobs)
             else:
-                yield chunk(c.index, piece, None)
+                yield chunk(c.index, piece, None, logprobs=logprobs)
         if include_usage:
             yield chunk(None, "", None, usage=_usage(choices))
     finally:
@@ -501,6 +690,12 @@ async def _stream_choices(choices: list[_Choice], chunk, include_usage: bool, fi
             t.cancel()
         for c in choices:
             c.req.cancel()
+
+
+def _shutdown_error() -> ApiError:
+    """What a request cut short by the shutdown timeout gets."""
+    return ApiError(503, "the server shut down before this request finished; retry it", "service_unavailable_error",
+                    code="shutting_down")
 
 
 def _sse(chunks) -> StreamingResponse:
@@ -511,8 +706,12 @@ def _sse(chunks) -> StreamingResponse:
             async for c in chunks:
                 yield f"data: {c.model_dump_json()}\n\n"
         except Exception as e:  # noqa: BLE001 - the status line is gone: report in the stream
-            log.exception("error while streaming")
-            info = P.ErrorInfo(message=f"generation failed: {type(e).__name__}", type="server_error")
+            if isinstance(e, ShuttingDown):
+                err = _shutdown_error()
+                info = P.ErrorInfo(message=err.message, type=err.type, code=err.code)
+            else:
+                log.exception("error while streaming")
+                info = P.ErrorInfo(message=f"generation failed: {type(e).__name__}", type="server_error")
             yield f"data: {json.dumps({'error': info.model_dump()})}\n\n"
         yield "data: [DONE]\n\n"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 # Caps on what one request may ask for (the body itself is capped in app.py).
 MAX_N = 16  # choices per request
@@ -19,6 +19,8 @@ MAX_STOP = 4  # stop strings, as OpenAI
 MAX_STOP_CHARS = 256  # characters per stop string
 MAX_MESSAGES = 512  # chat messages per request
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI
+MAX_LOGPROBS = 5  # /v1/completions' logprobs, as OpenAI's legacy API
 
 SEED_RANGE = dict(ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed accepts
 
@@ -46,7 +48,6 @@ class Request(BaseModel):
 
     model: str | None = None  # None: the served model
     frequency_penalty: float | None = Field(None, ge=-2, le=2)  # minus penalty x count of each generated token
-    logprobs: bool | int | None = None  # accepted, not returned yet
     max_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1, le=MAX_N)
     presence_penalty: float | None = Field(None, ge=-2, le=2)  # minus penalty once for each generated token
@@ -76,6 +77,10 @@ class Request(BaseModel):
         """The completion length asked for: ``max_tokens`` (None: fill the rest of the context)."""
         return self.max_tokens
 
+    def requested_logprobs(self) -> int | None:
+        """None: no logprobs; k: each token's logprob and the k most likely tokens."""
+        return None
+
     def sampling(self) -> dict:
         """The request's sampling settings in BarkGPT's names (``max_new_tokens`` None: fill the context)."""
         return dict(
@@ -88,6 +93,7 @@ class Request(BaseModel):
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             seed=self.seed,
+            logprobs=self.requested_logprobs(),
         )
 
 
@@ -95,6 +101,7 @@ class CompletionRequest(Request):
     """``POST /v1/completions``: ``prompt`` is a string, a list of strings, token ids or lists of ids."""
 
     prompt: str | list[str] | list[int] | list[list[int]] = ""
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # each token's logprob and this many top tokens
 
     @field_validator("prompt")
     @classmethod
@@ -111,6 +118,10 @@ class CompletionRequest(Request):
         if p and isinstance(p[0], int):
             return [p]
         return list(p) or [""]
+
+    def requested_logprobs(self) -> int | None:
+        """``logprobs`` (None: none)."""
+        return self.logprobs
 
 
 class TextPart(BaseModel):
@@ -139,11 +150,23 @@ class ChatCompletionRequest(Request):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    logprobs: bool | None = None  # return each token's logprob
     max_completion_tokens: int | None = Field(None, ge=1)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # with logprobs: this many top tokens per position
+
+    @model_validator(mode="after")
+    def _top_logprobs_needs_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
     def requested_max_tokens(self) -> int | None:
         """``max_tokens`` or ``max_completion_tokens`` (None: fill the rest of the context)."""
         return self.max_completion_tokens or self.max_tokens
+
+    def requested_logprobs(self) -> int | None:
+        """``top_logprobs`` (0 when only ``logprobs`` is set) when ``logprobs`` is true, else None."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 # ---- responses (OpenAI field order) -----------------------------------------------------------
@@ -156,12 +179,24 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy ``logprobs`` of a completion choice: per generated token, its text, its logprob
+    (natural log of the model's probability, before temperature and penalties), the top
+    tokens as ``{text: logprob}``, and its character offset in the choice's text (the sum of
+    the earlier tokens' lengths)."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     """One choice of a (streamed) completion."""
 
     text: str
     index: int
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 
@@ -194,12 +229,32 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    """One likely token at a position: its text, logprob (natural log, <= 0) and UTF-8 bytes."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    """One generated token of a chat choice, with the most likely tokens at its position."""
+
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    """A chat choice's ``logprobs``: one entry per generated token in ``content``."""
+
+    content: list[TokenLogprob] | None = None
+
+
 class ChatChoice(BaseModel):
     """One choice of a chat completion."""
 
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"]
 
 
@@ -230,7 +285,7 @@ class ChatChunkChoice(BaseModel):
 
     index: int
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 

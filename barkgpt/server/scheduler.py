@@ -1,7 +1,8 @@
 """Continuous batching: one worker thread owns the model and decodes every running request together.
 
 A request is prefilled alone (a one-row :class:`~barkgpt.engine.KVCache`), then its row is copied
-into the shared decode cache and joins the batch between two decode steps; a finished or cancelled
+into the shared decode cache (once per row for the next waiting requests with the same prompt, such
+as the ``n`` choices of one request: a prompt is prefilled once, not ``n`` times) and joins the batch between two decode steps; a finished or cancelled
 request leaves between steps and the last row moves into its slot, as vLLM's continuous batching
 (Yu et al. 2022, "Orca") lets requests join and leave one running batch. Rows sit at different
 positions; ``GPT.forward`` decodes each at its own (``KVCache.lengths``). Each row samples with
@@ -25,7 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from barkgpt.common import BarkError
-from barkgpt.engine import KVCache, apply_presence_frequency_penalty, apply_repetition_penalty, sample_next_token
+from barkgpt.engine import (KVCache, apply_presence_frequency_penalty, apply_repetition_penalty, sample_next_token,
+                             token_logprobs)
 from barkgpt.model import GPT
 
 log = logging.getLogger("barkgpt.server")
@@ -35,6 +37,10 @@ MAX_PREFILLS_PER_STEP = 4  # new requests admitted between two decode steps (kee
 
 class QueueFull(Exception):
     """Too many requests are waiting; the client should retry later (HTTP 429)."""
+
+
+class ShuttingDown(Exception):
+    """The scheduler stopped (server shutdown) before the request finished (HTTP 503)."""
 
 
 @dataclass
@@ -50,17 +56,24 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
+    logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the top k
 
 
 class Request:
     """One submitted request: iterate it with ``async for`` to get its token ids as they come.
 
     The iteration ends after the last token (EOS or ``max_new_tokens``), and raises if the worker
-    failed. :meth:`cancel` (from any thread) frees the row at the worker's next step.
+    failed (:class:`ShuttingDown` when the scheduler stopped). :meth:`cancel` (from any thread)
+    frees the row at the worker's next step.
+
+    When ``params.logprobs`` is set, ``logprobs[i]`` describes the i-th token: ``(logprob,
+    [(id, logprob), ...])`` with the top ``params.logprobs`` tokens, most likely first (natural
+    log, <= 0). The worker appends it before it sends the token, so it is there when the token is.
     """
 
     def __init__(self, ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop):
         self.ids, self.params, self.loop = ids, params, loop
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
         self.submitted_at = time.monotonic()
@@ -151,7 +164,7 @@ class Scheduler:
 
         Raises:
             BarkError: an empty prompt, or prompt plus ``max_new_tokens`` longer than ``block_size``.
-            QueueFull: ``max_queue`` requests are already waiting.
+            QueueFull: ``max_queue`` requests are already waiting, or the scheduler is stopping.
         """
         if not ids:
             raise BarkError("the prompt is empty")
@@ -174,7 +187,8 @@ class Scheduler:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop taking requests, end the ones still running with an error, and join the worker."""
+        """Stop taking requests, end the waiting and running ones with :class:`ShuttingDown`, and
+        join the worker (waiting at most ``timeout`` seconds). Callable from any thread, repeatedly."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
@@ -199,7 +213,7 @@ class Scheduler:
                 except Exception as e:  # noqa: BLE001 - fail the running requests, keep serving
                     log.exception("generation failed")
                     self._fail_all(RuntimeError(f"generation failed: {type(e).__name__}"))
-            self._fail_all(RuntimeError("the server is shutting down"))
+            self._fail_all(ShuttingDown("the server shut down before the request finished"))
 
     def _fail_all(self, error: Exception) -> None:
         with self._wake:
@@ -209,24 +223,37 @@ class Scheduler:
         self._rows = []
 
     def _admit(self) -> None:
-        """Prefill waiting requests alone and copy their rows into the decode cache."""
+        """Prefill waiting requests alone and copy their rows into the decode cache.
+
+        The next waiting requests with the same prompt (the ``n`` choices of one request, queued
+        together) reuse that prefill: each samples from the same last logits and gets a copy of
+        the one-row cache.
+        """
         for _ in range(MAX_PREFILLS_PER_STEP):
-            if len(self._rows) >= self.max_batch_size:
+            req = self._pop_waiting()
+            if req is None:
                 return
-            with self._wake:
-                if not self._waiting:
-                    return
-                req = self._waiting.popleft()
-            if req.cancelled:
-                req._put(None)
-                continue
-            row = _Row(req, self.device)
             one = KVCache.for_model(self.model, 1)
             logits, _ = self.model(torch.tensor([req.ids], device=self.device), kv_cache=one)  # (1, T, V)
-            if self._sample(row, logits[:, -1, :]):
-                continue
-            self._cache.copy_row(len(self._rows), one)
-            self._rows.append(row)
+            while req is not None:
+                row = _Row(req, self.device)
+                if not self._sample(row, logits[:, -1, :]):
+                    self._cache.copy_row(len(self._rows), one)
+                    self._rows.append(row)
+                req = self._pop_waiting(same_prompt=req.ids)
+
+    def _pop_waiting(self, same_prompt: list[int] | None = None) -> Request | None:
+        """The next waiting request that is not cancelled, while a decode row is free; with
+        ``same_prompt``, only if its prompt is that one. None when there is none."""
+        while len(self._rows) < self.max_batch_size:
+            with self._wake:
+                if not self._waiting or (same_prompt is not None and self._waiting[0].ids != same_prompt):
+                    return None
+                req = self._waiting.popleft()
+            if not req.cancelled:
+                return req
+            req._put(None)
+        return None
 
     def _step(self) -> None:
         """Decode one token for every running row, then let finished and cancelled rows leave."""
@@ -250,13 +277,18 @@ class Scheduler:
             row.req._put(None)
             return True
         p = row.req.params
+        raw = logits  # the model's own distribution, for logprobs
         if p.repetition_penalty != 1.0:
             history = torch.tensor([row.history], device=self.device)
             logits = apply_repetition_penalty(logits, history, p.repetition_penalty)
         if p.presence_penalty or p.frequency_penalty:
             generated = torch.tensor([row.history[len(row.req.ids):]], dtype=torch.long, device=self.device)
             logits = apply_presence_frequency_penalty(logits, generated, p.presence_penalty, p.frequency_penalty)
-        t = int(sample_next_token(logits, row.rng, p.temperature, p.top_k, p.top_p, p.min_p)[0])
+        nxt = sample_next_token(logits, row.rng, p.temperature, p.top_k, p.top_p, p.min_p)  # (1,)
+        t = int(nxt[0])
+        if p.logprobs is not None:  # only rows that asked pay for the log-softmax
+            chosen, top_lp, top_ids = token_logprobs(raw, nxt, p.logprobs)
+            row.req.logprobs.append((float(chosen[0]), list(zip(top_ids[0].tolist(), top_lp[0].tolist()))))
         row.history.append(t)
         row.n_new += 1
         row.req._put(t)

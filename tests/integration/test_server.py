@@ -8,8 +8,10 @@ OpenMP's spinning threads make tiny models several times slower.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -57,32 +59,51 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir, name: str):
-    """Start ``barkgpt serve`` on a free port (API key ``KEY``); yield its base URL; SIGTERM it."""
+def launch(model_dir, name: str, *flags: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """Start ``barkgpt serve`` on a free port (API key ``KEY``); return the process and base URL."""
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "BARKGPT_API_KEY": KEY}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BARKGPT_API_KEY": KEY, **(env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "barkgpt", "serve", "--model", str(model_dir), "--port", str(port),
-                             "--model-name", name, "--device", "cpu"],
+                             "--model-name", name, "--device", "cpu", *flags],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(proc: subprocess.Popen, base: str) -> list[tuple[int, dict]]:
+    """Poll ``/health`` until it answers 200; return the (status, body) answers seen before."""
+    seen = []
     deadline = time.monotonic() + 60
     while True:
         try:
             with urllib.request.urlopen(base + "/health", timeout=2) as r:
                 if r.status == 200:
-                    break
+                    return seen
+        except urllib.error.HTTPError as e:
+            seen.append((e.code, json.loads(e.read())))
         except (urllib.error.URLError, ConnectionError):
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"barkgpt serve did not come up:\n{proc.stdout.read()}")
-        time.sleep(0.2)
-    yield base
+        time.sleep(0.05)
+
+
+def stop(proc: subprocess.Popen) -> int:
+    """SIGTERM the server and return its exit status (killed after 15 s)."""
     proc.terminate()
     try:
-        proc.wait(timeout=15)
+        return proc.wait(timeout=15)
     except subprocess.TimeoutExpired:
         proc.kill()
+        return proc.wait()
+
+
+def start_server(model_dir, name: str, *flags: str):
+    """Start ``barkgpt serve`` on a free port (API key ``KEY``); yield its base URL; SIGTERM it."""
+    proc, base = launch(model_dir, name, *flags)
+    wait_ready(proc, base)
+    yield base
+    stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -268,8 +289,8 @@ def test_fuzzed_requests_never_get_a_5xx(server):
 
 
 @pytest.fixture(scope="module")
-def long_server(tmp_path_factory):
-    """A server on a random model with a 1024-token context, whose replies run long."""
+def long_model(tmp_path_factory):
+    """A random model with a 1024-token context, whose replies run long (greedy: no early <EOS>)."""
     import torch
 
     from barkgpt.checkpoint import save_checkpoint
@@ -281,7 +302,13 @@ def long_server(tmp_path_factory):
     model = GPT(GPTConfig(block_size=1024, n_layer=2, n_head=2, n_embd=32, vocab_size=11))
     out = tmp_path_factory.mktemp("long") / "long"
     save_checkpoint(out, model, Tokenizer.bark())
-    yield from start_server(out, "long")
+    return out
+
+
+@pytest.fixture(scope="module")
+def long_server(long_model):
+    """A server on ``long_model``."""
+    yield from start_server(long_model, "long")
 
 
 def health(base: str) -> dict:
@@ -328,3 +355,197 @@ def test_frequency_penalty_changes_a_repetitive_greedy_reply(client):
                                           frequency_penalty=2.0).choices[0].text.split()
     assert len(set(plain)) < len(plain)  # greedy repeats itself...
     assert penalised != plain  # ...and the penalty steers away from the repeats
+
+
+def test_logprobs_are_the_models_own(client):
+    """Chat and legacy logprobs: one entry per completion token, each <= 0, the greedy token is
+    the top one, and the distribution is the model's, unchanged by temperature and penalties."""
+    messages = [{"role": "user", "content": "speak"}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=6,
+                                          logprobs=True, top_logprobs=5)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    for entry in content:
+        tops = [t.logprob for t in entry.top_logprobs]
+        assert len(tops) == 5 and tops == sorted(tops, reverse=True) and all(lp <= 0 for lp in tops)
+        assert entry.logprob == tops[0] and entry.token == entry.top_logprobs[0].token  # greedy: the top token
+        assert bytes(entry.bytes).decode() == entry.token
+    assert "".join(e.token for e in content[:1]) in chat.choices[0].message.content
+    hot = client.chat.completions.create(model=MODEL, messages=messages, temperature=1.5, seed=3, max_tokens=1,
+                                         frequency_penalty=2.0, logprobs=True, top_logprobs=5)
+    assert hot.choices[0].logprobs.content[0].top_logprobs == content[0].top_logprobs  # raw, not tempered
+
+    comp = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=3)
+    lp = comp.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == comp.usage.completion_tokens
+    assert all(t == max(top.values()) and t <= 0 for t, top in zip(lp.token_logprobs, lp.top_logprobs))
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2).choices[0].logprobs is None
+
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=6, stream=True,
+                                                 logprobs=True, top_logprobs=5, stream_options={"include_usage": True}))
+    streamed = [e for c in chunks for ch in c.choices if ch.logprobs for e in ch.logprobs.content]
+    assert streamed == content and chunks[-1].usage.completion_tokens == len(content)
+
+    for bad in (dict(logprobs=True, top_logprobs=50), dict(top_logprobs=2)):
+        with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+            client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, **bad)
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, logprobs=6)
+
+
+CORS_ORIGIN = "http://ui.example:5173"
+
+
+@pytest.fixture(scope="module")
+def loading_server(long_model):
+    """A server whose model load is held back 1.5 s (test-only BARKGPT_TEST_LOAD_DELAY), with CORS
+    on for ``CORS_ORIGIN``. Yields its base URL and the first /health and /v1/models answers,
+    taken as soon as the port opened."""
+    proc, base = launch(long_model, "long", "--cors-origin", CORS_ORIGIN, env={"BARKGPT_TEST_LOAD_DELAY": "1.5"})
+    first = None
+    deadline = time.monotonic() + 60
+    while first is None and proc.poll() is None and time.monotonic() < deadline:
+        try:
+            first = [post_or_get(base + path) for path in ("/health", "/v1/models")]
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.05)
+    if first is None:
+        proc.kill()
+        pytest.fail(f"barkgpt serve did not open its port:\n{proc.stdout.read()}")
+    yield base, proc, first
+    stop(proc)
+
+
+def post_or_get(url: str, body: bytes | None = None) -> tuple[int, dict]:
+    """GET (or POST ``body``) with the key; (status, JSON body), also for 4xx/5xx answers."""
+    req = urllib.request.Request(url, data=body, headers={"Authorization": f"Bearer {KEY}",
+                                                          "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_health_is_503_until_the_model_loads(loading_server):
+    base, proc, first = loading_server
+    for status, body in first:  # while the model loads: /health and the model routes
+        assert status == 503 and body["error"]["code"] == "model_loading", body
+    before = wait_ready(proc, base)
+    assert before and all(status == 503 for status, _ in before)
+    status, body = post_or_get(base + "/health")
+    assert status == 200 and body["model"] == "long"
+    status, body = post_or_get(base + "/v1/chat/completions", json.dumps(
+        {"messages": [{"role": "user", "content": "speak"}], "max_tokens": 2}).encode())
+    assert status == 200 and body["usage"]["completion_tokens"] == 2
+
+
+def preflight(base: str, origin: str):
+    """A browser's CORS preflight for a POST to /v1/chat/completions; returns the response."""
+    conn = http.client.HTTPConnection(base.removeprefix("http://"), timeout=10)
+    conn.request("OPTIONS", "/v1/chat/completions", headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    r = conn.getresponse()
+    r.read()
+    conn.close()
+    return r
+
+
+def test_cors_only_with_cors_origin(loading_server, server):
+    base = loading_server[0]
+    allowed = preflight(base, CORS_ORIGIN)
+    assert allowed.status == 200 and allowed.getheader("Access-Control-Allow-Origin") == CORS_ORIGIN
+    assert "POST" in allowed.getheader("Access-Control-Allow-Methods")
+    assert preflight(base, "http://elsewhere.example").getheader("Access-Control-Allow-Origin") is None
+    assert preflight(server, CORS_ORIGIN).getheader("Access-Control-Allow-Origin") is None  # no --cors-origin
+
+
+def open_stream(base: str, max_tokens: int):
+    """Start a streamed greedy completion; return the connection and response, its first event read."""
+    conn = http.client.HTTPConnection(base.removeprefix("http://"), timeout=30)
+    conn.request("POST", "/v1/completions", headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"},
+                 body=json.dumps({"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                                  "stream_options": {"include_usage": True}}))
+    r = conn.getresponse()
+    assert r.status == 200
+    assert r.readline().startswith(b"data: {")  # the request is running
+    return conn, r
+
+
+def events(r) -> list[tuple[float, str]]:
+    """The rest of an SSE stream: (arrival time, data) per event, up to the connection's end."""
+    out = []
+    for line in iter(r.readline, b""):
+        if line.startswith(b"data: "):
+            out.append((time.monotonic(), line[6:].decode().strip()))
+    return out
+
+
+def refused(base: str) -> bool:
+    """Whether a new request to the server is refused (connection refused or 503)."""
+    try:
+        with urllib.request.urlopen(base + "/health", timeout=2):
+            return False
+    except urllib.error.HTTPError as e:
+        return e.code == 503
+    except (urllib.error.URLError, ConnectionError):
+        return True
+
+
+@pytest.fixture
+def own_server(long_model):
+    """Start servers on ``long_model`` with ``launch(*flags)``; kills any left running at the end."""
+    procs = []
+
+    def start(*flags):
+        proc, base = launch(long_model, "long", *flags)
+        procs.append(proc)
+        wait_ready(proc, base)
+        return proc, base
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_sigterm_lets_a_running_stream_finish(own_server):
+    proc, base = own_server()
+    conn, r = open_stream(base, 600)
+    proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while not refused(base) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    refused_at = time.monotonic()
+    rest = events(r)
+    conn.close()
+    assert rest[-1][1] == "[DONE]" and refused_at < rest[-2][0]  # still streaming after new requests were refused
+    data = [json.loads(d) for _, d in rest[:-1]]
+    assert [c["choices"][0]["finish_reason"] for c in data if c["choices"]][-1] == "length"
+    assert data[-1]["usage"]["completion_tokens"] == 600 and not any("error" in c for c in data)
+    assert proc.wait(timeout=15) == 0
+
+
+def test_shutdown_timeout_ends_a_stream_with_an_error_event(own_server):
+    """A stream still running when --shutdown-timeout runs out gets an error event, then [DONE]."""
+    proc, base = own_server("--shutdown-timeout", "0")
+    conn, r = open_stream(base, 1000)
+    proc.send_signal(signal.SIGTERM)
+    rest = [d for _, d in events(r)]
+    conn.close()
+    assert rest[-1] == "[DONE]"
+    error = json.loads(rest[-2])["error"]
+    assert error["code"] == "shutting_down" and "shut down" in error["message"]
+    assert not any('"finish_reason":"length"' in d for d in rest)
+    assert proc.wait(timeout=15) == 0
+
+
+def test_bad_serve_flags_fail_fast_with_one_line(long_model):
+    for flags, words in ((["--max-batch-size", "0"], "max_batch_size"), (["--port", "x"], "--port"),
+                         (["--api-key", "a", "--api-key-file", "k.txt"], "not both")):
+        out = subprocess.run([sys.executable, "-m", "barkgpt", "serve", "--model", str(long_model), *flags],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and words in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
