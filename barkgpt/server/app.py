@@ -59,6 +59,7 @@ class ApiError(Exception):
         self.headers = headers
 
     def response(self) -> JSONResponse:
+        """The error as a JSON response with its status and headers."""
         body = P.ErrorResponse(error=P.ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code))
         return JSONResponse(body.model_dump(), status_code=self.status, headers=self.headers)
 

@@ -117,9 +117,10 @@ def client(server):
     return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=30)
 
 
-def post(url: str, body: bytes, key: str | None = KEY) -> tuple[int, dict]:
+def send(url: str, body: bytes | None = None, key: str | None = KEY) -> tuple[int, dict]:
+    """POST ``body`` (GET when None) with ``key``; (status, JSON body), also for error answers."""
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-    req = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    req = urllib.request.Request(url, data=body, headers=headers)  # urllib POSTs when there is data
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, json.loads(r.read())
@@ -180,24 +181,24 @@ def test_errors_have_openai_shapes(client, server):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0).models.list()
 
-    status, body = post(server + "/v1/completions", b'{"prompt": "x", "n": "many"}')
+    status, body = send(server + "/v1/completions", b'{"prompt": "x", "n": "many"}')
     assert status == 400 and set(body) == {"error"} and body["error"]["param"] == "n"
-    status, body = post(server + "/v1/nothing-here", b"{}")
+    status, body = send(server + "/v1/nothing-here", b"{}")
     assert status == 404 and body["error"]["type"] == "not_found_error"
-    status, body = post(server + "/v1/completions", b'{"prompt": "' + b"a" * (2 << 20) + b'"}')
+    status, body = send(server + "/v1/completions", b'{"prompt": "' + b"a" * (2 << 20) + b'"}')
     assert status == 413 and body["error"]["code"] == "request_too_large"
     with urllib.request.urlopen(server + "/health") as r:  # no key needed
         assert json.loads(r.read())["model"] == MODEL
 
 
 def test_generate_tokenize_detokenize(server):
-    status, body = post(server + "/generate", json.dumps({"prompt": PROMPT, "temperature": 0, "max_tokens": 4}).encode())
+    status, body = send(server + "/generate", json.dumps({"prompt": PROMPT, "temperature": 0, "max_tokens": 4}).encode())
     assert status == 200 and body["message"].split()[0] in BARKS
-    status, other = post(server + "/generate", json.dumps({"prompt": "User:", "temperature": 0, "max_tokens": 4}).encode())
+    status, other = send(server + "/generate", json.dumps({"prompt": "User:", "temperature": 0, "max_tokens": 4}).encode())
     assert status == 200 and other["message"] != body["message"]  # the prompt is really used
-    status, tok = post(server + "/tokenize", json.dumps({"prompt": PROMPT}).encode())
+    status, tok = send(server + "/tokenize", json.dumps({"prompt": PROMPT}).encode())
     assert status == 200 and tok["count"] == 3 and tok["max_model_len"] == 32
-    status, detok = post(server + "/detokenize", json.dumps({"tokens": tok["tokens"]}).encode())
+    status, detok = send(server + "/detokenize", json.dumps({"tokens": tok["tokens"]}).encode())
     assert status == 200 and detok["prompt"] == PROMPT
 
 
@@ -225,7 +226,7 @@ def test_sixteen_concurrent_streams_match_each_alone(client, server):
 
 def test_metrics_count_requests_tokens_and_latency(client, server):
     client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0)
-    post(server + "/v1/completions", json.dumps({"prompt": PROMPT, "temperature": -1}).encode())
+    send(server + "/v1/completions", json.dumps({"prompt": PROMPT, "temperature": -1}).encode())
     req = urllib.request.Request(server + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
     with urllib.request.urlopen(req, timeout=10) as r:
         assert r.headers["Content-Type"].startswith("text/plain")
@@ -324,7 +325,7 @@ def test_abandoned_streams_free_their_slots(long_server):
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
     # precondition: alone, this reply runs to its 1000 tokens (no early <EOS>)
     t0 = time.monotonic()
-    status, whole = post(long_server + "/v1/completions", json.dumps({**json.loads(body), "stream": False}).encode())
+    status, whole = send(long_server + "/v1/completions", json.dumps({**json.loads(body), "stream": False}).encode())
     solo_s = time.monotonic() - t0
     assert status == 200 and whole["usage"]["completion_tokens"] == 1000
     conns = []
@@ -345,7 +346,7 @@ def test_abandoned_streams_free_their_slots(long_server):
     while health(long_server)["running"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert health(long_server)["running"] == 0, f"abandoned rows still running after {solo_s / 2:.1f} s"
-    status, out = post(long_server + "/v1/completions", json.dumps({"model": "long", "prompt": PROMPT, "max_tokens": 5, "temperature": 0}).encode())
+    status, out = send(long_server + "/v1/completions", json.dumps({"model": "long", "prompt": PROMPT, "max_tokens": 5, "temperature": 0}).encode())
     assert status == 200 and out["usage"]["completion_tokens"] == 5
 
 
@@ -407,7 +408,7 @@ def loading_server(long_model):
     deadline = time.monotonic() + 60
     while first is None and proc.poll() is None and time.monotonic() < deadline:
         try:
-            first = [post_or_get(base + path) for path in ("/health", "/v1/models")]
+            first = [send(base + path) for path in ("/health", "/v1/models")]
         except (urllib.error.URLError, ConnectionError):
             time.sleep(0.05)
     if first is None:
@@ -417,26 +418,15 @@ def loading_server(long_model):
     stop(proc)
 
 
-def post_or_get(url: str, body: bytes | None = None) -> tuple[int, dict]:
-    """GET (or POST ``body``) with the key; (status, JSON body), also for 4xx/5xx answers."""
-    req = urllib.request.Request(url, data=body, headers={"Authorization": f"Bearer {KEY}",
-                                                          "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
 def test_health_is_503_until_the_model_loads(loading_server):
     base, proc, first = loading_server
     for status, body in first:  # while the model loads: /health and the model routes
         assert status == 503 and body["error"]["code"] == "model_loading", body
     before = wait_ready(proc, base)
     assert before and all(status == 503 for status, _ in before)
-    status, body = post_or_get(base + "/health")
+    status, body = send(base + "/health")
     assert status == 200 and body["model"] == "long"
-    status, body = post_or_get(base + "/v1/chat/completions", json.dumps(
+    status, body = send(base + "/v1/chat/completions", json.dumps(
         {"messages": [{"role": "user", "content": "speak"}], "max_tokens": 2}).encode())
     assert status == 200 and body["usage"]["completion_tokens"] == 2
 
