@@ -48,6 +48,9 @@ class GPTConfig:
     rope_theta: float = 10000.0  # RoPE base frequency (llama)
     norm_eps: float = 1e-5  # epsilon of LayerNorm / RMSNorm
     tie_embeddings: bool = True  # share the token embedding with the output head (lm_head)
+    n_expert: int = 0  # Mixture-of-Experts: SwiGLU experts per layer (0: a dense MLP; llama family only)
+    n_expert_per_token: int = 2  # experts the router picks for each token (top-k, Mixtral routing)
+    router_aux_loss_coef: float = 0.01  # weight of the Switch Transformer load-balancing loss
 
     def __post_init__(self):
         if self.family not in ("llama", "gpt2"):
@@ -82,6 +85,14 @@ class GPTConfig:
             raise BarkError("the gpt2 family has no grouped-query attention: set --n-kv-head equal to --n-head (or use --family llama)")
         if not 0.0 <= self.dropout < 1.0:
             raise BarkError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.n_expert < 0 or self.n_expert == 1:
+            raise BarkError(f"n_expert must be 0 (dense) or at least 2, got {self.n_expert}")
+        if self.n_expert:
+            if self.family != "llama":
+                raise BarkError("Mixture-of-Experts needs the llama family (SwiGLU experts, as Mixtral); add --family llama")
+            if not 1 <= self.n_expert_per_token <= self.n_expert:
+                raise BarkError(f"n_expert_per_token ({self.n_expert_per_token}) must be between 1 and n_expert ({self.n_expert}); "
+                                f"try --n-expert-per-token {min(2, self.n_expert)}")
 
     @property
     def head_dim(self) -> int:

@@ -117,6 +117,55 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(h))
 
 
+class MoE(nn.Module):
+    """Sparse Mixture-of-Experts feed-forward: ``n_expert`` SwiGLU experts, each token sent to
+    its top ``n_expert_per_token`` and the outputs mixed with softmax weights over the chosen ones
+    (Mixtral's routing; Jiang et al. 2024, "Mixtral of Experts"). (B, T, C) -> (B, T, C).
+
+    Expert weights are stacked: ``c_fc`` (n_expert, 2 * intermediate_size, C) holds each
+    expert's [gate; up] and ``c_proj`` (n_expert, C, intermediate_size) its down projection; the
+    exporters split them into Mixtral's ``w1``/``w3``/``w2``.
+
+    After each forward, ``expert_tokens`` (n_expert,) counts the token assignments per expert and,
+    in training mode, ``aux_loss`` holds the Switch Transformer load-balancing loss (Fedus et al.
+    2021), in the form of HF's ``load_balancing_loss_func``: n_expert * sum over experts of
+    (share of assignments) * (mean router probability), summed over the k slots; it is
+    ``n_expert_per_token`` when perfectly balanced and grows as routing collapses.
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        E, I, C = config.n_expert, config.intermediate_size, config.n_embd
+        self.n_expert, self.top_k = E, config.n_expert_per_token
+        self.router = nn.Linear(C, E, bias=False)
+        self.c_fc = nn.Parameter(torch.empty(E, 2 * I, C))
+        self.c_proj = nn.Parameter(torch.empty(E, C, I))
+        self.dropout = nn.Dropout(config.dropout)
+        self.aux_loss: torch.Tensor | None = None
+        self.expert_tokens: torch.Tensor | None = None
+
+    def forward(self, x):
+        """(B, T, C) -> (B, T, C)."""
+        B, T, C = x.size()
+        xf = x.reshape(-1, C)  # (N, C)
+        probs = self.router(xf).float().softmax(dim=-1)  # (N, E)
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, k)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(xf)
+        for e in range(self.n_expert):
+            token, slot = (chosen == e).nonzero(as_tuple=True)  # which tokens chose expert e, and in which slot
+            if token.numel() == 0:
+                continue
+            gate, up = (xf[token] @ self.c_fc[e].t()).chunk(2, dim=-1)
+            y = (F.silu(gate) * up) @ self.c_proj[e].t()
+            out.index_add_(0, token, y * weights[token, slot, None])
+        self.expert_tokens = torch.bincount(chosen.flatten(), minlength=self.n_expert).detach()
+        if self.training:
+            share = F.one_hot(chosen, self.n_expert).float().mean(dim=0)  # (k, E): share of tokens per slot
+            self.aux_loss = self.n_expert * (share * probs.mean(dim=0)).sum()
+        return self.dropout(out.view(B, T, C))
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))``; (B, T, C)."""
 
@@ -127,7 +176,7 @@ class Block(nn.Module):
         self.ln_1 = norm(config.n_embd, eps=config.norm_eps, **kw)
         self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = norm(config.n_embd, eps=config.norm_eps, **kw)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config) if config.n_expert else MLP(config)
 
     def forward(self, x, cos_sin=None, kv_cache=None, attn_mask=None):
         """(B, T, C) -> (B, T, C); the other arguments pass to :class:`CausalSelfAttention`."""
@@ -175,6 +224,8 @@ class GPT(nn.Module):
         | ``wte``, ``wpe``, untied ``lm_head``    | normal(0, 0.02)                       |
         | ``c_attn``, ``c_fc`` weights            | normal(0, 0.02)                       |
         | ``attn.c_proj``, ``mlp.c_proj`` weights | normal(0, 0.02 / sqrt(2 * n_layer)): residual scaling, GPT-2 paper |
+        | MoE ``router``, expert ``c_fc``         | normal(0, 0.02)                       |
+        | MoE expert ``c_proj``                   | normal(0, 0.02 / sqrt(2 * n_layer))   |
         | all biases                              | zeros                                 |
         | norm weights (and LayerNorm biases)     | ones (zeros)                          |
 
@@ -185,7 +236,7 @@ class GPT(nn.Module):
         std_resid = 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, p in self.named_parameters():
             if p.dim() >= 2:
-                std = std_resid if name.endswith("c_proj.weight") else 0.02
+                std = std_resid if name.endswith(("c_proj.weight", "mlp.c_proj")) else 0.02
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
             elif name.endswith("bias"):
                 p.zero_()
@@ -203,7 +254,10 @@ class GPT(nn.Module):
         """Training FLOPs per token: 6 * N (matmul params) + 12 * n_layer * n_embd * block_size
         for attention (PaLM paper, appendix B; nanoGPT's ``estimate_mfu``)."""
         c = self.config
-        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * c.block_size
+        n = self.num_params(non_embedding=True)
+        if c.n_expert:  # only the chosen experts' weights touch a token
+            n -= c.n_layer * (c.n_expert - c.n_expert_per_token) * 3 * c.intermediate_size * c.n_embd
+        return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
 
     def forward(self, idx, targets=None, kv_cache=None):
         """Run the model.
@@ -217,7 +271,8 @@ class GPT(nn.Module):
         Returns:
             ``(logits, loss)``: logits (B, T, vocab_size) fp32 (only the last position,
             (B, 1, vocab_size), when ``targets`` is None and no cache is given), and the mean
-            cross-entropy over non-ignored targets, or None.
+            cross-entropy over non-ignored targets, or None. A Mixture-of-Experts model in training
+            mode adds ``router_aux_loss_coef`` times its layers' mean load-balancing loss.
         """
         B, T = idx.size()
         x = self.transformer.wte(idx)  # (B, T, C)
@@ -244,6 +299,8 @@ class GPT(nn.Module):
         if targets is not None:
             logits = self.lm_head(x)  # (B, T, vocab_size)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+            if self.config.n_expert and self.training:  # load balancing (Switch Transformer)
+                loss = loss + self.config.router_aux_loss_coef * sum(b.mlp.aux_loss for b in self.transformer.h) / self.config.n_layer
             return logits, loss
         if kv_cache is None:
             x = x[:, [-1], :]  # inference without a cache only needs the last position

@@ -46,6 +46,8 @@ def bpe(tiny_text):
 
 
 def checkpoint(tmp_path, tokenizer, family="llama", **kw):
+    if family == "moe":
+        family, kw = "llama", {"n_expert": 4, "n_expert_per_token": 2, "intermediate_size": 96, **kw}
     cfg = GPTConfig(family=family, vocab_size=tokenizer.vocab_size, block_size=96, n_layer=2, n_head=4,
                     n_kv_head=2 if family == "llama" else None, n_embd=64, **kw)
     model = randomize(GPT(cfg))
@@ -94,9 +96,18 @@ def llama_cpp_logits(path, ids):
     return llm, np.array(llm.scores[:len(ids)])
 
 
+def ggml_gelu(monkeypatch):
+    """Make our GELU round like ggml's CPU GELU, which reads an fp16 lookup table (input and
+    output rounded to fp16; GGML_GELU_FP16): up to ~5e-3 off in the logits of these random
+    models, so without this the gpt2 family could only be held to 1e-2."""
+    gelu = torch.nn.functional.gelu
+    monkeypatch.setattr(torch.nn.functional, "gelu",
+                        lambda x, approximate="none": gelu(x.half().float(), approximate=approximate).half().float())
+
+
 @needs_llama
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_llama_cpp_parity(tmp_path, bpe, family):
+@pytest.mark.parametrize("family", ["llama", "gpt2", "moe"])
+def test_llama_cpp_parity(tmp_path, bpe, family, monkeypatch):
     ckpt, model = checkpoint(tmp_path, bpe, family)
     path = export_gguf(ckpt, tmp_path / "m.gguf", outtype="f32")
     from llama_cpp import Llama
@@ -111,7 +122,12 @@ def test_llama_cpp_parity(tmp_path, bpe, family):
     llm, theirs = llama_cpp_logits(path, ids)
     with torch.no_grad():
         ours = model(torch.tensor([ids]), targets=torch.tensor([ids]))[0][0].numpy()
-    assert np.abs(ours - theirs).max() < 1e-3
+    assert np.abs(ours - theirs).max() < (1e-2 if family == "gpt2" else 1e-3)
+    if family == "gpt2":
+        ggml_gelu(monkeypatch)
+        with torch.no_grad():
+            ours = model(torch.tensor([ids]), targets=torch.tensor([ids]))[0][0].numpy()
+        assert np.abs(ours - theirs).max() < 1e-3
 
     # 32 greedy tokens, llama.cpp's own decode loop against our KV-cache engine
     prompt = ids[:16]
@@ -147,5 +163,8 @@ def test_quantized_files_run(tmp_path, bpe, outtype):
     _, theirs = llama_cpp_logits(path, ids)
     with torch.no_grad():
         ours = model(torch.tensor([ids]), targets=torch.tensor([ids]))[0][0].numpy()
-    agree = (ours.argmax(-1) == theirs.argmax(-1)).mean()
-    assert agree > 0.9, f"{outtype}: llama.cpp's top-1 token agrees with ours at only {agree:.0%} of positions"
+    # Rounding error relative to the logits. These random models amplify it (q8_0 also rounds the
+    # activations): measured 0.3% for f16 and 6% for q8_0, where a wrong tensor layout gives ~100%.
+    rel = np.linalg.norm(ours - theirs) / np.linalg.norm(ours)
+    assert rel < {"f16": 0.01, "q8_0": 0.15}[outtype], f"{outtype}: llama.cpp's logits are {rel:.1%} off ours"
+    assert np.abs(ours - theirs).max() > 1e-6  # the weights really were rounded

@@ -103,6 +103,30 @@ def test_export_parity(tmp_path, tokenizers_by_kind, family, kind):
     assert len(ours_gen) == 32 and ours_gen == theirs_gen
 
 
+def test_mixture_of_experts_exports_to_mixtral(tmp_path, tokenizers_by_kind):
+    tokenizer = tokenizers_by_kind["bpe"]
+    cfg = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                    intermediate_size=48, n_expert=4, n_expert_per_token=2)
+    model = randomize(GPT(cfg))
+    save_checkpoint(tmp_path / "moe", model, tokenizer)
+    hf_model, _ = load_hf(export_hf(tmp_path / "moe", tmp_path / "hf"))
+    assert type(hf_model).__name__ == "MixtralForCausalLM" and hf_model.config.num_local_experts == 4
+    ids = torch.tensor([tokenizer.encode(s)[:12] for s in SAMPLES[:3]])
+    with torch.no_grad():
+        assert (model(ids, targets=ids)[0] - hf_model(ids).logits).abs().max().item() < 1e-4
+        theirs = hf_model.generate(ids[:1], max_new_tokens=32, min_new_tokens=32, do_sample=False, eos_token_id=None,
+                                   pad_token_id=0)[0, 12:].tolist()
+    assert [s[0] for s in TextGenerator(model, tokenizer).engine.generate(ids[0].tolist(), max_new_tokens=32, temperature=0.0,
+                                                                          stop_ids=[])] == theirs
+    # transformers 5 saves experts in its own layout (or 4.x's): either imports back to the same logits
+    hf_model.save_pretrained(tmp_path / "resaved")
+    tokenizer.save(tmp_path / "resaved")
+    again, _, _ = load_checkpoint(import_hf(tmp_path / "resaved", tmp_path / "imported"))
+    assert again.config.n_expert == 4
+    with torch.no_grad():
+        assert (again(ids, targets=ids)[0] - hf_model(ids).logits).abs().max().item() < 1e-4
+
+
 def test_export_files(tmp_path, tokenizers_by_kind):
     from safetensors import safe_open
 

@@ -9,7 +9,8 @@ from barkgpt.config import GPTConfig
 from barkgpt.engine import KVCache
 from barkgpt.model import GPT
 
-FAMILIES = [dict(family="llama", n_kv_head=1), dict(family="gpt2", n_kv_head=2)]
+FAMILIES = [dict(family="llama", n_kv_head=1), dict(family="gpt2", n_kv_head=2),
+            dict(family="llama", n_kv_head=1, n_expert=4, n_expert_per_token=2)]  # Mixture-of-Experts
 
 
 def make(family, n_kv_head, **kw):
@@ -18,7 +19,7 @@ def make(family, n_kv_head, **kw):
     return GPT(cfg).eval()
 
 
-@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f["family"])
+@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: "moe" if f.get("n_expert") else f["family"])
 def test_future_tokens_do_not_change_past_logits(fam):
     model = make(**fam)
     idx = torch.randint(0, 64, (2, 24))
@@ -31,7 +32,7 @@ def test_future_tokens_do_not_change_past_logits(fam):
         assert not torch.allclose(a[:, t + 1], b[:, t + 1])  # and the changed position does change
 
 
-@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f["family"])
+@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: "moe" if f.get("n_expert") else f["family"])
 def test_init_loss_is_about_ln_vocab(fam):
     model = make(**fam)
     idx = torch.randint(0, 64, (4, 32))
@@ -39,7 +40,7 @@ def test_init_loss_is_about_ln_vocab(fam):
     assert abs(loss.item() - math.log(64)) < 0.1
 
 
-@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f["family"])
+@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: "moe" if f.get("n_expert") else f["family"])
 def test_kv_cache_logits_match_full_forward(fam):
     model = make(**fam)
     idx = torch.randint(0, 64, (2, 20))
@@ -50,7 +51,7 @@ def test_kv_cache_logits_match_full_forward(fam):
     assert torch.allclose(torch.cat(pieces, 1), full, atol=1e-5)
 
 
-@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f["family"])
+@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: "moe" if f.get("n_expert") else f["family"])
 def test_rows_at_different_positions_decode_together(fam):
     model = make(**fam)
     idx = torch.randint(0, 64, (2, 16))
@@ -69,7 +70,7 @@ def test_rows_at_different_positions_decode_together(fam):
     assert torch.allclose(out[1, 0], full[1, 11], atol=1e-5)
 
 
-@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f["family"])
+@pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: "moe" if f.get("n_expert") else f["family"])
 def test_overfits_one_batch(fam):
     model = make(**fam).train()
     torch.manual_seed(1)
@@ -102,3 +103,50 @@ def test_parameter_count_and_flops():
     n = sum(p.numel() for p in model.parameters())
     assert model.num_params() == n
     assert model.flops_per_token() > 6 * (n - 32 * 32)
+
+
+def test_moe_routes_each_token_to_its_top_k_experts():
+    """The batched dispatch equals a per-token computation of Mixtral's routing."""
+    import torch.nn.functional as F
+
+    model = make("llama", 1, n_expert=4, n_expert_per_token=2)
+    moe = model.transformer.h[0].mlp
+    x = torch.randn(2, 5, 32)
+    out = moe(x)
+    n = moe.c_proj.shape[-1]  # intermediate_size
+    for b in range(2):
+        for t in range(5):
+            p = moe.router(x[b, t]).softmax(-1)
+            w, e = p.topk(2)
+            w = w / w.sum()
+            ref = sum(wi * moe.c_proj[ei] @ (F.silu(moe.c_fc[ei, :n] @ x[b, t]) * (moe.c_fc[ei, n:] @ x[b, t]))
+                      for wi, ei in zip(w, e))
+            assert torch.allclose(out[b, t], ref, atol=1e-5)
+    assert moe.expert_tokens.sum().item() == 2 * 10
+
+
+def test_moe_load_balancing_loss():
+    model = make("llama", 1, n_expert=4, n_expert_per_token=2).train()
+    idx = torch.randint(0, 64, (4, 32))
+    _, loss = model(idx, idx)
+    aux = [b.mlp.aux_loss for b in model.transformer.h]
+    assert all(a.item() >= 2 - 1e-4 for a in aux)  # n_expert_per_token at perfect balance, more otherwise
+    model.eval()
+    _, eval_loss = model(idx, idx)  # no auxiliary term outside training
+    assert loss.item() == pytest.approx(eval_loss.item() + 0.01 * sum(a.item() for a in aux) / 2, abs=1e-5)
+    model.train()
+    model.zero_grad()
+    model(idx, idx)[1].backward()
+    assert model.transformer.h[0].mlp.router.weight.grad.abs().sum() > 0
+
+
+def test_moe_config_errors():
+    from barkgpt.common import BarkError
+
+    with pytest.raises(BarkError, match="n_expert_per_token .5. must be between 1 and n_expert .4."):
+        GPTConfig(vocab_size=64, n_expert=4, n_expert_per_token=5)
+    with pytest.raises(BarkError, match="llama family"):
+        GPTConfig(vocab_size=64, family="gpt2", n_expert=4)
+    cfg = GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=32, intermediate_size=64, n_expert=4, n_expert_per_token=1)
+    dense = GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=32, intermediate_size=64)
+    assert GPT(cfg).flops_per_token() == GPT(dense).flops_per_token() + 6 * 2 * 32 * 4  # + the routers only

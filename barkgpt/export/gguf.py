@@ -46,7 +46,8 @@ def gguf_tensors(state: dict[str, torch.Tensor], config: GPTConfig, permute: boo
 
     Shapes stay PyTorch's (out, in); GGUF stores them reversed, as llama.cpp expects.
     ``permute=False`` writes Q/K in HF's layout: wrong for llama.cpp, used only to prove the
-    parity test catches it. The gpt2 family keeps the fused ``attn_qkv`` and always carries an
+    parity test catches it. Mixture-of-Experts layers become llama.cpp's Mixtral tensors:
+    ``ffn_gate_inp`` (the router) and ``ffn_{gate,up,down}_exps`` stacked over experts. The gpt2 family keeps the fused ``attn_qkv`` and always carries an
     ``output`` tensor (llama.cpp's gpt2 loader wants one).
     """
     c, sd, out = config, state, {}
@@ -64,8 +65,13 @@ def gguf_tensors(state: dict[str, torch.Tensor], config: GPTConfig, permute: boo
                     wq, wk = permute_rope(wq, c.n_head), permute_rope(wk, c.n_kv_head)
                 out[g + f"attn_q.{s}"], out[g + f"attn_k.{s}"], out[g + f"attn_v.{s}"] = wq, wk, wv
                 out[g + f"attn_output.{s}"] = sd[p + f"attn.c_proj.{s}"]
-                out[g + f"ffn_gate.{s}"], out[g + f"ffn_up.{s}"] = sd[p + f"mlp.c_fc.{s}"].chunk(2, dim=0)
-                out[g + f"ffn_down.{s}"] = sd[p + f"mlp.c_proj.{s}"]
+                if not c.n_expert:
+                    out[g + f"ffn_gate.{s}"], out[g + f"ffn_up.{s}"] = sd[p + f"mlp.c_fc.{s}"].chunk(2, dim=0)
+                    out[g + f"ffn_down.{s}"] = sd[p + f"mlp.c_proj.{s}"]
+            if c.n_expert:  # Mixtral in llama.cpp: arch llama with stacked expert tensors
+                out[g + "ffn_gate_inp.weight"] = sd[p + "mlp.router.weight"]  # (E, C)
+                out[g + "ffn_gate_exps.weight"], out[g + "ffn_up_exps.weight"] = sd[p + "mlp.c_fc"].chunk(2, dim=1)  # (E, I, C)
+                out[g + "ffn_down_exps.weight"] = sd[p + "mlp.c_proj"]  # (E, C, I)
         out["output_norm.weight"] = sd["transformer.ln_f.weight"]
         if not c.tie_embeddings:
             out["output.weight"] = sd["lm_head.weight"]
@@ -166,6 +172,9 @@ def export_gguf(model_path: str | Path, out: str | Path, outtype: str = "f16", f
             w.add_rope_dimension_count(c.head_dim)
             w.add_rope_freq_base(c.rope_theta)
             w.add_layer_norm_rms_eps(c.norm_eps)
+            if c.n_expert:
+                w.add_expert_count(c.n_expert)
+                w.add_expert_used_count(c.n_expert_per_token)
         else:
             w.add_layer_norm_eps(c.norm_eps)
         _add_tokenizer(w, tokenizer, spec, c.vocab_size)

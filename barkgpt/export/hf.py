@@ -24,8 +24,13 @@ from barkgpt.config import GPTConfig
 from barkgpt.model import GPT
 from barkgpt.tokenizer import Tokenizer
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "GPT2LMHeadModel": "gpt2"}  # HF class -> family
-MODEL_TYPES = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}  # HF model_type -> class
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MixtralForCausalLM": "llama", "GPT2LMHeadModel": "gpt2"}  # HF class -> family
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM", "gpt2": "GPT2LMHeadModel"}  # model_type -> class
+
+
+def hf_architecture(config: GPTConfig) -> str:
+    """The HF class a model exports to: Mixtral for Mixture-of-Experts, else by family."""
+    return "MixtralForCausalLM" if config.n_expert else MODEL_TYPES[config.family]
 
 
 def check_target(out: str | Path, force: bool) -> Path:
@@ -47,6 +52,10 @@ def to_hf_state(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, 
 
     Llama: ``c_attn`` (rows [q; k; v], (nh + 2 nkv) * hs x C) splits into ``q_proj`` (nh*hs x C),
     ``k_proj``/``v_proj`` (nkv*hs x C); ``c_fc`` (rows [gate; up]) into ``gate_proj``/``up_proj``.
+    Mixture-of-Experts (Mixtral): ``router`` -> ``block_sparse_moe.gate``; expert ``e``'s slice of
+    ``c_fc`` (E, 2I, C) -> ``experts.e.w1`` (gate) and ``w3`` (up), of ``c_proj`` -> ``w2``. These
+    are the names transformers 4.x, vLLM and llama.cpp's converter read; transformers 5.x converts
+    them on load.
     GPT-2: ``nn.Linear`` weights (out, in) become ``Conv1D`` weights (in, out); a model trained
     with ``bias=False`` gets zero biases, which HF's GPT-2 always has. A tied ``lm_head`` is left
     out (``tie_word_embeddings`` restores it).
@@ -64,8 +73,16 @@ def to_hf_state(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, 
                 out[h + f"self_attn.q_proj.{s}"], out[h + f"self_attn.k_proj.{s}"], out[h + f"self_attn.v_proj.{s}"] = \
                     sd[p + f"attn.c_attn.{s}"].split([q, kv, kv], dim=0)
                 out[h + f"self_attn.o_proj.{s}"] = sd[p + f"attn.c_proj.{s}"]
+                if c.n_expert:
+                    continue
                 out[h + f"mlp.gate_proj.{s}"], out[h + f"mlp.up_proj.{s}"] = sd[p + f"mlp.c_fc.{s}"].chunk(2, dim=0)
                 out[h + f"mlp.down_proj.{s}"] = sd[p + f"mlp.c_proj.{s}"]
+            if c.n_expert:
+                out[h + "block_sparse_moe.gate.weight"] = sd[p + "mlp.router.weight"]
+                for e in range(c.n_expert):
+                    x = h + f"block_sparse_moe.experts.{e}."
+                    out[x + "w1.weight"], out[x + "w3.weight"] = sd[p + "mlp.c_fc"][e].chunk(2, dim=0)
+                    out[x + "w2.weight"] = sd[p + "mlp.c_proj"][e]
         out["model.norm.weight"] = sd["transformer.ln_f.weight"]
     else:
         def bias(name: str, n: int) -> torch.Tensor:
@@ -104,7 +121,7 @@ def from_hf_state(hf: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, t
 
     def get(name: str) -> torch.Tensor:
         if name not in hf:
-            raise BarkError(f"the Hugging Face weights lack {name}; the folder is incomplete or not a standard {MODEL_TYPES[c.family]}")
+            raise BarkError(f"the Hugging Face weights lack {name}; the folder is incomplete or not a standard {hf_architecture(c)}")
         return hf[name]
 
     out: dict[str, torch.Tensor] = {}
@@ -118,8 +135,20 @@ def from_hf_state(hf: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, t
             for s in b:
                 out[p + f"attn.c_attn.{s}"] = torch.cat([get(h + f"self_attn.{x}_proj.{s}") for x in "qkv"], dim=0)
                 out[p + f"attn.c_proj.{s}"] = get(h + f"self_attn.o_proj.{s}")
+                if c.n_expert:
+                    continue
                 out[p + f"mlp.c_fc.{s}"] = torch.cat([get(h + f"mlp.gate_proj.{s}"), get(h + f"mlp.up_proj.{s}")], dim=0)
                 out[p + f"mlp.c_proj.{s}"] = get(h + f"mlp.down_proj.{s}")
+            if c.n_expert and h + "mlp.experts.gate_up_proj" in hf:  # transformers 5.x's fused layout is ours
+                out[p + "mlp.router.weight"] = get(h + "mlp.gate.weight")
+                out[p + "mlp.c_fc"] = get(h + "mlp.experts.gate_up_proj")
+                out[p + "mlp.c_proj"] = get(h + "mlp.experts.down_proj")
+            elif c.n_expert:
+                x = h + "block_sparse_moe."
+                out[p + "mlp.router.weight"] = get(x + "gate.weight")
+                out[p + "mlp.c_fc"] = torch.stack([torch.cat([get(x + f"experts.{e}.w1.weight"), get(x + f"experts.{e}.w3.weight")])
+                                                   for e in range(c.n_expert)])
+                out[p + "mlp.c_proj"] = torch.stack([get(x + f"experts.{e}.w2.weight") for e in range(c.n_expert)])
         out["transformer.ln_f.weight"] = get("model.norm.weight")
     else:
         out["transformer.wte.weight"] = get("transformer.wte.weight")
@@ -146,6 +175,10 @@ def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> dict:
     ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
     common = {"vocab_size": c.vocab_size, "tie_word_embeddings": c.tie_embeddings, "torch_dtype": "float32",
               "use_cache": True, "initializer_range": 0.02, **ids}
+    if c.n_expert:
+        moe = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_local_experts": c.n_expert,
+               "num_experts_per_tok": c.n_expert_per_token, "router_aux_loss_coef": c.router_aux_loss_coef,
+               "output_router_logits": False, "sliding_window": None}
     if c.family == "llama":
         return {
             "architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -155,6 +188,7 @@ def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> dict:
             "max_position_embeddings": c.block_size, "rms_norm_eps": c.norm_eps,
             "rope_theta": c.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
             "attention_bias": c.bias, "mlp_bias": c.bias, "attention_dropout": 0.0, **common,
+            **(moe if c.n_expert else {}),
         }
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
@@ -185,7 +219,12 @@ def gpt_config_from_hf(hf: dict) -> GPTConfig:
         if hf.get("hidden_act", "silu") != "silu":
             raise BarkError(f"hidden_act {hf['hidden_act']!r} is not supported; barkgpt's llama family uses silu (SwiGLU)")
         bias = bool(hf.get("attention_bias", False))
-        if bool(hf.get("mlp_bias", False)) != bias:
+        if arch == "MixtralForCausalLM" and bias:
+            raise BarkError("a Mixtral with attention biases is not supported")
+        window = hf.get("sliding_window")
+        if window and window < hf.get("max_position_embeddings", 2048):
+            raise BarkError(f"sliding-window attention ({window} tokens) is not supported; barkgpt attends to the whole context")
+        if arch != "MixtralForCausalLM" and bool(hf.get("mlp_bias", False)) != bias:
             raise BarkError("attention_bias and mlp_bias differ; barkgpt models have one bias setting for every layer")
         n_head = hf["num_attention_heads"]
         if hf.get("head_dim") not in (None, hf["hidden_size"] // n_head):
@@ -195,7 +234,9 @@ def gpt_config_from_hf(hf: dict) -> GPTConfig:
                          n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=hf["hidden_size"],
                          intermediate_size=hf["intermediate_size"], bias=bias,
                          rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-                         norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=tie)
+                         norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=tie,
+                         **({"n_expert": hf["num_local_experts"], "n_expert_per_token": hf.get("num_experts_per_tok", 2),
+                             "router_aux_loss_coef": hf.get("router_aux_loss_coef", 0.01)} if arch == "MixtralForCausalLM" else {}))
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
         raise BarkError(f"activation_function {act!r} is not supported; barkgpt's gpt2 family uses gelu_new")
@@ -255,7 +296,7 @@ def model_card(model: GPT, tokenizer: Tokenizer, info: dict, source: Path, sampl
     """A ``README.md`` for an export: data source and hash, steps, tokens seen, val loss, a sample
     (64 tokens at temperature 0.8, seed 0), and how to load it."""
     c, data = model.config, info.get("data") or {}
-    arch = MODEL_TYPES[c.family]
+    arch = hf_architecture(c)
     val = info.get("val_loss")
     lines = [
         "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [barkgpt]", "---", "",
@@ -263,7 +304,8 @@ def model_card(model: GPT, tokenizer: Tokenizer, info: dict, source: Path, sampl
         f"A {model.num_params() / 1e6:.2f}M-parameter `{arch}` trained from scratch with "
         "[BarkGPT](https://github.com/barkgpt/barkgpt).", "",
         "| | |", "|---|---|",
-        f"| architecture | {arch}: {c.n_layer} layers, {c.n_head} heads ({c.n_kv_head} key/value), width {c.n_embd}, context {c.block_size} tokens |",
+        f"| architecture | {arch}: {c.n_layer} layers, {c.n_head} heads ({c.n_kv_head} key/value), width {c.n_embd}, context {c.block_size} tokens"
+        + (f", {c.n_expert} experts (top-{c.n_expert_per_token})" if c.n_expert else "") + " |",
         f"| tokenizer | {tokenizer.kind}, {tokenizer.vocab_size} tokens |",
         f"| data | {data.get('source', 'unknown')} (sha256 {data.get('source_sha256') or 'unknown'}) |",
         f"| steps | {info.get('step', 'unknown')} |",
@@ -370,5 +412,5 @@ def import_hf(source: str | Path, out: str | Path, force: bool = False) -> Path:
     if tokenizer.vocab_size > config.vocab_size:
         raise BarkError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}")
     tokenizer.model_max_length = config.block_size
-    save_checkpoint(out, model, tokenizer, info={"imported_from": str(source), "architecture": MODEL_TYPES[config.family]})
+    save_checkpoint(out, model, tokenizer, info={"imported_from": str(source), "architecture": hf_architecture(config)})
     return out
