@@ -7,7 +7,7 @@ from barkgpt.config import GPTConfig, SampleConfig, TrainConfig, build_configs, 
 
 
 def test_presets_resolve():
-    for name in ("bark", "shakespeare-char", "shakespeare-bpe", "tinystories"):
+    for name in ("bark", "shakespeare-char", "shakespeare-bpe", "tinystories", "tinystories-moe"):
         model, train = build_configs(preset=name)
         assert model.n_embd % model.n_head == 0
         assert train.max_iters > train.warmup_iters
