@@ -120,6 +120,8 @@ class TrainConfig:
     warmup_iters: int = 100  # linear warmup steps
     lr_decay_iters: int | None = None  # steps of cosine decay; None means max_iters
     max_iters: int = 2000  # optimizer steps
+    optimizer: str = "adamw"  # adamw, or muon: Muon for the blocks' 2-D weight matrices, AdamW for the rest
+    muon_learning_rate: float | None = None  # Muon's peak learning rate (None: learning_rate; its update RMS matches AdamW's)
     weight_decay: float = 0.1  # AdamW weight decay on 2-D weights (not norms, biases)
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.99  # AdamW beta2
@@ -143,6 +145,10 @@ class TrainConfig:
             raise BarkError(f"tokenizer must be bpe, char or word, got {self.tokenizer!r}")
         if self.learning_rate <= 0:
             raise BarkError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise BarkError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
+        if self.muon_learning_rate is not None and self.muon_learning_rate <= 0:
+            raise BarkError(f"muon_learning_rate must be positive, got {self.muon_learning_rate}")
         if not 0 <= self.min_lr <= self.learning_rate:
             raise BarkError(f"min_lr ({self.min_lr}) must be between 0 and learning_rate ({self.learning_rate})")
         if self.lr_decay_iters is None:

@@ -1,0 +1,53 @@
+"""Optimizers: our Muon against torch.optim.Muon, and which parameters each optimizer gets."""
+
+import pytest
+import torch
+
+from barkgpt.config import GPTConfig, TrainConfig
+from barkgpt.model import GPT
+from barkgpt.optim import Muon, build_optimizers, newton_schulz
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="this PyTorch has no torch.optim.Muon to compare with")
+@pytest.mark.parametrize("adjust", ["original", "match_rms_adamw"])
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+def test_muon_matches_torch_muon(shape, adjust):
+    """With bfloat16 Newton-Schulz (torch's choice) three steps of ours equal torch.optim.Muon's."""
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(shape))
+    b = torch.nn.Parameter(a.detach().clone())
+    start = a.detach().clone()
+    ours = Muon([a], lr=0.02, weight_decay=0.1, adjust_lr_fn=adjust, ns_dtype=torch.bfloat16)
+    theirs = torch.optim.Muon([b], lr=0.02, weight_decay=0.1, adjust_lr_fn=adjust)
+    for _ in range(3):
+        g = torch.randn(shape)
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    assert torch.allclose(a, b, atol=1e-6)
+    assert (a - start).abs().max() > 0.01  # and both really moved
+
+
+def test_newton_schulz_orthogonalizes():
+    torch.manual_seed(0)
+    for shape in [(32, 64), (64, 32)]:
+        g = torch.randn(shape)
+        x = newton_schulz(g)
+        s = torch.linalg.svdvals(x)
+        assert x.shape == g.shape and s.min() > 0.5 and s.max() < 1.5  # singular values pushed toward 1
+        assert torch.allclose(newton_schulz(g, dtype=torch.float64).float(), x, atol=1e-3)
+
+
+def test_parameter_split():
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, n_expert=4,
+                          n_expert_per_token=2))
+    adamw_only = build_optimizers(model, TrainConfig(optimizer="adamw"), "cpu")
+    assert len(adamw_only) == 1 and sum(len(g["params"]) for g in adamw_only[0].param_groups) == len(list(model.parameters()))
+    adamw, muon = build_optimizers(model, TrainConfig(optimizer="muon", learning_rate=1e-3, muon_learning_rate=2e-2), "cpu")
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon_names = sorted(names[id(p)] for g in muon.param_groups for p in g["params"])
+    assert muon_names and all(".h." in n and n.endswith(".weight") and "router" not in n for n in muon_names)
+    assert "transformer.wte.weight" not in muon_names and "transformer.h.0.mlp.c_fc" not in muon_names  # 3-D experts
+    assert muon.param_groups[0]["lr_scale"] == pytest.approx(20.0)
+    covered = muon_names + [names[id(p)] for g in adamw.param_groups for p in g["params"]]
+    assert sorted(covered) == sorted(names.values())  # every parameter exactly once
