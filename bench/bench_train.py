@@ -6,9 +6,12 @@ on tiny Shakespeare, char-level, fp32 on the CPU, for the same number of iterati
 alternate (reference, ours, reference, ours, ...) so machine noise hits both alike; the median of
 each is reported with the ratio. Prints JSON lines and appends a section to bench/RESULTS.md.
 
-    python bench/bench_train.py [--iters 300] [--rounds 2] [--full]
+    python bench/bench_train.py [--iters 300] [--rounds 2] [--full] [--budget 180]
 
 ``--full`` also trains the preset's 2000 iterations once each and reports the val loss reached.
+``--budget S`` gives each trainer the same wall-clock budget: its iteration count is set from its
+own speed in the timed rounds so that its whole warmup + cosine schedule fits S seconds, and the
+val loss each reaches is reported (lower is better) with its peak RSS.
 """
 
 from __future__ import annotations
@@ -35,17 +38,31 @@ model, cfg = build_configs("shakespeare-char", overrides=over)
 r = train(model, cfg, quiet=True)
 rows = [json.loads(l) for l in open(sys.argv[2] + "/metrics.jsonl")]
 steady = statistics.median(x["tokens_per_s"] for x in rows if "tokens_per_s" in x and x["step"] > 25)
+import resource
 print(json.dumps({"tokens_per_s": round(r["tokens_per_s"], 1), "steady_tokens_per_s": round(steady, 1), "val_loss": round(r["val_loss"], 4),
-                  "seconds": round(r["train_seconds"], 2), "compile": cfg.compile}))
+                  "seconds": round(r["train_seconds"], 2), "compile": cfg.compile,
+                  "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
+"""
+
+# The reference prints its JSON line; this wrapper adds the peak RSS of that same process.
+REFERENCE = """
+import json, resource, runpy, sys
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+print(json.dumps({"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
 """
 
 
 def run_json(cmd: list[str]) -> dict:
-    """Run a command and parse the last line of its stdout as JSON."""
+    """Run a command and merge the JSON objects on its last stdout lines."""
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if out.returncode != 0:
         sys.exit(f"benchmark command failed: {' '.join(cmd[:4])}...\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    merged = {}
+    for line in out.stdout.strip().splitlines()[-2:]:
+        if line.startswith("{"):
+            merged.update(json.loads(line))
+    return merged
 
 
 def main() -> None:
@@ -54,6 +71,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds of (reference, ours)")
     p.add_argument("--full", action="store_true", help="also run 2000 iterations each and compare val loss")
     p.add_argument("--no-compile", action="store_true", help="run ours with --compile false (the preset compiles)")
+    p.add_argument("--budget", type=float, default=0, help="also train each for this many seconds of wall clock and compare val loss")
     a = p.parse_args()
 
     text = SHARED / "data" / "tinyshakespeare.txt"
@@ -70,7 +88,7 @@ def main() -> None:
         return run_json([sys.executable, "-c", OURS, str(data), str(OUT / "run"), str(iters), "0" if a.no_compile else "1"])
 
     def reference(iters):
-        return run_json([sys.executable, str(ref), "--data", str(text), "--max-iters", str(iters)])
+        return run_json([sys.executable, "-c", REFERENCE, str(ref), "--data", str(text), "--max-iters", str(iters)])
 
     rows = {"reference": [], "barkgpt": []}
     for r in range(a.rounds):
@@ -87,6 +105,13 @@ def main() -> None:
     if a.full:
         summary["full_reference"] = reference(2000)
         summary["full_barkgpt"] = ours(2000)
+    if a.budget:
+        ref_spi = statistics.median(x["seconds"] / a.iters for x in rows["reference"])
+        our_spi = statistics.median(x["seconds"] / a.iters for x in rows["barkgpt"])  # compile included
+        budget = {"seconds": a.budget, "reference": reference(int(a.budget / ref_spi)), "barkgpt": ours(int(a.budget / our_spi))}
+        budget["reference"]["iters"], budget["barkgpt"]["iters"] = int(a.budget / ref_spi), int(a.budget / our_spi)
+        budget["val_loss_difference"] = round(budget["barkgpt"]["val_loss"] - budget["reference"]["val_loss"], 4)
+        summary["budget"] = budget
     print(json.dumps(summary), flush=True)
     write_results("train: shakespeare-char shape, ours vs reference_gpt.py", summary)
 
