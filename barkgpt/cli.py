@@ -68,9 +68,58 @@ def cmd_train(args) -> None:
     from barkgpt.train import train
 
     result = train(model_cfg, train_cfg, resume=args.resume)
+    print_run_summary(result, train_cfg.out_dir)
+
+
+def print_run_summary(result: dict, out_dir: str) -> None:
+    """The closing line of `train` and `finetune`."""
     val = f"{result['val_loss']:.4f}" if result["val_loss"] is not None else "n/a"
     print(f"done: step {result['step']}, train loss {result['train_loss']:.4f}, val loss {val} "
-          f"(best {result['best_val_loss']:.4f}), {result['tokens_per_s']:,.0f} tokens/s; checkpoints in {train_cfg.out_dir}")
+          f"(best {result['best_val_loss']:.4f}), {result['tokens_per_s']:,.0f} tokens/s; checkpoints in {out_dir}")
+
+
+def cmd_finetune(args) -> None:
+    """`barkgpt finetune`: train a checkpoint further on chat JSONL, loss on assistant turns only."""
+    from barkgpt.config import read_config_file
+    from barkgpt.train import FINETUNE_DEFAULTS, finetune
+
+    values = {**FINETUNE_DEFAULTS, **(read_config_file(args.config)["train"] if args.config else {}),
+              **collect_overrides(args, TrainConfig)}
+    cfg = TrainConfig(**values)
+    result = finetune(args.model, args.data, cfg, val_fraction=args.val_fraction, group_field=args.group_field,
+                      resume=args.resume)
+    print_run_summary(result, cfg.out_dir)
+
+
+def cmd_eval(args) -> None:
+    """`barkgpt eval`: loss, perplexity and bits per byte on a text, or --bark rule-following."""
+    import json
+
+    if args.bark:
+        from barkgpt.evaluate import bark_eval
+        from barkgpt.generate import load_generator
+
+        r = bark_eval(load_generator(args.model, device=args.device), n=args.samples, seed=args.seed)
+        if args.json:
+            print(json.dumps(r))
+            return
+        print(f"bark rule followed by {r['passed']}/{r['samples']} sampled replies ({r['share']:.0%})")
+        for f in r["failures"][:5]:
+            print(f"  fails: User: {f['command']} -> {f['reply']!r} ({f['finish_reason']})")
+        return
+    if not args.data:
+        raise BarkError("barkgpt eval needs --data FILE (a text to score) or --bark (the Bark chat rule check)")
+    from barkgpt.evaluate import evaluate_text
+
+    r = evaluate_text(args.model, args.data, split=args.split, val_fraction=args.val_fraction, device=args.device,
+                      batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(r))
+        return
+    unknown = f"; {r['unknown']:,} unknown characters/words scored as <UNK>" if r["unknown"] else ""
+    print(f"{r['split']} split of {r['data']}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.2f}, "
+          f"{r['bits_per_byte']:.4f} bits/byte over {r['tokens']:,} tokens ({r['bytes']:,} bytes){unknown}; "
+          f"{r['tokens_per_s']:,.0f} tokens/s")
 
 
 def cmd_export(args) -> None:
@@ -232,13 +281,36 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_prepare)
 
     sp = sub.add_parser("train", help="train a model (from a preset, a config file and flags)")
-    sp.add_argument("--preset", default=None, help="a preset from barkgpt/configs: bark, shakespeare-char, shakespeare-bpe, tinystories")
+    sp.add_argument("--preset", default=None, help="a preset from barkgpt/configs: bark, bark-chat, shakespeare-char, shakespeare-bpe, tinystories")
     sp.add_argument("--config", default=None, help="a run config YAML (e.g. runs/x/config.yaml)")
     sp.add_argument("--resume", action="store_true", help="continue from out_dir/last")
     sp.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     add_dataclass_args(sp, GPTConfig)
     add_dataclass_args(sp, TrainConfig)
     sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("finetune", help="fine-tune a model on conversations (JSONL), loss on assistant turns only")
+    sp.add_argument("--model", required=True, help="the run or checkpoint folder to start from")
+    sp.add_argument("--data", required=True, help="a .jsonl of OpenAI 'messages' or ShareGPT 'conversations' rows")
+    sp.add_argument("--val-fraction", type=float, default=0.1, help="share of conversation groups held out for validation (default 0.1)")
+    sp.add_argument("--group-field", default="tree_id", help="row field grouping conversations that share turns; rows without it stand alone (default tree_id)")
+    sp.add_argument("--config", default=None, help="a run config YAML whose train section applies (e.g. runs/x/config.yaml)")
+    sp.add_argument("--resume", action="store_true", help="continue from out_dir/last")
+    add_dataclass_args(sp, TrainConfig, skip=("data", "init_from", "tokenizer", "tokenizer_vocab_size"))
+    sp.set_defaults(func=cmd_finetune)
+
+    sp = sub.add_parser("eval", help="measure a model: loss, perplexity, bits per byte on a text; or --bark")
+    sp.add_argument("--model", required=True, help="a run folder (best/ is used) or checkpoint folder")
+    sp.add_argument("--data", default=None, help="the text to score: a .txt file, a folder of .txt, or a .jsonl with 'text'")
+    sp.add_argument("--split", default="all", choices=["all", "train", "val"], help="score all of it, or the part barkgpt prepare would put in train/val (default all)")
+    sp.add_argument("--val-fraction", type=float, default=0.1, help="the val share used to cut --split (default 0.1, as prepare)")
+    sp.add_argument("--batch-size", type=int, default=16, help="windows of block_size tokens per forward pass (default 16)")
+    sp.add_argument("--bark", action="store_true", help="instead: the share of sampled replies that follow the Bark chat rule")
+    sp.add_argument("--samples", type=int, default=100, help="--bark: commands to sample (default 100)")
+    sp.add_argument("--seed", type=int, default=0, help="--bark: seed of the commands and the sampling (default 0)")
+    sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    sp.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
+    sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("export", help="export a model to a Hugging Face folder or a GGUF file (llama.cpp)")
     sp.add_argument("format", choices=["hf", "gguf"], help="hf: a transformers folder; gguf: one file for llama.cpp")

@@ -34,6 +34,15 @@ BPE_MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # the byte alphabet plus the specials
 MIN_VOCAB = len(SPECIAL_TOKENS) + 1  # char/word: the specials plus at least one real token
 BARK_VOCAB = (PAD, EOS, "woof", "arf", "ruff", "grrr", "User:", "Assistant:", "speak", BOS, UNK)
 BARKS = ("woof", "arf", "ruff", "grrr")
+# Bark chat (the bark-chat preset): the user's one-word command picks the style of bark; any
+# other message gets "ruff?". Words outside this vocabulary map to <UNK>.
+BARK_COMMANDS = ("speak", "growl", "sit", "play")
+BARK_OTHER_WORDS = ("fetch", "stay", "roll", "down", "come", "paw", "heel", "shake", "hello", "treat",
+                    "walk", "bath", "good", "dog", "please", "now")
+BARK_CHAT_VOCAB = (*SPECIAL_TOKENS, "User:", "Assistant:", *BARKS, "ruff?", *BARK_COMMANDS, *BARK_OTHER_WORDS)
+# Role markers that fine-tuning adds to a tokenizer that lacks them (see Tokenizer.with_chat_tokens):
+# special tokens cannot be forged by text in a message, and mark turns in one token each.
+CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 
 # Chat templates are Jinja, rendered the way transformers' apply_chat_template does (sandboxed,
 # trim_blocks, lstrip_blocks, with `messages`, `add_generation_prompt`, `bos_token`, `eos_token`
@@ -66,6 +75,18 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}Assistant:{%- endif -%}"
+)
+# Fine-tuned models: each turn is a role token, the content, then <EOS> (end of turn); the
+# generation prompt is <|assistant|>, and generation stops at the <EOS> that closes the reply.
+CHAT_TOKENS_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] in ('system', 'user', 'assistant') -%}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + eos_token }}"
+    "{%- else -%}"
+    "{{ raise_exception('unknown chat role ' ~ message['role'] ~ '; use system, user or assistant') }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
 )
 
 
@@ -226,6 +247,36 @@ class Tokenizer:
         return cls(tk, "word", BARK_CHAT_TEMPLATE)
 
     @classmethod
+    def bark_chat(cls) -> Tokenizer:
+        """The fixed Bark chat vocabulary (word kind, ``BARK_CHAT_VOCAB``, 31 tokens) with Bark's chat
+        template: the specials (ids 0..3), ``User:``, ``Assistant:``, the barks, ``ruff?``, the four
+        commands and a few other words. Any other word encodes to ``<UNK>``.
+        """
+        tk = HFTokenizer(models.WordLevel({t: i for i, t in enumerate(BARK_CHAT_VOCAB)}, unk_token=UNK))
+        tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+        return cls(tk, "word", BARK_CHAT_TEMPLATE)
+
+    def with_chat_tokens(self) -> tuple[Tokenizer, int]:
+        """This tokenizer with the chat role tokens ``<|system|> <|user|> <|assistant|>``, for fine-tuning.
+
+        A tokenizer that already has all three is returned as it is, chat template included. Otherwise
+        the missing ones are added as special tokens (new ids from ``vocab_size`` upwards; existing ids
+        do not move) and the chat template becomes ``CHAT_TOKENS_TEMPLATE``, which uses them. The
+        model's embeddings must then grow to the new ``vocab_size``.
+
+        Returns:
+            ``(tokenizer, n_added)``: a new tokenizer when tokens were added (this one is unchanged).
+        """
+        missing = [t for t in CHAT_TOKENS if self._tk.token_to_id(t) is None]
+        if not missing:
+            return self, 0
+        tk = HFTokenizer.from_str(self._tk.to_str())
+        tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+        special = {"pad": self.pad_token, "eos": self.eos_token, "bos": self.bos_token, "unk": self.unk_token}
+        return Tokenizer(tk, self.kind, CHAT_TOKENS_TEMPLATE, self.model_max_length, special), len(missing)
+
+    @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
         """Load a tokenizer folder (``tokenizer.json`` plus optional ``tokenizer_config.json``).
 
@@ -279,6 +330,9 @@ class Tokenizer:
             "clean_up_tokenization_spaces": False,  # else transformers rewrites " ." to "." on decode
             "chat_template": self.chat_template,
         }
+        extra = [t for t in CHAT_TOKENS if self._tk.token_to_id(t) is not None]
+        if extra:  # transformers treats these as special too (skip_special_tokens drops them)
+            config["additional_special_tokens"] = extra
         if self.model_max_length is not None:
             config["model_max_length"] = self.model_max_length
         atomic_write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
@@ -303,6 +357,34 @@ class Tokenizer:
         Returns one id list per text, each equal to ``encode(text)``.
         """
         return [e.ids for e in self._tk.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Like :meth:`encode`, plus each token's ``(start, end)`` character offsets in ``text``.
+
+        The bytes of one character split over several bpe tokens give each of them that
+        character's offsets. Fine-tuning uses the offsets to find the tokens of assistant turns.
+        """
+        enc = self._tk.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
+    def token_bytes(self) -> list[int]:
+        """UTF-8 bytes each token id stands for in decoded text, indexed by id (for bits per byte).
+
+        bpe: the token's bytes; char: the character's; word: the word's plus one for the space
+        that joins words; special tokens (``<EOS>``, role tokens...) and ``<UNK>``: 0.
+        """
+        if self._pieces is None:
+            self._pieces = self._build_pieces()
+        special = {i for i, t in self._tk.get_added_tokens_decoder().items() if t.special}
+        out = []
+        for i, piece in enumerate(self._pieces):
+            if piece is None or i in special:
+                out.append(0)
+            elif isinstance(piece, bytes):
+                out.append(len(piece))
+            else:
+                out.append(len(piece.encode("utf-8")) + (self.kind == "word"))
+        return out
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Token ids -> text. Ids outside ``0..vocab_size-1`` are skipped.
@@ -379,6 +461,63 @@ class Tokenizer:
                                          pad_token=self.pad_token, unk_token=self.unk_token)
         except jinja2.TemplateError as e:
             raise BarkError(f"chat template failed: {e}; fix the messages or the tokenizer's chat_template") from None
+
+    def parse_chat(self, text: str) -> list[dict]:
+        """Split text rendered by :meth:`apply_chat_template` back into messages: its inverse.
+
+        Each role's prefix and suffix are learned by rendering a one-message probe conversation, so
+        this works for any template that renders a message as prefix + content + suffix. A trailing
+        generation prompt is dropped. A role the template leaves out (Bark's ``system``) is never
+        returned. Turn boundaries are chosen left to right with backtracking, so content that looks
+        like a boundary (``"\\nAssistant: "`` inside a message, with the plain-text template) parses
+        back whenever some split of the text parses at all; the role-token template is unambiguous.
+
+        Returns:
+            ``[{"role": ..., "content": ...}, ...]``.
+
+        Raises:
+            BarkError: the text is not something this template renders.
+        """
+        probe = "\x00"  # a character no real message holds
+        marks = {}
+        for role in ("system", "user", "assistant"):
+            rendered = self.apply_chat_template([{"role": role, "content": probe}], add_generation_prompt=False)
+            if rendered.count(probe) == 1:
+                marks[role] = tuple(rendered.split(probe))  # (prefix, suffix)
+        gen_prompt = self.apply_chat_template([], add_generation_prompt=True)
+        prefixes = sorted({p for p, _ in marks.values()}, key=len, reverse=True)
+
+        def turn_ends_at(pos: int) -> bool:
+            return pos == len(text) or text[pos:] == gen_prompt or any(text.startswith(p, pos) for p in prefixes if p)
+
+        roles = sorted(marks.items(), key=lambda m: -len(m[1][0]))  # longest prefix first
+        failed: set[int] = set()  # positions from which no parse exists (memo for the backtracking)
+
+        def parse_from(pos: int) -> list[dict] | None:
+            # The first turn boundary that lets the rest parse wins, so a message that merely
+            # looks like a boundary ("...\\nAssistant: " inside a user turn) is backtracked over.
+            if pos == len(text) or text[pos:] == gen_prompt:
+                return []
+            if pos in failed:
+                return None
+            for role, (prefix, suffix) in roles:
+                if not prefix or not text.startswith(prefix, pos):
+                    continue
+                start = end = pos + len(prefix)
+                while (end := text.find(suffix, end)) >= 0:
+                    if turn_ends_at(end + len(suffix)):
+                        rest = parse_from(end + len(suffix))
+                        if rest is not None:
+                            return [{"role": role, "content": text[start:end]}, *rest]
+                    end += 1
+            failed.add(pos)
+            return None
+
+        messages = parse_from(0)
+        if messages is None:
+            raise BarkError(f"cannot parse chat text ({text[:40]!r}...): it is not something this tokenizer's chat "
+                            f"template renders; pass text from apply_chat_template")
+        return messages
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"

@@ -3,6 +3,12 @@
 In nanoGPT's ``train.py`` spirit, with what it leaves to the user done here: exact resume
 (optimizer, step, data sampler and RNG states in ``last/trainer_state.pt``), atomic
 checkpoints, Ctrl-C that saves, a NaN guard, ``metrics.jsonl`` and a ``loss.png``.
+
+One loop serves pretraining and fine-tuning: it reads batches from a *batch source*, either
+``data.TokenWindows`` (random windows of a token file) or ``conversations.ChatRows`` (packed
+conversations whose targets are ``IGNORE_INDEX`` off the assistant's tokens, with segment ids
+that :class:`SegmentMask` turns into per-conversation attention). :func:`finetune` is that loop
+started from a checkpoint on chat data.
 """
 
 from __future__ import annotations
@@ -19,13 +25,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from barkgpt.checkpoint import find_checkpoint, load_model, load_trainer_state, save_checkpoint
+from barkgpt.checkpoint import find_checkpoint, load_model, load_trainer_state, read_checkpoint_config, save_checkpoint
 from barkgpt.common import BarkError, atomic_write_text, progress, resolve_device, resolve_dtype
 from barkgpt.config import GPTConfig, TrainConfig, config_to_dict, dump_yaml
-from barkgpt.data import get_batch, load_split, prepare_bark, prepare_dataset, read_meta
+from barkgpt.conversations import (IGNORE_INDEX, ChatRows, bark_chat_rows, file_sha256, load_conversations,
+                                   split_conversations)
+from barkgpt.data import TokenWindows, prepare_bark, prepare_dataset
 from barkgpt.engine import Engine
 from barkgpt.model import GPT
 from barkgpt.tokenizer import Tokenizer
+
+# Fine-tuning starts from a trained model on a small chat set: fewer, gentler steps than
+# TrainConfig's pretraining defaults (flags and --config still override each one).
+FINETUNE_DEFAULTS = {"max_iters": 300, "learning_rate": 3e-4, "min_lr": 3e-5, "warmup_iters": 30,
+                     "eval_interval": 50, "eval_iters": 20, "log_interval": 5, "batch_size": 8}
 
 
 def get_lr(it: int, cfg: TrainConfig) -> float:
@@ -63,6 +76,18 @@ def resolve_data(cfg: TrainConfig) -> Path:
     return target
 
 
+def open_source(cfg: TrainConfig):
+    """The batch source for ``cfg.data``: the generated Bark chat set for ``bark-chat``, else the
+    prepared token files (:func:`resolve_data`).
+
+    Raises:
+        BarkError: as :func:`resolve_data`.
+    """
+    if cfg.data == "bark-chat":
+        return bark_chat_rows(seed=cfg.seed)
+    return TokenWindows(resolve_data(cfg))
+
+
 def configure_optimizer(model: GPT, cfg: TrainConfig, device: str) -> torch.optim.AdamW:
     """AdamW (Loshchilov & Hutter 2019) with weight decay on 2-D weights only (matmuls and
     embeddings), none on norms and biases; fused where the device supports it (CPU and CUDA)."""
@@ -75,42 +100,116 @@ def configure_optimizer(model: GPT, cfg: TrainConfig, device: str) -> torch.opti
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
-@torch.no_grad()
-def estimate_loss(model: GPT, splits: dict, cfg: TrainConfig, block_size: int, device: str, autocast) -> dict:
-    """Mean loss over ``eval_iters * batch_size`` windows of each split, evenly spaced from its
-    start to its end.
+class SegmentMask:
+    """Attention within segments only, for rows packed with several conversations.
 
-    Evenly spaced windows instead of random ones: every eval sees the same windows, so evals are
-    comparable across steps and runs, and the training sampler's state is untouched (exact
-    resume). It is still a sample: on tiny Shakespeare's val split, 240 windows (20 batches of 12)
-    land within about 0.02 nats of the loss over the whole split, while 20 random batches, as
-    nanoGPT and the reference draw them, range from 1.64 to 1.72 for one model. Raise
-    ``eval_iters`` for tighter figures.
+    Passed to ``GPT.forward`` as its ``kv_cache`` argument, whose interface (``positions``,
+    ``attn_mask``, ``update``, ``advance``) lets a caller give each row its own positions and an
+    attention mask; this one caches nothing. Each token attends causally to the tokens of its own
+    segment, and positions restart at 0 where a segment starts, so a packed row computes exactly
+    what its conversations would one by one (the "packing without cross-contamination" of
+    Krell et al. 2021, "Efficient Sequence Packing without Cross-contamination").
+
+    Args:
+        segments: (B, T) int64 segment ids, constant over each contiguous run.
+    """
+
+    def __init__(self, segments: torch.Tensor):
+        B, T = segments.size()
+        t = torch.arange(T, device=segments.device)
+        starts = torch.ones_like(segments, dtype=torch.bool)  # (B, T) True where a segment begins
+        starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+        first = torch.where(starts, t, 0).cummax(dim=1).values  # (B, T) index of each segment's first token
+        self.pos = t - first  # (B, T) position within the segment
+        same = segments.unsqueeze(2) == segments.unsqueeze(1)  # (B, T, T) query and key in one segment
+        causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+        self.mask = (same & causal).unsqueeze(1)  # (B, 1, T, T), True where attention is allowed
+
+    def positions(self, T: int) -> torch.Tensor:
+        """(B, T) positions of the tokens: counted from each one's segment start."""
+        return self.pos
+
+    def attn_mask(self, T: int) -> torch.Tensor:
+        """(B, 1, T, T) bool: causal attention within the segment."""
+        return self.mask
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values pass through: nothing is cached."""
+        return k, v
+
+    def advance(self, T: int) -> None:
+        """Nothing to count."""
+
+
+def model_loss(model: GPT, batch: tuple) -> torch.Tensor:
+    """Mean cross-entropy of a batch ``(x, y)`` or ``(x, y, segments)`` of (B, T) tensors,
+    over the targets that are not ``IGNORE_INDEX`` (segments: see :class:`SegmentMask`)."""
+    x, y, *rest = batch
+    return model(x, y, SegmentMask(rest[0]) if rest else None)[1]
+
+
+@torch.no_grad()
+def estimate_loss(model: GPT, source, cfg: TrainConfig, block_size: int, device: str, autocast,
+                  token_bytes: np.ndarray) -> dict:
+    """Loss and bits per byte over ``source.eval_batches`` of each split (``eval_iters`` batches
+    of ``batch_size``; evenly spaced, the same every time: see ``TokenWindows.eval_batches``).
+
+    Bits per byte is the summed loss over the targets, in nats, divided by ln 2 and by the UTF-8
+    bytes those target tokens stand for (``token_bytes``, from ``Tokenizer.token_bytes``; special
+    tokens count 0 bytes), so it compares across tokenizers.
 
     Returns:
-        ``{"train": float, "val": float}`` in nats per token.
+        ``{"train": float, "val": float, "train_bpb": float, "val_bpb": float}``, losses in nats
+        per target token.
     """
     model.eval()
     out = {}
-    for name, data in splits.items():
-        starts = np.linspace(0, len(data) - block_size - 1, cfg.eval_iters * cfg.batch_size).astype(np.int64)
-        losses = []
-        for ix in np.array_split(starts, cfg.eval_iters):
-            buf = np.asarray(data[ix[:, None] + np.arange(block_size + 1)], dtype=np.int64)  # (B, T+1)
-            x, y = to_device((buf[:, :-1], buf[:, 1:]), device)
+    for split in ("train", "val"):
+        nll, n_targets, n_bytes = 0.0, 0, 0
+        for batch in source.eval_batches(split, cfg.eval_iters, cfg.batch_size, block_size):
+            y = batch[1]
+            count = int((y != IGNORE_INDEX).sum())
             with autocast:
-                losses.append(model(x, y)[1].item())
-        out[name] = float(np.mean(losses))
+                loss = model_loss(model, to_device(batch, device))
+            nll += loss.item() * count  # the mean over this batch's targets, back to a sum
+            n_targets += count
+            n_bytes += int(token_bytes[y[y != IGNORE_INDEX]].sum())
+        out[split] = nll / max(n_targets, 1)
+        out[f"{split}_bpb"] = nll / math.log(2) / n_bytes if n_bytes else float("nan")
     model.train()
     return out
 
 
-def to_device(batch, device: str):
-    """Numpy (x, y) int64 arrays -> torch tensors on ``device`` (pinned, non-blocking on CUDA)."""
-    x, y = (torch.from_numpy(a) for a in batch)
+def to_device(batch: tuple, device: str) -> tuple:
+    """Numpy int64 arrays -> torch tensors on ``device`` (pinned, non-blocking on CUDA)."""
+    tensors = (torch.from_numpy(np.ascontiguousarray(a)) for a in batch)
     if device.startswith("cuda"):
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
+    return tuple(t.to(device) for t in tensors)
+
+
+@torch.no_grad()
+def resize_vocab(model: GPT, vocab_size: int) -> GPT:
+    """A copy of ``model`` with ``vocab_size`` token embeddings (and output rows), for added tokens.
+
+    Existing rows keep their weights; each new row starts at the mean of the existing rows
+    (Hewitt 2021, "Initializing New Word Embeddings for Pretrained Language Models"), so the new
+    tokens start out as an average token rather than as noise that the first updates must undo.
+
+    Raises:
+        BarkError: ``vocab_size`` is smaller than the model's (that would drop tokens).
+    """
+    old = model.config.vocab_size
+    if vocab_size < old:
+        raise BarkError(f"cannot shrink the vocabulary from {old} to {vocab_size} tokens")
+    device = model.transformer.wte.weight.device
+    bigger = GPT(dataclasses.replace(model.config, vocab_size=vocab_size)).to(device)
+    state = model.state_dict()
+    for name in ("transformer.wte.weight", "lm_head.weight"):
+        w = state[name]  # (old, n_embd)
+        state[name] = torch.cat([w, w.mean(dim=0, keepdim=True).expand(vocab_size - old, -1)])
+    bigger.load_state_dict(state)
+    return bigger.train(model.training)
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
@@ -162,14 +261,21 @@ def _tuples(x):
     return tuple(_tuples(i) for i in x) if isinstance(x, (list, tuple)) else x
 
 
-def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
+def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: bool = False, source=None) -> dict:
     """Train a model and write checkpoints, metrics and plots to ``cfg.out_dir``.
+
+    A run started from a checkpoint (``cfg.init_from``) is evaluated once before its first step,
+    so ``metrics.jsonl`` holds the loss before fine-tuning at step 0; if the data's tokenizer has
+    more tokens than the checkpoint, the embeddings grow first (:func:`resize_vocab`).
 
     Args:
         model_cfg: the model shape (``vocab_size`` None takes the tokenizer's).
         cfg: the run settings.
         resume: continue from ``out_dir/last`` (optimizer, step, sampler and RNG states).
         quiet: no progress bar or start banner.
+        source: the batch source (``TokenWindows``, ``ChatRows``, or anything with their
+            ``tokenizer``, ``meta``, ``check``, ``batch``, ``eval_batches`` and ``describe``);
+            None opens ``cfg.data`` with :func:`open_source`.
 
     Returns:
         Summary dict: ``step``, ``train_loss``, ``val_loss``, ``best_val_loss``, ``tokens_per_s``
@@ -183,10 +289,8 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: b
     out_dir = Path(cfg.out_dir)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    data_dir = resolve_data(cfg)
-    meta = read_meta(data_dir)
-    tokenizer = Tokenizer.load(data_dir)
-    splits = {"train": load_split(data_dir, "train"), "val": load_split(data_dir, "val")}
+    source = source if source is not None else open_source(cfg)
+    tokenizer, meta = source.tokenizer, source.meta
 
     # ---- the model: fresh, from a checkpoint (fine-tuning), or resumed
     state = None
@@ -206,6 +310,8 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: b
         state = load_trainer_state(ckpt)
     elif cfg.init_from != "scratch":
         model, saved = load_model(cfg.init_from, device)
+        if model.config.vocab_size < tokenizer.vocab_size:  # fine-tuning added tokens (chat roles)
+            model = resize_vocab(model, tokenizer.vocab_size)
         model_cfg = model.config
     else:
         if model_cfg.vocab_size is None:
@@ -215,9 +321,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: b
     if model_cfg.vocab_size < tokenizer.vocab_size:
         raise BarkError(f"vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}; drop --vocab-size to use the tokenizer's")
     block_size = model_cfg.block_size
-    for name, data in splits.items():
-        if len(data) <= block_size + 1:
-            raise BarkError(f"the {name} split has {len(data)} tokens, not more than block_size {block_size} + 1; lower --block-size or use more data")
+    source.check(block_size)
     model.train()
 
     optimizer = configure_optimizer(model, cfg, device)
@@ -254,9 +358,10 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: b
         print(f"model: {model_cfg.family}, {raw_model.num_params() / 1e6:.2f}M parameters, "
               f"{raw_model.flops_per_token() / 1e6:.1f} MFLOPs/token, head_dim {model_cfg.head_dim}; "
               f"{tokens_per_iter:,} tokens/iteration; device {device}, dtype {dtype}; "
-              f"data {meta.get('train_tokens', len(splits['train'])):,} train tokens ({tokenizer.kind}, vocab {tokenizer.vocab_size})")
+              f"data {source.describe(block_size)}")
 
     info = {"data": {k: meta.get(k) for k in ("source", "source_sha256", "tokenizer", "train_tokens", "val_tokens")}}
+    token_bytes = np.asarray(tokenizer.token_bytes(), dtype=np.int64)
 
     def checkpoint(name: str, last_loss: dict | None = None):
         extra = {**info, "step": step, "tokens_seen": tokens_seen, **({"val_loss": last_loss["val"]} if last_loss else {})}
@@ -273,9 +378,9 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: b
     def evaluate():
         nonlocal best_val
         # eager model: a compiled one would recompile for eval mode and no_grad, for ~20 forwards
-        losses = estimate_loss(raw_model, splits, cfg, block_size, device, autocast)
+        losses = estimate_loss(raw_model, source, cfg, block_size, device, autocast, token_bytes)
         log({"step": step, "val_loss": round(losses["val"], 5), "val_perplexity": round(math.exp(min(losses["val"], 50)), 4),
-             "eval_train_loss": round(losses["train"], 5), "elapsed_s": round(elapsed, 3)})
+             "val_bpb": round(losses["val_bpb"], 5), "eval_train_loss": round(losses["train"], 5), "elapsed_s": round(elapsed, 3)})
         is_best = losses["val"] < best_val
         best_val = min(best_val, losses["val"])
         checkpoint("last", losses)
@@ -288,7 +393,8 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: b
     def write_sample():
         ids = tokenizer.encode(cfg.sample_prompt) if cfg.sample_prompt else [tokenizer.eos_id]
         ids = ids[-block_size:]
-        toks = [s[0] for s in Engine(raw_model).generate(ids, max_new_tokens=min(64, block_size), temperature=0.8, top_k=50, seed=step)]
+        toks = [s[0] for s in Engine(raw_model).generate(ids, max_new_tokens=min(64, block_size), temperature=0.8, top_k=50,
+                                                          seed=step, stop_ids=[tokenizer.eos_id])]  # one document or reply
         raw_model.train()
         text = tokenizer.decode([t for t in toks if t is not None and t != tokenizer.eos_id])
         with open(out_dir / "samples.jsonl", "a", encoding="utf-8") as f:
@@ -296,9 +402,9 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: b
 
     def forward_backward(m, batches):
         """Accumulate gradients over the micro-batches; returns the last micro-batch's loss."""
-        for x, y in batches:
+        for batch in batches:
             with autocast:
-                _, loss = m(x, y)
+                loss = model_loss(m, batch)
             scaler.scale(loss / len(batches)).backward()
         return loss
 
@@ -310,12 +416,15 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: b
     t_log, tok_log = time.perf_counter(), 0
     loop_s, step0 = 0.0, step  # time in training steps only (no eval, checkpoints or plots)
     try:
+        if cfg.init_from != "scratch" and state is None:  # the starting point, for before/after
+            losses = evaluate()
+            t_log = time.perf_counter()
         while step < cfg.max_iters:
             t_step = time.perf_counter()
             lr = get_lr(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batches = [to_device(get_batch(splits["train"], cfg.batch_size, block_size, rng), device)
+            batches = [to_device(source.batch("train", cfg.batch_size, block_size, rng), device)
                        for _ in range(cfg.gradient_accumulation_steps)]
             try:
                 loss = forward_backward(model, batches)
@@ -368,3 +477,49 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: b
     return {"step": step, "train_loss": last_loss, "val_loss": losses["val"] if losses else None,
             "best_val_loss": best_val, "tokens_per_s": (step - step0) * tokens_per_iter / max(loop_s, 1e-9),
             "train_seconds": loop_s, "elapsed_s": total, "interrupted": interrupted}
+
+
+def finetune(model_path: str | Path, data: str | Path, cfg: TrainConfig, val_fraction: float = 0.1,
+             group_field: str = "tree_id", resume: bool = False, quiet: bool = False) -> dict:
+    """Fine-tune a trained model on conversations (supervised fine-tuning on assistant turns).
+
+    Loads the conversations (:func:`conversations.load_conversations`), splits them by
+    ``group_field`` (:func:`conversations.split_conversations`, seeded by ``cfg.seed``), gives
+    the model's tokenizer the chat role tokens if it lacks them (``Tokenizer.with_chat_tokens``;
+    the embeddings grow to match), and runs :func:`train` from the checkpoint over packed rows
+    whose loss counts only assistant tokens. Checkpoints, resume, ``metrics.jsonl`` (step 0 holds
+    the loss before fine-tuning) and ``loss.png`` are as ``train``'s; the saved tokenizer carries
+    the chat template that ``chat``, ``serve`` and the exports use.
+
+    Args:
+        model_path: a run or checkpoint folder (``best/`` is preferred in a run folder).
+        data: a ``.jsonl`` of OpenAI ``messages`` or ShareGPT ``conversations`` rows.
+        cfg: run settings (``init_from`` and ``data`` are set from the two paths above).
+        val_fraction: share of the groups held out for validation, in (0, 0.5].
+        group_field: the row field that groups conversations (rows without it stand alone).
+        resume: continue from ``cfg.out_dir/last``.
+        quiet: no progress bar or banner.
+
+    Returns:
+        :func:`train`'s summary dict.
+
+    Raises:
+        BarkError: no checkpoint at ``model_path``, bad chat data, or anything ``train`` raises.
+    """
+    ckpt = find_checkpoint(model_path)
+    base = GPTConfig(**read_checkpoint_config(ckpt)["model"])
+    tokenizer, added = Tokenizer.load(ckpt).with_chat_tokens()
+    train_c, val_c = split_conversations(load_conversations(data, group_field), val_fraction, cfg.seed)
+    splits = {"train": [c["messages"] for c in train_c], "val": [c["messages"] for c in val_c]}
+    meta = {"source": str(Path(data).resolve()), "source_sha256": file_sha256(data), "base_model": str(ckpt.resolve())}
+    source = ChatRows(tokenizer, splits, meta)
+    changes = {"init_from": str(ckpt), "data": str(data)}
+    first_user = next((m for m in splits["val"][0] if m["role"] == "user"), None)
+    if not cfg.sample_prompt and first_user is not None:  # samples.jsonl then shows a reply to a held-out prompt
+        changes["sample_prompt"] = tokenizer.apply_chat_template([first_user])
+    cfg = dataclasses.replace(cfg, **changes)
+    if not quiet and added:
+        print(f"added {added} chat role tokens (<|system|> <|user|> <|assistant|>) and their chat template; "
+              f"embeddings grow from {base.vocab_size} to {tokenizer.vocab_size} rows")
+    model_cfg = dataclasses.replace(base, vocab_size=max(base.vocab_size, tokenizer.vocab_size))
+    return train(model_cfg, cfg, resume=resume, quiet=quiet, source=source)

@@ -19,7 +19,9 @@ ALLOWED = {
     "engine": {"model", "common"},
     "checkpoint": {"model", "tokenizer", "config", "common"},
     "generate": {"engine", "checkpoint", "model", "tokenizer", "config", "common"},
-    "train": {"model", "data", "engine", "checkpoint", "config", "common", "tokenizer"},
+    "conversations": {"tokenizer", "common"},
+    "train": {"model", "data", "conversations", "engine", "checkpoint", "config", "common", "tokenizer"},
+    "evaluate": {"checkpoint", "common", "conversations", "data", "generate", "model", "tokenizer"},
     "cli": None,  # anything, inside the subcommand's function
     **{f"server.{m}": SERVER for m in ("__init__", "protocol", "scheduler", "app")},
     "export.__init__": set(),

@@ -1,0 +1,152 @@
+"""Chat data: reading both JSONL formats, group splits, the chat template round trip, assistant
+masks, packing, and the Bark chat rule."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from barkgpt.common import BarkError
+from barkgpt.conversations import (IGNORE_INDEX, bark_chat_conversations, encode_conversation, follows_bark_rule,
+                                   load_conversations, pack_conversations, pack_rows, split_conversations)
+from barkgpt.tokenizer import CHAT_TOKENS, Tokenizer
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def chat_tok(tiny_tokenizer):
+    tok, added = tiny_tokenizer.with_chat_tokens()
+    assert added == 3
+    return tok
+
+
+def test_reads_openai_and_sharegpt_rows(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [
+        {"tree_id": "a", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                      {"role": "assistant", "content": "Hello."}]},
+        "",
+        {"conversations": [{"from": "human", "value": "Hey"}, {"from": "gpt", "value": "Yo"}]},
+    ])
+    convs = load_conversations(path)
+    assert [m["role"] for m in convs[0]["messages"]] == ["system", "user", "assistant"]
+    assert convs[1]["messages"] == [{"role": "user", "content": "Hey"}, {"role": "assistant", "content": "Yo"}]
+    assert [c["group"] for c in convs] == ["a", "#3"]  # no tree_id: a group of its own
+
+
+@pytest.mark.parametrize("row, match", [
+    ("{not json", "line 1 is not valid JSON"),
+    ({"text": "hi"}, "neither a 'messages' list"),
+    ({"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]}, "unknown role 'tool'"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]}, "needs a string 'content'"),
+    ({"messages": [{"role": "user", "content": "only a question"}]}, "no assistant turn"),
+])
+def test_bad_rows_are_one_line_errors(tmp_path, row, match):
+    with pytest.raises(BarkError, match=match):
+        load_conversations(write_jsonl(tmp_path / "bad.jsonl", [row]))
+
+
+def test_split_keeps_each_tree_on_one_side(shared_data):
+    convs = load_conversations(shared_data / "chat-sample.jsonl")
+    train, val = split_conversations(convs, val_fraction=0.1, seed=1)
+    assert len(train) + len(val) == len(convs) == 547
+    train_trees, val_trees = {c["group"] for c in train}, {c["group"] for c in val}
+    assert not train_trees & val_trees
+    assert len(val_trees) == round(95 * 0.1)
+    with pytest.raises(BarkError, match="too few to split"):
+        split_conversations(convs[:1])
+
+
+def test_chat_template_round_trips_on_real_conversations(shared_data, chat_tok, tiny_tokenizer):
+    rows = [json.loads(line)["messages"] for line in (shared_data / "chat-sample.jsonl").read_text().splitlines()]
+    for messages in rows:
+        assert chat_tok.parse_chat(chat_tok.apply_chat_template(messages, add_generation_prompt=False)) == messages
+        assert chat_tok.parse_chat(chat_tok.apply_chat_template(messages[:-1])) == messages[:-1]  # prompt form
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "line one\nline two"},
+             {"role": "assistant", "content": "Sure.\nUser: not a turn"}]
+    assert tiny_tokenizer.parse_chat(tiny_tokenizer.apply_chat_template(plain, add_generation_prompt=False)) == plain
+    bark = Tokenizer.bark_chat()
+    talk = [{"role": "user", "content": "speak"}, {"role": "assistant", "content": "woof arf"},
+            {"role": "user", "content": "sit"}]
+    assert bark.parse_chat(bark.apply_chat_template(talk)) == talk
+    with pytest.raises(BarkError, match="cannot parse"):
+        chat_tok.parse_chat("no roles here")
+
+
+def test_assistant_mask_covers_exactly_the_replies_and_their_eos(chat_tok):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Café? 🐶"},
+                {"role": "assistant", "content": "Oui, café."}, {"role": "user", "content": "Bye"},
+                {"role": "assistant", "content": "Woof! 東京"}]
+    ids, mask = encode_conversation(chat_tok, messages)
+    assert ids == chat_tok.encode(chat_tok.apply_chat_template(messages, add_generation_prompt=False))
+    targets = chat_tok.decode([i for i, m in zip(ids, mask) if m])
+    assert targets == "Oui, café.<EOS>Woof! 東京<EOS>"
+    prompt = chat_tok.decode([i for i, m in zip(ids, mask) if not m])
+    assert prompt == "<|system|>Be brief.<EOS><|user|>Café? 🐶<EOS><|assistant|><|user|>Bye<EOS><|assistant|>"
+
+
+def test_assistant_mask_with_bark_and_char_templates():
+    bark = Tokenizer.bark_chat()
+    ids, mask = encode_conversation(bark, [{"role": "user", "content": "play"}, {"role": "assistant", "content": "ruff ruff ruff"}])
+    assert [bark.id_to_token(i) for i, m in zip(ids, mask) if m] == ["ruff", "ruff", "ruff", "<EOS>"]
+    char = Tokenizer.train("char", ["User: hi\nAssistant: yo\n"])
+    ids, mask = encode_conversation(char, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+    assert char.decode([i for i, m in zip(ids, mask) if m]) == " yo<EOS>"
+
+
+def test_pack_rows_places_every_piece_once_within_the_row():
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 64) for _ in range(300)]
+    rows = pack_rows(lengths, 64)
+    assert sorted(i for row in rows for i in row) == list(range(300))
+    assert all(sum(lengths[i] for i in row) <= 64 for row in rows)
+    assert len(rows) <= 1.1 * sum(lengths) / 64 + 1  # best-fit decreasing wastes little
+
+
+def test_packing_keeps_every_target_and_separates_segments(chat_tok, shared_data):
+    convs = [c["messages"] for c in load_conversations(shared_data / "chat-sample.jsonl")[:40]]
+    rows = pack_conversations(chat_tok, convs, block_size=96)
+    expected = 0
+    for messages in convs:
+        _, mask = encode_conversation(chat_tok, messages)
+        expected += sum(mask[1:])  # the first token is never a target
+    assert rows["targets"] == int((rows["y"] != IGNORE_INDEX).sum()) == expected
+    x, y, seg = rows["x"], rows["y"], rows["segments"]
+    assert x.shape == y.shape == seg.shape and x.shape[1] == 96
+    assert (np.diff(seg, axis=1) >= 0).all() and (np.diff(seg, axis=1) <= 1).all()  # contiguous runs
+    # a target is the next input of the same segment (the last token of a piece has no next input)
+    same = seg[:, 1:] == seg[:, :-1]
+    inner = (y[:, :-1] != IGNORE_INDEX) & same
+    assert (y[:, :-1][inner] == x[:, 1:][inner]).all()
+    assert rows["tokens"] / x.size > 0.9
+
+
+def test_with_chat_tokens_appends_ids_and_is_idempotent(tiny_tokenizer, chat_tok, tmp_path):
+    assert [chat_tok.token_to_id(t) for t in CHAT_TOKENS] == [300, 301, 302]
+    assert chat_tok.encode("hello world") == tiny_tokenizer.encode("hello world")
+    assert chat_tok.encode("<|user|>") == [301]
+    chat_tok.save(tmp_path)
+    again, added = Tokenizer.load(tmp_path).with_chat_tokens()
+    assert added == 0 and again.vocab_size == 303 and again.chat_template == chat_tok.chat_template
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["additional_special_tokens"] == list(CHAT_TOKENS)
+
+
+def test_bark_rule_and_generated_conversations():
+    assert follows_bark_rule("speak", "woof arf woof")
+    assert follows_bark_rule("sit", "arf") and not follows_bark_rule("sit", "arf arf")
+    assert follows_bark_rule("play", "ruff ruff ruff") and not follows_bark_rule("play", "ruff ruff")
+    assert follows_bark_rule("growl", "grrr") and not follows_bark_rule("growl", "woof")
+    assert follows_bark_rule("fetch", "ruff?") and follows_bark_rule("sit down", "ruff?")
+    assert not follows_bark_rule("hello", "woof") and not follows_bark_rule("speak", "ruff?")
+    convs = bark_chat_conversations(500, seed=3)
+    assert convs == bark_chat_conversations(500, seed=3)
+    assert any(len(c) > 2 for c in convs)  # multi-turn
+    for messages in convs:
+        for user, reply in zip(messages[::2], messages[1::2]):
+            assert follows_bark_rule(user["content"], reply["content"])
+    unknown = Tokenizer.bark_chat().unk_id
+    assert any(unknown in Tokenizer.bark_chat().encode(m["content"]) for c in convs for m in c[::2])
