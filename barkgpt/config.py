@@ -108,7 +108,7 @@ class TrainConfig:
         BarkError: contradictory settings (warmup longer than the run, min_lr above learning_rate...).
     """
 
-    data: str | None = None  # prepared data folder (barkgpt prepare), a .txt/.jsonl/folder to prepare into out_dir/data, or 'bark' for the generated Bark corpus
+    data: str | None = None  # prepared data folder (barkgpt prepare), a .txt/.jsonl/folder to prepare into out_dir/data, 'bark' for the generated Bark corpus, or 'bark-chat' for generated Bark conversations
     tokenizer: str = "bpe"  # tokenizer kind when --data is raw text: bpe, char or word
     tokenizer_vocab_size: int | None = None  # vocabulary size to train when --data is raw text (bpe default 2048)
     out_dir: str = "runs/default"  # where config.yaml, metrics.jsonl, loss.png, last/ and best/ go
