@@ -28,6 +28,17 @@ $(VENV)/.llama: $(VENV)/.dev
 	$(PIP) '$(LLAMA_CPP)' || echo "warning: $(LLAMA_CPP) did not install; the llama.cpp parity tests will skip"
 	touch $@
 
+# Debian's Chromium for the browser tests (tests/integration/test_web.py drives it with the
+# playwright package; `playwright install` would download a browser, which cannot work offline).
+# Without root, apt or a network, those tests skip with the reason instead.
+$(VENV)/.chromium: $(VENV)/.dev
+	if [ ! -x /usr/bin/chromium ]; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) || echo "warning: chromium did not install; the browser tests will skip"; \
+	  else echo "warning: no apt-get or not root: install chromium (apt-get install chromium) or the browser tests will skip"; fi; \
+	fi
+	touch $@
+
 install: $(VENV)/.core
 install-dev: $(VENV)/.dev
 
@@ -35,7 +46,7 @@ demo: $(VENV)/.core
 	$(VENV)/bin/barkgpt train --preset bark --out-dir runs/bark
 	$(VENV)/bin/barkgpt sample --model runs/bark --prompt "User: speak Assistant:" --num-samples 5 --one-line --temperature 1.0 --max-new-tokens 20 --seed 0
 
-test: $(VENV)/.dev $(VENV)/.llama
+test: $(VENV)/.dev $(VENV)/.llama $(VENV)/.chromium
 	$(PY) -m pytest -q
 
 test-fast: $(VENV)/.dev

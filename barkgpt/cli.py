@@ -240,6 +240,8 @@ def cmd_serve(args) -> None:
             raise BarkError(f"cannot read --api-key-file {cfg.api_key_file}: {e.strerror}") from None
         if not api_key:
             raise BarkError(f"--api-key-file {cfg.api_key_file} is empty")
+    if cfg.runs and Path(cfg.runs).exists() and not Path(cfg.runs).is_dir():
+        raise BarkError(f"--runs {cfg.runs} is not a folder; give the folder that holds your run folders (e.g. runs)")
     folder = Path(args.model).resolve()
     if not folder.exists():
         raise BarkError(f"--model {args.model} does not exist; give a run folder (runs/x) or a checkpoint folder")
@@ -258,7 +260,8 @@ def cmd_serve(args) -> None:
         return gen
 
     auth = "API key required" if api_key else "no API key"
-    print(f"serving {name} at http://{cfg.host}:{cfg.port}/v1 ({auth}); loading the model", flush=True)
+    print(f"serving {name} at http://{cfg.host}:{cfg.port}/v1 ({auth}), web page at http://{cfg.host}:{cfg.port}/; "
+          "loading the model", flush=True)
     run_server(load, cfg)
 
 

@@ -212,6 +212,7 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20  # request bodies larger than this get 413
     cors_origin: list[str] = field(default_factory=list)  # allow browser calls from this origin (repeatable; none: CORS off)
     shutdown_timeout: float = 30.0  # seconds running requests get to finish after SIGTERM; then they end with an error
+    runs: str | None = None  # a folder of training runs to watch, start and stop on the web page's /train (None: none)
 
     def __post_init__(self):
         if not 1 <= self.port <= 65535:

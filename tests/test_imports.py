@@ -23,7 +23,7 @@ ALLOWED = {
     "train": {"model", "data", "conversations", "engine", "checkpoint", "config", "common", "tokenizer"},
     "evaluate": {"checkpoint", "common", "conversations", "data", "generate", "model", "tokenizer"},
     "cli": None,  # anything, inside the subcommand's function
-    **{f"server.{m}": SERVER for m in ("__init__", "protocol", "scheduler", "app")},
+    **{f"server.{m}": SERVER for m in ("__init__", "protocol", "errors", "scheduler", "web", "app")},
     "export.__init__": set(),
     "export.hf": {"checkpoint", "model", "tokenizer", "config", "common", "generate"},
     "export.gguf": {"export", "checkpoint", "model", "tokenizer", "config", "common", "generate"},

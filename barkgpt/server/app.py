@@ -31,13 +31,15 @@ from typing import AsyncIterator, Callable, NamedTuple
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from barkgpt.common import BarkError
 from barkgpt.config import ServeConfig
 from barkgpt.generate import TextDecoder, TextGenerator
 from barkgpt.server import protocol as P
+from barkgpt.server import web
+from barkgpt.server.errors import ApiError
 from barkgpt.server.scheduler import QueueFull, SamplingParams, Scheduler, ShuttingDown
 
 log = logging.getLogger("barkgpt.server")
@@ -46,22 +48,7 @@ DRAIN_MAX_BYTES = 64 << 20  # a refused body up to 64 MiB is read and dropped be
 RETRY_AFTER_S = 1  # the Retry-After of a 429 or of a 503 while the model loads
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 SHUTDOWN_GRACE_S = 5.0  # after shutdown_timeout, how long requests get to send their error before uvicorn cancels them
-PUBLIC_PATHS = {"/health"}  # reachable without the API key
-
-
-class ApiError(Exception):
-    """An error response in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
-
-    def response(self) -> JSONResponse:
-        """The error as a JSON response with its status and headers."""
-        body = P.ErrorResponse(error=P.ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code))
-        return JSONResponse(body.model_dump(), status_code=self.status, headers=self.headers)
+PUBLIC_PATHS = {"/health", *web.PAGES}  # reachable without the API key (and web.STATIC_PREFIX/...)
 
 
 class _Guard:
@@ -74,7 +61,8 @@ class _Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key is not None and scope["path"] not in PUBLIC_PATHS and scope["method"] != "OPTIONS":
+        public = scope["path"] in PUBLIC_PATHS or scope["path"].startswith(web.STATIC_PREFIX)
+        if self.api_key is not None and not public and scope["method"] != "OPTIONS":
             auth = headers.get("authorization", "")
             token = auth[7:] if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
             if not hmac.compare_digest(token.encode(), self.api_key.encode()):
@@ -185,22 +173,27 @@ class ModelHost:
 
     ``barkgpt serve`` opens the port first and loads the model in a background thread, which
     calls :meth:`attach`; until then, and from the start of shutdown on, :meth:`ready` raises a 503.
+    A later :meth:`attach` (the web page's "chat with this run") switches the served model.
 
     Args:
-        settings: batch and queue sizes of the scheduler.
+        settings: batch and queue sizes of the scheduler, the model id, the shutdown timeout.
     """
 
     def __init__(self, settings: ServeConfig):
         self.settings = settings
+        self.name = settings.model_name or "barkgpt"  # the model id in /v1/models and responses
         self.generator: TextGenerator | None = None
         self.scheduler: Scheduler | None = None
         self.draining = False  # shutdown began: refuse new requests
         self._closed = False
         self._lock = threading.Lock()
 
-    def attach(self, generator: TextGenerator) -> None:
-        """Start a scheduler on ``generator``'s model; the model routes serve from then on.
+    def attach(self, generator: TextGenerator, name: str | None = None) -> None:
+        """Start a scheduler on ``generator``'s model; the model routes serve it from then on, as
+        model id ``name`` (None: keep the id).
 
+        A model attached before is retired: its running requests finish (for up to
+        ``shutdown_timeout`` seconds) in a background thread, then its scheduler stops.
         Callable from any thread; a no-op once :meth:`close` ran.
         """
         s = self.settings
@@ -209,8 +202,17 @@ class ModelHost:
             if self._closed:
                 return
             scheduler.start()
-            self.generator = generator
-            self.scheduler = scheduler  # set last: ready() reads it first
+            old = self.scheduler
+            self.generator, self.scheduler, self.name = generator, scheduler, name or self.name
+        if old is not None:
+            threading.Thread(target=self._retire, args=(old,), name="barkgpt-retire", daemon=True).start()
+
+    def _retire(self, scheduler: Scheduler) -> None:
+        """Let a replaced scheduler's requests finish (up to ``shutdown_timeout``), then stop it."""
+        deadline = time.monotonic() + self.settings.shutdown_timeout
+        while (scheduler.running or scheduler.waiting) and time.monotonic() < deadline and not self._closed:
+            time.sleep(0.05)
+        scheduler.stop()
 
     def ready(self) -> tuple[TextGenerator, Scheduler]:
         """The generator and its running scheduler.
@@ -220,14 +222,15 @@ class ModelHost:
         """
         if self.draining:
             raise ApiError(503, "the server is shutting down", "service_unavailable_error", code="shutting_down")
-        scheduler = self.scheduler
+        with self._lock:  # the pair, never one model's generator with another's scheduler
+            generator, scheduler = self.generator, self.scheduler
         if scheduler is None:
             raise ApiError(503, "the model is still loading; retry shortly", "service_unavailable_error",
                            code="model_loading", headers={"Retry-After": str(RETRY_AFTER_S)})
         if not scheduler.alive:
             raise ApiError(503, "the model is not available (its worker stopped)", "service_unavailable_error",
                            code="not_ready")
-        return self.generator, scheduler
+        return generator, scheduler
 
     def stop_generating(self) -> None:
         """End every waiting and running request now (with :class:`ShuttingDown`), without waiting."""
@@ -252,13 +255,15 @@ def create_app(generator: TextGenerator | None = None, settings: ServeConfig | N
         settings: name (None: ``barkgpt``), API key, batch and queue sizes, CORS origins, body cap.
     """
     settings = settings or ServeConfig()
-    name, host, started = settings.model_name or "barkgpt", ModelHost(settings), time.time()
+    host, started = ModelHost(settings), time.time()
+    runs = web.TrainingRuns(settings.runs)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         if generator is not None:
             host.attach(generator)
         yield
+        await asyncio.to_thread(runs.close)
         await asyncio.to_thread(host.close)
 
     app = FastAPI(title="BarkGPT", version="0.1.0", lifespan=lifespan)
@@ -273,9 +278,9 @@ def create_app(generator: TextGenerator | None = None, settings: ServeConfig | N
     app.add_middleware(_CountRequests, metrics=metrics)  # added last: runs first, sees 401/413 too
 
     @functools.lru_cache(maxsize=1 << 16)
-    def token_text(i: int) -> str:
+    def token_text(tokenizer, i: int) -> str:
         """One token's own text (for logprobs); a byte of a multi-byte character shows as U+FFFD."""
-        return host.generator.tokenizer.decode([i])
+        return tokenizer.decode([i])
 
     # ---- errors: one shape for all -----------------------------------------------------------
 
@@ -317,8 +322,8 @@ def create_app(generator: TextGenerator | None = None, settings: ServeConfig | N
     # ---- helpers -----------------------------------------------------------------------------
 
     def check_model(model: str | None) -> None:
-        if model is not None and model != name:
-            raise ApiError(404, f"the model '{model}' does not exist; this server serves '{name}'",
+        if model is not None and model != host.name:
+            raise ApiError(404, f"the model '{model}' does not exist; this server serves '{host.name}'",
                            "not_found_error", param="model", code="model_not_found")
 
     def sampling_for(ids: list[int], sampling: dict, block_size: int) -> SamplingParams:
@@ -361,7 +366,8 @@ def create_app(generator: TextGenerator | None = None, settings: ServeConfig | N
                 seed = None if base.seed is None else (base.seed + j) % 2**64  # n samples must differ
                 jobs.append((ids, SamplingParams(**{**base.__dict__, "seed": seed})))
         reqs = submit_all(sched, jobs)
-        return [_Choice(r, gen.tokenizer, body.stop, i, len(r.ids) if i % body.n == 0 else 0, metrics, token_text)
+        text_of = functools.partial(token_text, gen.tokenizer)
+        return [_Choice(r, gen.tokenizer, body.stop, i, len(r.ids) if i % body.n == 0 else 0, metrics, text_of)
                 for i, r in enumerate(reqs)]
 
     async def chat_prompt(body: P.ChatCompletionRequest, gen: TextGenerator) -> list[int]:
@@ -386,12 +392,12 @@ def create_app(generator: TextGenerator | None = None, settings: ServeConfig | N
     @app.get("/health")
     async def health():
         _, s = host.ready()
-        return {"status": "ok", "model": name, "uptime_s": round(time.time() - started, 3),
+        return {"status": "ok", "model": host.name, "uptime_s": round(time.time() - started, 3),
                 "running": s.running, "waiting": s.waiting}
 
     def card() -> P.ModelCard:
         gen, _ = host.ready()
-        return P.ModelCard(id=name, created=int(started), max_model_len=gen.block_size)
+        return P.ModelCard(id=host.name, created=int(started), max_model_len=gen.block_size)
 
     @app.get("/v1/models", response_model=P.ModelList)
     async def list_models():
@@ -413,12 +419,12 @@ def create_app(generator: TextGenerator | None = None, settings: ServeConfig | N
         def chunk(i, text, finish, usage=None, logprobs=None):
             cs = [] if i is None else [P.CompletionChoice(text=text, index=i, logprobs=_completion_logprobs(logprobs),
                                                           finish_reason=finish)]
-            return P.CompletionResponse(id=rid, created=created, model=name, choices=cs, usage=usage)
+            return P.CompletionResponse(id=rid, created=created, model=host.name, choices=cs, usage=usage)
 
         if body.stream:
             return _sse(_stream_choices(choices, chunk, body.include_usage, first=None))
         await _collect(choices, request)
-        return P.CompletionResponse(id=rid, created=created, model=name, usage=_usage(choices), choices=[
+        return P.CompletionResponse(id=rid, created=created, model=host.name, usage=_usage(choices), choices=[
             P.CompletionChoice(text=c.text, index=c.index, logprobs=_completion_logprobs(c.logprobs),
                                finish_reason=c.finish_reason) for c in choices])
 
@@ -435,12 +441,12 @@ def create_app(generator: TextGenerator | None = None, settings: ServeConfig | N
             cs = [] if i is None else [P.ChatChunkChoice(
                 index=i, delta=P.DeltaMessage(role=role, content=None if finish else text),
                 logprobs=_chat_logprobs(logprobs), finish_reason=finish)]
-            return P.ChatCompletionChunk(id=rid, created=created, model=name, choices=cs, usage=usage)
+            return P.ChatCompletionChunk(id=rid, created=created, model=host.name, choices=cs, usage=usage)
 
         if body.stream:
             return _sse(_stream_choices(choices, chunk, body.include_usage, first="assistant"))
         await _collect(choices, request)
-        return P.ChatCompletionResponse(id=rid, created=created, model=name, usage=_usage(choices), choices=[
+        return P.ChatCompletionResponse(id=rid, created=created, model=host.name, usage=_usage(choices), choices=[
             P.ChatChoice(index=c.index, message=P.AssistantMessage(content=c.text), logprobs=_chat_logprobs(c.logprobs),
                          finish_reason=c.finish_reason) for c in choices])
 
@@ -466,6 +472,7 @@ def create_app(generator: TextGenerator | None = None, settings: ServeConfig | N
         gen, _ = host.ready()
         return P.DetokenizeResponse(prompt=gen.tokenizer.decode(ids_of(body.tokens, gen)))
 
+    web.add_routes(app, host, runs)
     return app
 
 

@@ -1,0 +1,25 @@
+"""``ApiError``: an error response in OpenAI's ``{"error": {"message", "type", "param", "code"}}``
+shape, raised by every route (``app.py``'s OpenAI routes and ``web.py``'s run routes) and turned
+into a response by one exception handler, as llama-cpp-python's ``server/errors.py`` does.
+"""
+
+from __future__ import annotations
+
+from fastapi.responses import JSONResponse
+
+from barkgpt.server import protocol as P
+
+
+class ApiError(Exception):
+    """An error response in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        """The error as a JSON response with its status and headers."""
+        body = P.ErrorResponse(error=P.ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code))
+        return JSONResponse(body.model_dump(), status_code=self.status, headers=self.headers)

@@ -1,0 +1,391 @@
+"""The web UI of ``barkgpt serve``: the chat page (``/``), the training page (``/train``), their
+static files (``/static/*``, shipped in ``server/static/``: no CDN, no build step), and the JSON
+routes the training page reads.
+
+The chat page speaks only the public ``/v1/chat/completions`` (streaming) and ``/v1/models``, so
+it works against any OpenAI-compatible server. The training page reads the run folders under
+``barkgpt serve --runs DIR`` (what ``train.py`` writes: ``config.yaml``, ``metrics.jsonl``,
+``samples.jsonl``, ``last/`` and ``best/``), and may run one ``barkgpt train`` child process at a
+time, whose output goes to the run's ``train.log``:
+
+    GET  /v1/presets             the presets a run can start from, with their settings
+    GET  /v1/runs                the runs: name, status, step, losses, tokens/s, ETA
+    GET  /v1/runs/{name}         one run: that summary, metrics rows, config, samples, checkpoints, log
+    POST /v1/runs                start a run from a preset with a few overrides (409 while one trains)
+    POST /v1/runs/{name}/stop    SIGINT the run's process: it saves ``last/`` and exits
+    POST /v1/runs/{name}/load    serve the run's checkpoint (``best/``, else ``last/``) as model ``name``
+
+The pages and static files are public (they hold no data); the ``/v1`` routes need the API key
+when one is set. A run name is one path component matching :data:`RUN_NAME`, so no request
+reaches outside the runs folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+from barkgpt.common import BarkError
+from barkgpt.config import CONFIG_DIR, GPTConfig, TrainConfig, build_configs, coerce_value, field_types
+from barkgpt.generate import load_generator
+from barkgpt.server.errors import ApiError
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+STATIC_PREFIX = "/static/"
+PAGES = {"/": "index.html", "/train": "train.html"}  # path -> file in STATIC_DIR
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # one path component: no '/', never '.' or '..'
+OVERRIDES = ("data", "max_iters", "learning_rate", "batch_size", "eval_interval", "warmup_iters", "seed",
+             "n_layer", "n_head", "n_embd", "block_size")  # what a run started from the page may change
+MAX_METRIC_ROWS = 2000  # train-loss rows sent for a curve; longer runs are thinned (eval rows always kept)
+SAMPLES_SHOWN = 5  # latest samples.jsonl entries in a run's detail
+LOG_TAIL_LINES = 30  # lines of train.log in a run's detail
+ACTIVE_S = 60.0  # a run not started here whose metrics changed this recently is "active"
+STOP_TIMEOUT_S = 30.0  # at server shutdown, how long a training child gets to save last/ after SIGINT
+
+
+class StartRunRequest(BaseModel):
+    """``POST /v1/runs``: train a new run ``name`` from ``preset`` with a few ``overrides``
+    (field -> value, only the fields in :data:`OVERRIDES`)."""
+
+    name: str = Field(min_length=1, max_length=64)
+    preset: str = "bark"
+    overrides: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+
+
+class TrainingRuns:
+    """The runs folder of ``barkgpt serve --runs`` and the one training process started from it.
+
+    Args:
+        root: the runs folder (created when the first run starts), or None: no runs (listing
+            gives an empty list, the other routes a 404).
+    """
+
+    def __init__(self, root: str | None):
+        self.shown_root = root
+        self.root = Path(root).resolve() if root else None
+        self.proc: subprocess.Popen | None = None
+        self.proc_name: str | None = None  # the run the process trains
+        self.stopping = False  # SIGINT sent to the process
+        self._lock = threading.Lock()
+
+    # ---- reading runs ------------------------------------------------------------------------
+
+    def folder(self, name: str, must_exist: bool = True) -> Path:
+        """The folder of run ``name``.
+
+        Raises:
+            ApiError: 404 without a runs folder or (``must_exist``) no such run; 400 for a name
+                that is not one plain path component.
+        """
+        if self.root is None:
+            raise ApiError(404, "this server has no runs folder; start it with barkgpt serve --runs DIR",
+                           "not_found_error", code="no_runs_folder")
+        if not RUN_NAME.fullmatch(name):
+            raise ApiError(400, "a run name is 1 to 64 letters, digits, '.', '_' or '-', starting with a letter "
+                                "or digit", param="name", code="invalid_run_name")
+        path = self.root / name
+        if must_exist and not (path.is_dir() and self._is_run(path)):
+            raise ApiError(404, f"no run named '{name}' in the runs folder", "not_found_error", param="name",
+                           code="run_not_found")
+        return path
+
+    def _is_run(self, path: Path) -> bool:
+        names = ("config.yaml", "metrics.jsonl", "train.log", "last", "best")
+        return path.name == self.proc_name or any((path / n).exists() for n in names)
+
+    def list_runs(self) -> dict:
+        """``GET /v1/runs``: every run folder's summary, most recently changed first."""
+        runs = []
+        if self.root is not None and self.root.is_dir():
+            for path in self.root.iterdir():
+                if RUN_NAME.fullmatch(path.name) and path.is_dir() and self._is_run(path):
+                    runs.append(self._summary(path, read_metrics(path)))
+        runs.sort(key=lambda r: r["updated"] or 0, reverse=True)
+        return {"object": "list", "runs_dir": self.shown_root, "data": runs}
+
+    def detail(self, name: str) -> dict:
+        """``GET /v1/runs/{name}``: the summary plus metrics rows, config, samples, checkpoints, log.
+
+        Raises:
+            ApiError: as :meth:`folder`.
+        """
+        path = self.folder(name)
+        rows = read_metrics(path)
+        out = self._summary(path, rows)
+        out["metrics"] = thin_rows(rows, MAX_METRIC_ROWS)
+        out["config"] = read_config(path)
+        out["samples"] = read_jsonl(path / "samples.jsonl")[-SAMPLES_SHOWN:]
+        out["checkpoints"] = [c for c in (checkpoint_info(path / n) for n in ("best", "last")) if c]
+        out["log"] = tail(path / "train.log", LOG_TAIL_LINES)
+        return out
+
+    def _summary(self, path: Path, rows: list[dict]) -> dict:
+        config = read_config(path) or {}
+        max_iters = (config.get("train") or {}).get("max_iters")
+        train_rows = [r for r in rows if "train_loss" in r]
+        val_rows = [r for r in rows if "val_loss" in r]
+        last = train_rows[-1] if train_rows else {}
+        step = max((r.get("step", 0) for r in rows), default=0)
+        elapsed = max((r.get("elapsed_s", 0) for r in rows), default=0)
+        status = self._status(path, step, max_iters)
+        eta = None
+        if status in ("training", "active") and max_iters and step:
+            eta = round(max(0, max_iters - step) * elapsed / step, 1)
+        mtimes = [p.stat().st_mtime for p in (path, path / "metrics.jsonl") if p.exists()]
+        return {"name": path.name, "status": status, "step": step, "max_iters": max_iters,
+                "train_loss": last.get("train_loss"), "val_loss": val_rows[-1]["val_loss"] if val_rows else None,
+                "best_val_loss": min((r["val_loss"] for r in val_rows), default=None), "lr": last.get("lr"),
+                "tokens_per_s": last.get("tokens_per_s"), "elapsed_s": elapsed, "eta_s": eta,
+                "updated": max(mtimes, default=None),
+                "has_checkpoint": any(checkpoint_info(path / n) for n in ("best", "last"))}
+
+    def _status(self, path: Path, step: int, max_iters: int | None) -> str:
+        """training, stopping or failed (the process started here), else finished, else stopped, or
+        "active" when a process elsewhere (``barkgpt train`` in a terminal) wrote metrics recently."""
+        proc = self.proc
+        ours = proc is not None and self.proc_name == path.name
+        if ours:
+            code = proc.poll()
+            if code is None:
+                return "stopping" if self.stopping else "training"
+            if code != 0 and not self.stopping:
+                return "failed"
+        if max_iters and step >= max_iters:
+            return "finished"
+        metrics = path / "metrics.jsonl"
+        if not ours and metrics.exists() and time.time() - metrics.stat().st_mtime < ACTIVE_S:
+            return "active"
+        return "stopped"
+
+    # ---- starting and stopping ---------------------------------------------------------------
+
+    def start(self, req: StartRunRequest) -> dict:
+        """``POST /v1/runs``: check the request, then start ``barkgpt train`` for it.
+
+        Raises:
+            ApiError: 400 for a bad name, preset or override; 409 while a run trains or when the
+                name is taken.
+            BarkError: an invalid config (a 400 through the app's handler).
+        """
+        path = self.folder(req.name, must_exist=False)
+        names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        if req.preset not in names:  # a name, never a path
+            raise ApiError(400, f"unknown preset '{req.preset}'; presets: {', '.join(names)}", param="preset",
+                           code="invalid_preset")
+        unknown = sorted(set(req.overrides) - set(OVERRIDES))
+        if unknown:
+            raise ApiError(400, f"cannot override {', '.join(unknown)} from the page; allowed: {', '.join(OVERRIDES)}",
+                           param="overrides", code="invalid_override")
+        types = {**field_types(GPTConfig), **field_types(TrainConfig)}
+        overrides = {k: coerce_value(k, v, types[k]) for k, v in req.overrides.items() if v not in (None, "")}
+        _, train_cfg = build_configs(req.preset, None, {**overrides, "out_dir": str(path)})  # checks it all
+        if train_cfg.data is None:
+            raise ApiError(400, f"the preset '{req.preset}' names no data; give data (a folder from barkgpt prepare "
+                                "or a text file)", param="overrides.data", code="missing_data")
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in overrides.items()]
+        cmd = [sys.executable, "-m", "barkgpt", "train", "--preset", req.preset, "--out-dir", str(path), *flags]
+        with self._lock:
+            if self.proc is not None and self.proc.poll() is None:
+                raise ApiError(409, f"the run '{self.proc_name}' is training; stop it before starting another",
+                               code="run_in_progress")
+            if path.exists():
+                raise ApiError(409, f"a run named '{req.name}' exists; pick another name", param="name",
+                               code="run_exists")
+            path.mkdir(parents=True)
+            with open(path / "train.log", "wb") as log:
+                self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self.proc_name, self.stopping = req.name, False
+        return self._summary(path, [])
+
+    def stop(self, name: str) -> dict:
+        """``POST /v1/runs/{name}/stop``: SIGINT the run's process (it saves ``last/`` and exits).
+
+        Raises:
+            ApiError: as :meth:`folder`; 409 when the run is not training in this server.
+        """
+        path = self.folder(name)
+        with self._lock:
+            if self.proc_name != name or self.proc is None or self.proc.poll() is not None:
+                raise ApiError(409, f"the run '{name}' is not training in this server", code="run_not_training")
+            self.proc.send_signal(signal.SIGINT)
+            self.stopping = True
+        return self._summary(path, read_metrics(path))
+
+    def close(self) -> None:
+        """Stop a training child (SIGINT, so it saves ``last/``; killed after ``STOP_TIMEOUT_S``)."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        self.stopping = True
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ---- reading a run folder (every reader tolerates a half-written or missing file) ----------------
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The JSON objects of a ``.jsonl`` file; a line being written (not valid JSON yet) is skipped."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """A run's ``metrics.jsonl`` rows, with non-finite numbers (a diverged loss) as None."""
+    return [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+            for row in read_jsonl(path / "metrics.jsonl")]
+
+
+def thin_rows(rows: list[dict], limit: int) -> list[dict]:
+    """``rows`` with the train rows thinned to about ``limit`` (every k-th, and the last); eval rows all kept."""
+    train = [i for i, r in enumerate(rows) if "val_loss" not in r]
+    if len(train) <= limit:
+        return rows
+    k = math.ceil(len(train) / limit)
+    keep = set(train[::k]) | {train[-1]}
+    return [r for i, r in enumerate(rows) if i in keep or "val_loss" in r]
+
+
+def read_config(path: Path) -> dict | None:
+    """A run's resolved ``config.yaml`` as ``{"model": {...}, "train": {...}}``, or None."""
+    import yaml
+
+    try:
+        config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def checkpoint_info(path: Path) -> dict | None:
+    """Step, val loss, size and time of a checkpoint folder (``best/``, ``last/``), or None."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        files = [f for f in path.iterdir() if f.is_file()]
+        size, modified = sum(f.stat().st_size for f in files), (path / "model.safetensors").stat().st_mtime
+    except (OSError, ValueError):
+        return None
+    val = config.get("val_loss") if isinstance(config, dict) else None
+    return {"name": path.name, "step": config.get("step") if isinstance(config, dict) else None,
+            "val_loss": val if isinstance(val, (int, float)) and math.isfinite(val) else None,
+            "bytes": size, "modified": modified}
+
+
+def tail(path: Path, n: int) -> list[str]:
+    """The last ``n`` lines of a log (a progress bar's ``\\r`` updates count as lines)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 16384))  # the end is enough
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return []
+    return [line for line in re.split(r"[\r\n]+", text) if line.strip()][-n:]
+
+
+def list_presets() -> list[dict]:
+    """Each preset in ``barkgpt/configs`` with its first comment line and its :data:`OVERRIDES` values."""
+    out = []
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        try:
+            model_cfg, train_cfg = build_configs(path.stem)
+        except BarkError:
+            continue
+        values = {**vars(model_cfg), **vars(train_cfg)}
+        comment = next((line.lstrip("# ").strip() for line in path.read_text(encoding="utf-8").splitlines()
+                        if line.startswith("#")), "")
+        out.append({"name": path.stem, "description": comment, "settings": {k: values[k] for k in OVERRIDES}})
+    return out
+
+
+# ---- routes --------------------------------------------------------------------------------------
+
+def add_routes(app: FastAPI, host, runs: TrainingRuns) -> None:
+    """Add the pages, ``/static``, and the run routes to ``app``.
+
+    Args:
+        app: the app of :func:`barkgpt.server.app.create_app`.
+        host: its :class:`~barkgpt.server.app.ModelHost` (``/load`` attaches a run's model to it).
+        runs: the runs folder and its training process.
+    """
+    for route, file in PAGES.items():
+        app.add_api_route(route, _page(STATIC_DIR / file), methods=["GET"], include_in_schema=False)
+    app.mount(STATIC_PREFIX.rstrip("/"), StaticFiles(directory=STATIC_DIR), name="static")
+    load_lock = asyncio.Lock()
+
+    @app.get("/v1/presets")
+    def presets():
+        """The presets a run can start from, with their settings."""
+        return {"object": "list", "data": list_presets(), "overrides": list(OVERRIDES)}
+
+    @app.get("/v1/runs")
+    def list_runs():
+        """The runs under ``--runs``, most recently changed first."""
+        return runs.list_runs()
+
+    @app.get("/v1/runs/{name}")
+    def get_run(name: str):
+        """One run: summary, metrics rows, resolved config, latest samples, checkpoints, log tail."""
+        return runs.detail(name)
+
+    @app.post("/v1/runs", status_code=201)
+    def start_run(body: StartRunRequest):
+        """Start ``barkgpt train --preset P --out-dir RUNS/NAME`` with the overrides (one run at a time)."""
+        return runs.start(body)
+
+    @app.post("/v1/runs/{name}/stop")
+    def stop_run(name: str):
+        """Ask the run's process to stop (SIGINT): it saves ``last/`` and exits."""
+        return runs.stop(name)
+
+    @app.post("/v1/runs/{name}/load")
+    async def load_run(name: str):
+        """Serve the run's ``best/`` (else ``last/``) checkpoint from now on, as model id ``name``."""
+        path = runs.folder(name)
+        gen, _ = host.ready()  # 503 while the first model loads or the server stops
+        if not any(checkpoint_info(path / n) for n in ("best", "last")):
+            raise ApiError(409, f"the run '{name}' has no checkpoint yet; wait for its first evaluation",
+                           code="no_checkpoint")
+        device = str(next(gen.model.parameters()).device)
+        async with load_lock:
+            new = await asyncio.to_thread(load_generator, path, device)
+            host.attach(new, name)
+        return {"model": name, "max_model_len": new.block_size}
+
+
+def _page(path: Path):
+    """A route handler that sends one HTML page (never cached, so an upgrade shows at once)."""
+
+    async def page():
+        return FileResponse(path, media_type="text/html", headers={"Cache-Control": "no-cache"})
+
+    page.__doc__ = f"The web page {path.name}."
+    return page
