@@ -1,9 +1,9 @@
-"""The web UI of ``barkgpt serve``: the chat page (``/``), the training page (``/train``), their
-static files (``/static/*``, shipped in ``server/static/``: no CDN, no build step), and the JSON
-routes the training page reads.
+"""The web UI of ``barkgpt serve``: one page, ``index.html``, whose chat view is at ``/`` and whose
+training view is at ``/train``, its scripts and style (``/static/*``, shipped in
+``server/static/``: no CDN, no build step), and the JSON routes the training view reads.
 
-The chat page speaks only the public ``/v1/chat/completions`` (streaming) and ``/v1/models``, so
-it works against any OpenAI-compatible server. The training page reads the run folders under
+The chat view speaks only the public ``/v1/chat/completions`` (streaming) and ``/v1/models``, so
+it works against any OpenAI-compatible server. The training view reads the run folders under
 ``barkgpt serve --runs DIR`` (what ``train.py`` writes: ``config.yaml``, ``metrics.jsonl``,
 ``samples.jsonl``, ``last/`` and ``best/``), and may run one ``barkgpt train`` child process at a
 time, whose output goes to the run's ``train.log``:
@@ -46,7 +46,7 @@ from barkgpt.server.errors import ApiError
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 STATIC_PREFIX = "/static/"
-PAGES = {"/": "index.html", "/train": "train.html"}  # path -> file in STATIC_DIR
+PAGES = ("/", "/train")  # both send index.html, which shows the chat or the training view by its path
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # one path component: no '/', never '.' or '..'
 OVERRIDES = ("data", "max_iters", "learning_rate", "batch_size", "eval_interval", "warmup_iters", "seed",
              "n_layer", "n_head", "n_embd", "block_size")  # what a run started from the page may change
@@ -336,8 +336,8 @@ def add_routes(app: FastAPI, host, runs: TrainingRuns) -> None:
         host: its :class:`~barkgpt.server.app.ModelHost` (``/load`` attaches a run's model to it).
         runs: the runs folder and its training process.
     """
-    for route, file in PAGES.items():
-        app.add_api_route(route, _page(STATIC_DIR / file), methods=["GET"], include_in_schema=False)
+    for route in PAGES:
+        app.add_api_route(route, page, methods=["GET"], include_in_schema=False)
     app.mount(STATIC_PREFIX.rstrip("/"), StaticFiles(directory=STATIC_DIR), name="static")
     load_lock = asyncio.Lock()
 
@@ -381,11 +381,6 @@ def add_routes(app: FastAPI, host, runs: TrainingRuns) -> None:
         return {"model": name, "max_model_len": new.block_size}
 
 
-def _page(path: Path):
-    """A route handler that sends one HTML page (never cached, so an upgrade shows at once)."""
-
-    async def page():
-        return FileResponse(path, media_type="text/html", headers={"Cache-Control": "no-cache"})
-
-    page.__doc__ = f"The web page {path.name}."
-    return page
+async def page():
+    """The web page, ``index.html`` (revalidated on each visit, so an upgrade shows at once)."""
+    return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers={"Cache-Control": "no-cache"})

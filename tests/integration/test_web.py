@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -182,7 +184,7 @@ def test_chat_streams_the_greedy_reply(open_page, server):
     assert "API key" in page.locator("#key-message").text_content()
     page.fill("#key-input", KEY)
     page.press("#key-input", "Enter")
-    page.wait_for_function("document.getElementById('model-info').textContent.startsWith('model slow')")
+    page.wait_for_function("document.getElementById('info').textContent.startsWith('model slow')")
     # record the reply's text each time the page changes it
     page.evaluate("""() => {
         window.states = [];
@@ -333,8 +335,30 @@ def test_load_a_finished_run_into_the_chat(open_page, server):
     page = open_page("/train#bark-tiny")
     page.click("#load-run")
     page.wait_for_url(server + "/")
-    page.wait_for_function("document.getElementById('model-info').textContent.startsWith('model bark-tiny')")
+    page.wait_for_function("document.getElementById('info').textContent.startsWith('model bark-tiny')")
     ask(page, "speak", temperature=0, max_tokens=8)
     reply = wait_reply_done(page)
     assert reply.split() and set(reply.split()) <= BARKS, reply
     assert send(server + "/v1/models")[1]["data"][0]["id"] == "bark-tiny"
+
+
+def test_run_folder_readers_tolerate_files_being_written(tmp_path):
+    from barkgpt.server.web import read_metrics, tail, thin_rows
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train_loss": 2.5}\n{"step": 2, "train_loss": NaN}\n'
+                                            '{"step": 2, "val_loss": 2.4}\n{"step": 3, "tra')  # a line being appended
+    rows = read_metrics(tmp_path)
+    assert rows == [{"step": 1, "train_loss": 2.5}, {"step": 2, "train_loss": None}, {"step": 2, "val_loss": 2.4}]
+    many = [{"step": i, "train_loss": 1.0} for i in range(1, 1001)] + [{"step": 1000, "val_loss": 1.0}]
+    thinned = thin_rows(many, 100)
+    assert len(thinned) <= 102 and thinned[-1] == many[-1] and thinned[-2] == many[-2] and thinned[0] == many[0]
+    (tmp_path / "train.log").write_bytes(b"model: llama\rtrain 10%\rtrain 20%\n\nstep 100: val 1.2\n\xff")
+    assert tail(tmp_path / "train.log", 2) == ["step 100: val 1.2", "\ufffd"]
+    assert tail(tmp_path / "missing.log", 2) == []
+
+
+def test_serve_refuses_a_runs_path_that_is_not_a_folder(tmp_path):
+    (tmp_path / "file").write_text("x")
+    out = subprocess.run([sys.executable, "-m", "barkgpt", "serve", "--model", str(tmp_path), "--runs", str(tmp_path / "file")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--runs" in out.stderr and "not a folder" in out.stderr and "Traceback" not in out.stderr

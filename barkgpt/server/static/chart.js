@@ -1,4 +1,4 @@
-// A small SVG line chart for the training page: linear axes with "nice" ticks, one polyline per
+// A small SVG line chart for the training view: linear axes with "nice" ticks, one polyline per
 // series (optional dots), a legend, and an aria-label that says what the curve shows.
 // Redraws itself when its container changes width.
 

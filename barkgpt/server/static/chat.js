@@ -1,9 +1,9 @@
-// The chat page: talks only to the public OpenAI routes, /v1/models and /v1/chat/completions
+// The chat view (/): talks only to the public OpenAI routes, /v1/models and /v1/chat/completions
 // with "stream": true, so it works against any OpenAI-compatible server. Replies grow as the
 // server-sent events arrive; Stop (or Esc) aborts the request; errors, and a stream that ends
 // without a finish_reason, are shown in the conversation.
 
-import { api, ApiCallError, el, headers, responseError, setupKeyPanel } from "/static/common.js";
+import { api, ApiCallError, el, headers, responseError, setupPage } from "/static/common.js";
 
 const $ = (id) => document.getElementById(id);
 const turns = []; // the {role, content} messages sent with the next request (the system prompt is added then)
@@ -16,10 +16,10 @@ async function loadModel() {
     if (!card) throw new Error("the server lists no model");
     model = card.id;
     const context = card.max_model_len ? ` \u00b7 context ${card.max_model_len} tokens` : "";
-    $("model-info").textContent = `model ${card.id}${context}`;
+    $("info").textContent = `model ${card.id}${context}`;
   } catch (e) {
     model = null;
-    $("model-info").textContent = `no model: ${e.message}`;
+    $("info").textContent = `no model: ${e.message}`;
     if (e.status === 503) setTimeout(loadModel, 1000); // still loading
   }
 }
@@ -199,6 +199,6 @@ document.addEventListener("keydown", (e) => { if (e.key === "Escape" && controll
 $("stop").addEventListener("click", stop);
 $("clear").addEventListener("click", clear);
 if (window.matchMedia("(min-width: 761px)").matches) $("settings").open = true;
-setupKeyPanel(loadModel);
+setupPage("chat", loadModel);
 loadModel();
 $("prompt").focus();

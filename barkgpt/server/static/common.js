@@ -1,4 +1,4 @@
-// Shared by the chat page and the training page: the API key, JSON calls that turn error
+// Shared by the chat view and the training view: the API key, JSON calls that turn error
 // bodies into messages, and a few formatting helpers. No dependencies, no build step.
 
 const KEY_STORAGE = "barkgpt-api-key";
@@ -54,12 +54,15 @@ export async function api(path, { method = "GET", body, signal } = {}) {
   return resp.json();
 }
 
-// ---- the API key panel (in both pages' top bar) ----------------------------------------------
+// ---- the top bar: page links and the API key panel -------------------------------------------
 
 let keyPanel = null;
 
-/** Wire the key button and panel; `onChange` runs after the key is saved or forgotten. */
-export function setupKeyPanel(onChange) {
+/** Mark `page` ("chat" or "train") as current, and wire the API key button and panel;
+ * `onKeyChange` runs after the key is saved or forgotten. */
+export function setupPage(page, onKeyChange) {
+  document.title = page === "train" ? "BarkGPT training" : "BarkGPT chat";
+  document.getElementById(`nav-${page}`).setAttribute("aria-current", "page");
   keyPanel = document.getElementById("key-panel");
   const button = document.getElementById("key-button");
   const input = document.getElementById("key-input");
@@ -75,12 +78,12 @@ export function setupKeyPanel(onChange) {
     input.value = "";
     keyPanel.hidden = true;
     label();
-    onChange();
+    onKeyChange();
   });
   document.getElementById("key-forget").addEventListener("click", () => {
     try { localStorage.removeItem(KEY_STORAGE); } catch { /* nothing to forget */ }
     label();
-    onChange();
+    onKeyChange();
   });
 }
 

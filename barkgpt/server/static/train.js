@@ -1,8 +1,8 @@
-// The training page: lists the runs under `barkgpt serve --runs DIR`, shows one run live (loss and
+// The training view (/train): lists the runs under `barkgpt serve --runs DIR`, shows one run live (loss and
 // learning-rate curves, step, tokens/s, ETA, samples, checkpoints, config, log), starts a run from a
-// preset, stops it, and loads a run's checkpoint into the chat page. Reads /v1/presets and /v1/runs.
+// preset, stops it, and loads a run's checkpoint into the chat view. Reads /v1/presets and /v1/runs.
 
-import { ago, api, bytes, duration, el, num, setupKeyPanel } from "/static/common.js";
+import { ago, api, bytes, duration, el, num, setupPage } from "/static/common.js";
 import { lineChart } from "/static/chart.js";
 
 const $ = (id) => document.getElementById(id);
@@ -23,12 +23,12 @@ let runTimer = null;
 async function refreshList() {
   try {
     const body = await api("/v1/runs");
-    $("runs-info").textContent = body.runs_dir ? `runs in ${body.runs_dir}` : "no runs folder: start barkgpt serve with --runs DIR";
+    $("info").textContent = body.runs_dir ? `runs in ${body.runs_dir}` : "no runs folder: start barkgpt serve with --runs DIR";
     renderList(body.data);
     if (!selected && body.data.length) select(body.data[0].name);
     if (!body.data.length) $("new-run").open = true;
   } catch (e) {
-    $("runs-info").textContent = `cannot list runs: ${e.message}`;
+    $("info").textContent = `cannot list runs: ${e.message}`;
   }
 }
 
@@ -243,6 +243,6 @@ function reload() {
 }
 
 if (window.matchMedia("(min-width: 761px)").matches) $("config-card").open = true;
-setupKeyPanel(reload);
+setupPage("train", reload);
 reload();
 setInterval(() => { if (!document.hidden) refreshList(); }, LIST_EVERY_MS);
