@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 from barkgpt import __version__
@@ -65,10 +66,28 @@ def cmd_train(args) -> None:
     if args.print_config:
         print(dump_yaml(config_to_dict(model_cfg, train_cfg)), end="")
         return
+    if args.nproc != 1 and "WORLD_SIZE" not in os.environ:  # start torchrun, which runs this verb on each rank
+        from barkgpt.common import resolve_device
+        from barkgpt.distributed import check_nproc, launch
+
+        check_nproc(args.nproc, resolve_device(train_cfg.device))
+        argv = list(args.argv)
+        for i, a in enumerate(argv):  # drop --nproc N / --nproc=N: the ranks must not launch again
+            if a == "--nproc":
+                argv = argv[:i] + argv[i + 2:]
+                break
+            if a.startswith("--nproc="):
+                argv = argv[:i] + argv[i + 1:]
+                break
+        code = launch(args.nproc, argv)
+        if code:
+            raise BarkError(f"torchrun exited with status {code} (the ranks' errors are printed above)")
+        return
     from barkgpt.train import train
 
     result = train(model_cfg, train_cfg, resume=args.resume)
-    print_run_summary(result, train_cfg.out_dir)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for all
+        print_run_summary(result, train_cfg.out_dir)
 
 
 def print_run_summary(result: dict, out_dir: str) -> None:
@@ -288,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--config", default=None, help="a run config YAML (e.g. runs/x/config.yaml)")
     sp.add_argument("--resume", action="store_true", help="continue from out_dir/last")
     sp.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    sp.add_argument("--nproc", type=int, default=1, help="train on N processes with DDP: starts torchrun for you (default 1)")
     add_dataclass_args(sp, GPTConfig)
     add_dataclass_args(sp, TrainConfig)
     sp.set_defaults(func=cmd_train)
@@ -357,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``barkgpt`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # as given, for verbs that re-launch themselves
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

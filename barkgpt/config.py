@@ -134,6 +134,7 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), float32, bfloat16, float16
     compile: bool = False  # torch.compile the model
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state with FSDP2 instead of DDP
     seed: int = 1337  # seeds the model init and the batch sampler
 
     def __post_init__(self):

@@ -31,8 +31,10 @@ from barkgpt.config import GPTConfig, TrainConfig, config_to_dict, dump_yaml
 from barkgpt.conversations import (IGNORE_INDEX, ChatRows, bark_chat_rows, file_sha256, load_conversations,
                                    split_conversations)
 from barkgpt.data import TokenWindows, prepare_bark, prepare_dataset
+from barkgpt.distributed import all_reduce_mean, full_model_state, setup, teardown, wrap_model
 from barkgpt.engine import Engine
 from barkgpt.model import GPT
+from barkgpt.optim import build_optimizers
 from barkgpt.tokenizer import Tokenizer
 
 # Fine-tuning starts from a trained model on a small chat set: fewer, gentler steps than
@@ -86,18 +88,6 @@ def open_source(cfg: TrainConfig):
     if cfg.data == "bark-chat":
         return bark_chat_rows(seed=cfg.seed)
     return TokenWindows(resolve_data(cfg))
-
-
-def configure_optimizer(model: GPT, cfg: TrainConfig, device: str) -> torch.optim.AdamW:
-    """AdamW (Loshchilov & Hutter 2019) with weight decay on 2-D weights only (matmuls and
-    embeddings), none on norms and biases; fused where the device supports it (CPU and CUDA)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    fused = device.split(":")[0] in ("cpu", "cuda")
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
 class SegmentMask:
@@ -244,6 +234,45 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     os.replace(tmp, png_path)
 
 
+def plot_experts(metrics_path: Path, png_path: Path) -> None:
+    """Draw each expert's share of the routed tokens over training (Mixture-of-Experts runs),
+    from the ``expert_share`` entries of ``metrics.jsonl``, into ``experts.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "expert_share" in r]
+    if not rows:
+        return
+    steps = [r["step"] for r in rows]
+    shares = np.array([r["expert_share"] for r in rows])  # (n_logs, n_expert)
+    fig, ax = plt.subplots(figsize=(8, 3.5), dpi=100)
+    for e in range(shares.shape[1]):
+        ax.plot(steps, shares[:, e], lw=1, label=f"expert {e}")
+    ax.axhline(1 / shares.shape[1], color="gray", ls="--", lw=1, label="balanced")
+    ax.set_xlabel("step")
+    ax.set_ylabel("share of routed tokens")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(f"{metrics_path.parent.name}: expert load")
+    fig.tight_layout()
+    tmp = png_path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
+def expert_share(model: GPT) -> list[float] | None:
+    """Each expert's share of the token assignments in the last forward, over all layers; None
+    for a dense model."""
+    if not model.config.n_expert:
+        return None
+    counts = sum(b.mlp.expert_tokens.float() for b in model.transformer.h)
+    return [round(x, 4) for x in (counts / counts.sum()).tolist()]
+
+
 def rng_state() -> dict:
     """Python, NumPy (global) and torch RNG states, for exact resume."""
     return {"python": random.getstate(), "numpy": np.random.get_state()[1].tolist(), "torch": torch.get_rng_state()}
@@ -282,12 +311,27 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: b
         (over training steps only), ``train_seconds`` (time in training steps), ``elapsed_s``
         (wall clock of the whole run, across resumes), ``interrupted``.
 
+    Under torchrun (``WORLD_SIZE`` > 1; see :mod:`barkgpt.distributed`) every rank runs this:
+    each takes its own slice of every global batch of ``batch_size * world_size`` rows (one
+    sampler, seeded alike on every rank), gradients are averaged by DDP (or FSDP2 with
+    ``cfg.fsdp``), logged losses are averaged across ranks, and rank 0 alone writes files.
+
     Raises:
-        BarkError: bad data, a model that does not match the checkpoint on resume, a NaN loss
-            (the last good checkpoint is kept).
+        BarkError: bad data, a model that does not match the checkpoint on resume, a resume with
+            another world size, a NaN loss (the last good checkpoint is kept).
     """
     out_dir = Path(cfg.out_dir)
-    device = resolve_device(cfg.device)
+    ctx = setup(resolve_device(cfg.device), cfg.fsdp)
+    try:
+        return _train(model_cfg, cfg, ctx, resume, quiet or not ctx.is_main, source)
+    finally:
+        teardown(ctx)
+
+
+def _train(model_cfg: GPTConfig, cfg: TrainConfig, ctx, resume: bool, quiet: bool, source) -> dict:
+    """:func:`train`'s body, on one rank (``ctx``: :class:`barkgpt.distributed.DistContext`)."""
+    out_dir = Path(cfg.out_dir)
+    device = ctx.device
     dtype = resolve_dtype(cfg.dtype, device)
     source = source if source is not None else open_source(cfg)
     tokenizer, meta = source.tokenizer, source.meta
@@ -324,54 +368,92 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: b
     source.check(block_size)
     model.train()
 
-    optimizer = configure_optimizer(model, cfg, device)
+    if cfg.optimizer == "muon" and ctx.fsdp:
+        raise BarkError("--optimizer muon needs whole weight matrices, which --fsdp shards; use DDP (drop --fsdp) or AdamW")
+    raw_model = model
+    model = wrapped = wrap_model(model, ctx)  # DDP, or FSDP2 sharding raw_model in place
+    optimizers = build_optimizers(raw_model, cfg, device)
     rng = np.random.default_rng(cfg.seed)  # the batch sampler: its state is the data position
     step, best_val, tokens_seen = 0, float("inf"), 0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        saved_world = state.get("world_size", 1)
+        if saved_world != ctx.world_size:
+            raise BarkError(f"--resume: {out_dir / 'last'} was written by {saved_world} process(es) and this run has "
+                            f"{ctx.world_size}; resume with --nproc {saved_world} (the batch stream depends on it)")
+        saved_opt = state["optimizer"] if isinstance(state["optimizer"], list) else [state["optimizer"]]
+        if len(saved_opt) != len(optimizers):
+            raise BarkError(f"--resume: {out_dir / 'last'} was trained with another --optimizer; resume with the same one")
+        for opt, opt_state in zip(optimizers, saved_opt):
+            if ctx.fsdp and ctx.enabled:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+                set_optimizer_state_dict(model, opt, opt_state, options=StateDictOptions(full_state_dict=True))
+            else:
+                opt.load_state_dict(opt_state)
         rng.bit_generator.state = state["sampler"]
         set_rng_state(state["rng"])
         step, best_val, tokens_seen = state["step"], state["best_val_loss"], state["tokens_seen"]
     else:
         torch.manual_seed(cfg.seed + 1)  # dropout stream, independent of the init
 
-    # ---- write the resolved config before step 0
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "config.yaml", dump_yaml(config_to_dict(model_cfg, cfg)))
+    # ---- write the resolved config before step 0 (rank 0 writes every file)
     metrics_path = out_dir / "metrics.jsonl"
-    if state is not None and metrics_path.exists():  # drop lines from after the resumed step
-        keep = [l for l in metrics_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-        atomic_write_text(metrics_path, "".join(l + "\n" for l in keep))
-    elif state is None:
-        atomic_write_text(metrics_path, "")
-        (out_dir / "samples.jsonl").unlink(missing_ok=True)
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "config.yaml", dump_yaml(config_to_dict(model_cfg, cfg)))
+        if state is not None and metrics_path.exists():  # drop lines from after the resumed step
+            keep = [l for l in metrics_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+            atomic_write_text(metrics_path, "".join(l + "\n" for l in keep))
+        elif state is None:
+            atomic_write_text(metrics_path, "")
+            (out_dir / "samples.jsonl").unlink(missing_ok=True)
 
-    raw_model = model
     if device == "cpu":
         torch.set_flush_denormal(True)  # denormal floats in grads/optimizer state are ~100x slower on x86 (reset on return)
     if cfg.compile:
         model = torch.compile(model)
     autocast = torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype)) if dtype != "float32" else contextlib.nullcontext()
     scaler = torch.amp.GradScaler(enabled=dtype == "float16")
-    tokens_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps * block_size
+    tokens_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps * block_size * ctx.world_size
     if not quiet:
+        ranks = f" x {ctx.world_size} ranks ({'FSDP' if ctx.fsdp else 'DDP'})" if ctx.enabled else ""
         print(f"model: {model_cfg.family}, {raw_model.num_params() / 1e6:.2f}M parameters, "
               f"{raw_model.flops_per_token() / 1e6:.1f} MFLOPs/token, head_dim {model_cfg.head_dim}; "
-              f"{tokens_per_iter:,} tokens/iteration; device {device}, dtype {dtype}; "
+              f"{tokens_per_iter:,} tokens/iteration; device {device}{ranks}, dtype {dtype}, optimizer {cfg.optimizer}; "
               f"data {source.describe(block_size)}")
+    fsdp_copy = GPT(model_cfg) if ctx.fsdp and ctx.enabled and ctx.is_main else None  # full weights, for checkpoints
 
     info = {"data": {k: meta.get(k) for k in ("source", "source_sha256", "tokenizer", "train_tokens", "val_tokens")}}
     token_bytes = np.asarray(tokenizer.token_bytes(), dtype=np.int64)
 
     def checkpoint(name: str, last_loss: dict | None = None):
+        """Save ``name`` (last/ or best/) from rank 0; under FSDP every rank joins the gather."""
         extra = {**info, "step": step, "tokens_seen": tokens_seen, **({"val_loss": last_loss["val"]} if last_loss else {})}
+        full = full_model_state(model, ctx) if fsdp_copy is not None or (ctx.fsdp and ctx.enabled) else None
+        opt_states = None
+        if name == "last":
+            if ctx.fsdp and ctx.enabled:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+                opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+                opt_states = [get_optimizer_state_dict(model, o, options=opts) for o in optimizers]
+            else:
+                opt_states = [o.state_dict() for o in optimizers]
+        if not ctx.is_main:
+            return
         trainer_state = None
         if name == "last":
-            trainer_state = {"optimizer": optimizer.state_dict(), "sampler": rng.bit_generator.state, "rng": rng_state(),
-                             "step": step, "best_val_loss": best_val, "tokens_seen": tokens_seen, "elapsed_s": elapsed, "world_size": 1}
-        save_checkpoint(out_dir / name, raw_model, tokenizer, extra, trainer_state)
+            trainer_state = {"optimizer": opt_states, "sampler": rng.bit_generator.state, "rng": rng_state(), "step": step,
+                             "best_val_loss": best_val, "tokens_seen": tokens_seen, "elapsed_s": elapsed, "world_size": ctx.world_size}
+        target = raw_model
+        if fsdp_copy is not None:
+            fsdp_copy.load_state_dict(full)
+            target = fsdp_copy
+        save_checkpoint(out_dir / name, target, tokenizer, extra, trainer_state)
 
     def log(row: dict):
+        if not ctx.is_main:
+            return
         with open(metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -387,7 +469,9 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: b
         if is_best:
             checkpoint("best", losses)
         write_sample()
-        plot_losses(metrics_path, out_dir / "loss.png")
+        if ctx.is_main:
+            plot_losses(metrics_path, out_dir / "loss.png")
+            plot_experts(metrics_path, out_dir / "experts.png")
         return losses
 
     def write_sample():
@@ -397,16 +481,33 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: b
                                                           seed=step, stop_ids=[tokenizer.eos_id])]  # one document or reply
         raw_model.train()
         text = tokenizer.decode([t for t in toks if t is not None and t != tokenizer.eos_id])
+        if not ctx.is_main:  # every rank samples (an FSDP forward needs them all); rank 0 writes
+            return
         with open(out_dir / "samples.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, "prompt": cfg.sample_prompt, "text": text}) + "\n")
 
     def forward_backward(m, batches):
-        """Accumulate gradients over the micro-batches; returns the last micro-batch's loss."""
-        for batch in batches:
-            with autocast:
+        """Accumulate gradients over the micro-batches; returns the last micro-batch's loss.
+
+        Across ranks, gradients are synchronized on the last micro-batch only (DDP's ``no_sync``,
+        FSDP2's ``set_requires_gradient_sync``)."""
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            sync = contextlib.nullcontext()
+            if ctx.enabled and not ctx.fsdp:
+                sync = model.no_sync() if not last else contextlib.nullcontext()
+            elif ctx.enabled:
+                raw_model.set_requires_gradient_sync(last)
+            with sync, autocast:
                 loss = model_loss(m, batch)
-            scaler.scale(loss / len(batches)).backward()
+            with sync:
+                scaler.scale(loss / len(batches)).backward()
         return loss
+
+    def rank_slice(batch: tuple) -> tuple:
+        """This rank's rows of a global batch."""
+        b = cfg.batch_size
+        return tuple(a[ctx.rank * b:(ctx.rank + 1) * b] for a in batch) if ctx.enabled else batch
 
     t_start = time.perf_counter()
     elapsed0 = state.get("elapsed_s", 0.0) if state else 0.0  # wall clock of the runs before a resume
@@ -422,28 +523,33 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: b
         while step < cfg.max_iters:
             t_step = time.perf_counter()
             lr = get_lr(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batches = [to_device(source.batch("train", cfg.batch_size, block_size, rng), device)
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
+            batches = [to_device(rank_slice(source.batch("train", cfg.batch_size * ctx.world_size, block_size, rng)), device)
                        for _ in range(cfg.gradient_accumulation_steps)]
             try:
                 loss = forward_backward(model, batches)
             except Exception as e:  # noqa: BLE001 - a failed compile falls back to eager, once
-                if model is raw_model or step > step0:
+                if model is wrapped or step > step0:
                     raise
                 print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); training without compile")
-                model = raw_model
-                optimizer.zero_grad(set_to_none=True)
+                model = wrapped
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
                 loss = forward_backward(model, batches)
-            last_loss = loss.item()
+            last_loss = all_reduce_mean(loss.item(), ctx)
             if not math.isfinite(last_loss):
                 raise BarkError(f"the loss became {last_loss} at step {step}; the last good checkpoint in {out_dir / 'last'} is kept. Lower --learning-rate or set --grad-clip 1.0")
             if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
+                for opt in optimizers:
+                    scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip, foreach=True)
-            scaler.step(optimizer)
+            for opt in optimizers:
+                scaler.step(opt)
             scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
             step += 1
             loop_s += time.perf_counter() - t_step
             tokens_seen += tokens_per_iter
@@ -454,7 +560,9 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: b
                 now = time.perf_counter()
                 tps = tok_log / max(now - t_log, 1e-9)
                 elapsed = elapsed0 + now - t_start
-                log({"step": step, "train_loss": round(last_loss, 5), "lr": lr, "tokens_per_s": round(tps, 1), "elapsed_s": round(elapsed, 3)})
+                share = expert_share(raw_model)
+                log({"step": step, "train_loss": round(last_loss, 5), "lr": lr, "tokens_per_s": round(tps, 1), "elapsed_s": round(elapsed, 3),
+                     **({"expert_share": share} if share else {})})
                 if bar is not None:
                     bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
                 t_log, tok_log = now, 0

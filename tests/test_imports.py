@@ -20,8 +20,10 @@ ALLOWED = {
     "checkpoint": {"model", "tokenizer", "config", "common"},
     "generate": {"engine", "checkpoint", "model", "tokenizer", "config", "common"},
     "conversations": {"tokenizer", "common"},
-    "train": {"model", "data", "conversations", "engine", "checkpoint", "config", "common", "tokenizer"},
+    "train": {"model", "data", "conversations", "engine", "checkpoint", "config", "common", "tokenizer", "optim", "distributed"},
     "evaluate": {"checkpoint", "common", "conversations", "data", "generate", "model", "tokenizer"},
+    "optim": {"model", "config", "common"},
+    "distributed": {"common"},
     "cli": None,  # anything, inside the subcommand's function
     **{f"server.{m}": SERVER for m in ("__init__", "protocol", "errors", "scheduler", "web", "app")},
     "export.__init__": set(),
