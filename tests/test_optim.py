@@ -51,3 +51,57 @@ def test_parameter_split():
     assert muon.param_groups[0]["lr_scale"] == pytest.approx(20.0)
     covered = muon_names + [names[id(p)] for g in adamw.param_groups for p in g["params"]]
     assert sorted(covered) == sorted(names.values())  # every parameter exactly once
+
+
+def tiny_run(tmp_path, tiny_text, name, **over):
+    """Train a tiny char model on ``tiny_text`` in-process; returns (summary, metrics rows)."""
+    import json
+
+    from barkgpt.config import build_configs
+    from barkgpt.data import prepare_dataset
+    from barkgpt.train import train
+
+    data = tmp_path / "data"
+    if not data.exists():
+        (tmp_path / "t.txt").write_text(tiny_text)
+        prepare_dataset(tmp_path / "t.txt", data, tokenizer="char")
+    model_over = {k: over.pop(k) for k in list(over) if k in GPTConfig.__dataclass_fields__}
+    model_cfg, cfg = build_configs(None, None, {"data": str(data), "out_dir": str(tmp_path / name), "n_layer": 2, "n_head": 2,
+                                                "n_embd": 32, "block_size": 32, "batch_size": 8, "max_iters": 40,
+                                                "eval_interval": 40, "eval_iters": 2, "log_interval": 10, "warmup_iters": 4,
+                                                "compile": False, "device": "cpu", **model_over, **over})
+    result = train(model_cfg, cfg, quiet=True)
+    rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return result, rows
+
+
+def test_muon_trains_and_resumes(tmp_path, tiny_text):
+    from barkgpt.checkpoint import load_trainer_state
+
+    result, rows = tiny_run(tmp_path, tiny_text, "muon", optimizer="muon", learning_rate=3e-3, muon_learning_rate=1e-2)
+    losses = [r["train_loss"] for r in rows if "train_loss" in r]
+    assert losses[-1] < losses[0] - 0.5  # it learns
+    state = load_trainer_state(tmp_path / "muon" / "last")
+    assert len(state["optimizer"]) == 2 and state["optimizer"][1]["state"]  # AdamW and Muon, both saved
+    from barkgpt.common import BarkError
+
+    with pytest.raises(BarkError, match="another --optimizer"):  # resuming a Muon run with AdamW
+        _resume(tmp_path, tiny_text)
+
+
+def _resume(tmp_path, tiny_text):
+    from barkgpt.config import build_configs
+    from barkgpt.train import train
+
+    model_cfg, cfg = build_configs(None, None, {"data": str(tmp_path / "data"), "out_dir": str(tmp_path / "muon"), "n_layer": 2,
+                                                "n_head": 2, "n_embd": 32, "block_size": 32, "max_iters": 50,
+                                                "warmup_iters": 4, "compile": False, "device": "cpu"})
+    train(model_cfg, cfg, resume=True, quiet=True)
+
+
+def test_moe_run_logs_and_plots_expert_share(tmp_path, tiny_text):
+    result, rows = tiny_run(tmp_path, tiny_text, "moe", n_expert=4, n_expert_per_token=2, max_iters=20, eval_interval=20)
+    shares = [r["expert_share"] for r in rows if "expert_share" in r]
+    assert len(shares) == 2 and all(len(s) == 4 and abs(sum(s) - 1) < 1e-3 for s in shares)
+    assert (tmp_path / "moe" / "experts.png").stat().st_size > 1000
+    assert result["val_loss"] < 4.0
