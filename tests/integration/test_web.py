@@ -4,9 +4,9 @@ apt-get, and these tests skip, saying so, only where it is not installed).
 
 One ``barkgpt serve`` process (API key ``KEY``) serves a random model with a 1024-token context,
 whose greedy replies run long at about 4 ms a token, so a reply visibly streams and Stop has
-something to stop. Its ``--runs`` folder holds ``bark-tiny``, a Bark run trained for 60 steps in a
-fixture; the page starts and stops a second run itself. Screenshots at 1280 and 375 px wide go to
-``tests/artifacts/`` (git-ignored).
+something to stop. Its ``--runs`` folder holds ``bark-tiny``, a Bark run trained for 60 steps while
+the server starts; the page itself starts a run that fails and one that it then stops.
+Screenshots at 1280 and 375 px wide go to ``tests/artifacts/`` (git-ignored).
 """
 
 from __future__ import annotations
@@ -37,24 +37,27 @@ SLOW = "slow"  # the served model's id
 TIMEOUT_MS = 20_000  # Playwright's wait for any one thing
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
-    """A runs folder holding ``bark-tiny``: the Bark preset, 60 steps, a train-loss row every 5."""
+def train_tiny(out: Path) -> None:
+    """Train ``out``: the Bark preset for 60 steps, a train-loss row every 5 and an eval every 30."""
     import torch
 
     from barkgpt.config import build_configs
     from barkgpt.train import train
 
-    root = tmp_path_factory.mktemp("web") / "runs"
-    overrides = {"out_dir": str(root / "bark-tiny"), "max_iters": 60, "warmup_iters": 10, "eval_interval": 30,
-                 "eval_iters": 2, "log_interval": 5, "seed": 0}
+    overrides = {"out_dir": str(out), "max_iters": 60, "warmup_iters": 10, "eval_interval": 30, "eval_iters": 2,
+                 "log_interval": 5, "seed": 0}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         train(*build_configs("bark", None, overrides), quiet=True)
     finally:
         torch.set_num_threads(threads)
-    return root
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """The server's runs folder (``server`` trains ``bark-tiny`` into it)."""
+    return tmp_path_factory.mktemp("web") / "runs"
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +86,10 @@ def slow_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(slow_model, runs):
-    """Base URL of ``barkgpt serve --model slow --runs RUNS`` (API key ``KEY``)."""
+    """Base URL of ``barkgpt serve --model slow --runs RUNS`` (API key ``KEY``), with ``bark-tiny``
+    trained into ``runs`` while the server starts (it reads the folder on each request)."""
     proc, base = launch(slow_model, SLOW, "--runs", str(runs), "--max-batch-size", "2", "--shutdown-timeout", "5")
+    train_tiny(runs / "bark-tiny")
     wait_ready(proc, base)
     yield base
     stop(proc)
@@ -285,15 +290,29 @@ def test_train_page_shows_a_finished_run(open_page):
     shot(page, "train-1280")
 
 
+def start_run(page, name: str, **fields) -> None:
+    """Fill the page's New run form (preset bark) and press Start training."""
+    if not page.locator("#run-name-input").is_visible():
+        page.click("#new-run summary")
+    page.fill("#run-name-input", name)
+    page.select_option("#preset", "bark")
+    for field, value in fields.items():
+        page.fill(f"[name={field}]", str(value))
+    page.click("#start")
+    page.wait_for_function(f"document.getElementById('run-title').textContent === {json.dumps(name)}")
+
+
+def test_a_run_that_fails_shows_why(open_page):
+    page = open_page("/train")
+    start_run(page, "broken", data="no/such/data")
+    page.wait_for_function("document.getElementById('run-status').textContent === 'failed'")
+    assert "does not exist" in page.locator("#log").text_content()
+    assert not page.locator("#stop-run").is_visible() and not page.locator("#load-run").is_visible()
+
+
 def test_start_and_stop_a_run_from_the_page(open_page, server, runs):
     page = open_page("/train")
-    page.click("#new-run summary")
-    page.fill("#run-name-input", "live")
-    page.select_option("#preset", "bark")
-    page.fill("[name=max_iters]", "20000")
-    page.fill("[name=eval_interval]", "100")
-    page.click("#start")
-    page.wait_for_function("document.getElementById('run-title').textContent === 'live'")
+    start_run(page, "live", max_iters=20000, eval_interval=100)
     assert page.locator("#start-error").text_content() == ""
     # one run at a time
     status, err = send(server + "/v1/runs", json.dumps({"name": "second"}).encode())
