@@ -80,6 +80,7 @@ class TrainingRuns:
         self.proc: subprocess.Popen | None = None
         self.proc_name: str | None = None  # the run the process trains
         self.stopping = False  # SIGINT sent to the process
+        self.failed: set[str] = set()  # runs whose earlier process here exited with an error
         self._lock = threading.Lock()
 
     # ---- reading runs ------------------------------------------------------------------------
@@ -164,6 +165,8 @@ class TrainingRuns:
                 return "stopping" if self.stopping else "training"
             if code != 0 and not self.stopping:
                 return "failed"
+        elif path.name in self.failed:
+            return "failed"
         if max_iters and step >= max_iters:
             return "finished"
         metrics = path / "metrics.jsonl"
@@ -205,6 +208,8 @@ class TrainingRuns:
             if path.exists():
                 raise ApiError(409, f"a run named '{req.name}' exists; pick another name", param="name",
                                code="run_exists")
+            if self.proc is not None and self.proc.returncode != 0 and not self.stopping:
+                self.failed.add(self.proc_name)  # still said after the next run starts
             path.mkdir(parents=True)
             with open(path / "train.log", "wb") as log:
                 self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -324,6 +324,7 @@ def test_start_and_stop_a_run_from_the_page(open_page, server, runs):
     page.wait_for_function(f"Number(document.querySelector('#loss-chart polyline[data-series=train]')"
                            f".getAttribute('data-last-x')) > {first}")
     assert page.locator("#run-status").text_content() == "training"
+    assert page.locator("[data-run=broken] .badge").text_content() == "failed"  # the earlier run still says so
     assert "/ 20000" in page.locator("#stats").text_content()
     assert "ETA" in page.locator("#stats").text_content() and page.locator("#stop-run").is_visible()
     shot(page, "train-live-1280")
