@@ -202,6 +202,17 @@ def resize_vocab(model: GPT, vocab_size: int) -> GPT:
     return bigger.train(model.training)
 
 
+def save_figure(fig, png_path: Path) -> None:
+    """Write a matplotlib figure to ``png_path`` through a temporary file and a rename, then close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = png_path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
     """Draw train and val loss (and learning rate) from ``metrics.jsonl`` into ``loss.png``."""
     import matplotlib
@@ -227,11 +238,7 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
         ax2.set_ylabel("learning rate")
     ax.legend(loc="upper right")
     ax.set_title(f"{metrics_path.parent.name}")
-    fig.tight_layout()
-    tmp = png_path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    save_figure(fig, png_path)
 
 
 def plot_experts(metrics_path: Path, png_path: Path) -> None:
@@ -257,11 +264,7 @@ def plot_experts(metrics_path: Path, png_path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)
     ax.set_title(f"{metrics_path.parent.name}: expert load")
-    fig.tight_layout()
-    tmp = png_path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    save_figure(fig, png_path)
 
 
 def expert_share(model: GPT) -> list[float] | None:
