@@ -53,8 +53,10 @@ def text_nll(model: GPT, tokenizer: Tokenizer, documents: list[str], batch_size:
         time in forward passes}``.
 
     Raises:
-        BarkError: the documents hold no tokens.
+        BarkError: the documents hold no tokens, or ``batch_size`` < 1.
     """
+    if batch_size < 1:
+        raise BarkError(f"batch_size must be at least 1, got {batch_size}")
     device = next(model.parameters()).device
     T = model.config.block_size
     windows = []
@@ -123,8 +125,13 @@ def bark_eval(gen: TextGenerator, n: int = 100, seed: int = 0, temperature: floa
     and end with ``<EOS>`` within 16 tokens.
 
     Returns:
-        ``{"samples": n, "passed": int, "share": float, "failures": [{"command", "reply"}, ...]}``.
+        ``{"samples": n, "passed": int, "share": float, "failures": [{"command", "reply", "finish_reason"}, ...]}``.
+
+    Raises:
+        BarkError: ``n`` < 1.
     """
+    if n < 1:
+        raise BarkError(f"the number of samples must be at least 1, got {n}")
     rng = random.Random(seed)
     history_pool = bark_chat_conversations(n, seed + 1, max_turns=2)
     passed, failures = 0, []

@@ -106,6 +106,7 @@ def bark_chat_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_bark_chat_replies_follow_the_command_rule(bark_chat_run):
     from barkgpt.evaluate import bark_eval
     from barkgpt.generate import load_generator
@@ -114,6 +115,7 @@ def test_bark_chat_replies_follow_the_command_rule(bark_chat_run):
     assert r["share"] >= 0.95, r["failures"]
 
 
+@pytest.mark.slow
 def test_bark_chat_holds_a_multi_turn_conversation(bark_chat_run):
     from barkgpt.conversations import follows_bark_rule
 
@@ -124,3 +126,15 @@ def test_bark_chat_holds_a_multi_turn_conversation(bark_chat_run):
     replies = out.stdout.splitlines()
     assert len(replies) == len(commands)
     assert all(follows_bark_rule(c, r) for c, r in zip(commands, replies)), replies
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "error: barkgpt eval needs --data FILE (a text to score) or --bark (the Bark chat rule check)"),
+    (["--data", "missing.txt"], "error: input missing.txt does not exist; pass a .txt file, a folder of .txt files or a .jsonl file"),
+    (["--bark", "--samples", "0"], "error: the number of samples must be at least 1, got 0"),
+])
+def test_eval_cli_errors_are_one_line(tmp_path, args, message):
+    save_random_model(tmp_path / "ckpt", Tokenizer.bark_chat())
+    out = subprocess.run([sys.executable, "-m", "barkgpt", "eval", "--model", str(tmp_path / "ckpt"), "--device", "cpu", *args],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert (out.returncode, out.stderr.strip()) == (2, message)

@@ -124,6 +124,7 @@ def val_losses(run):
     return {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
 
 
+@pytest.mark.slow
 def test_finetune_on_real_chats_lowers_assistant_val_loss(base_run):
     from barkgpt.generate import load_generator
     from barkgpt.train import finetune
@@ -142,6 +143,7 @@ def test_finetune_on_real_chats_lowers_assistant_val_loss(base_run):
     assert data["source"].endswith("chat.jsonl") and data["tokenizer"] == "bpe"
 
 
+@pytest.mark.slow
 def test_finetune_resume_reproduces_the_uninterrupted_run(base_run):
     from barkgpt.train import finetune
 
