@@ -27,22 +27,26 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's (and Keller Jo
 
 def newton_schulz(g: torch.Tensor, steps: int = 5, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
                   eps: float = 1e-7, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Approximately orthogonalize a matrix (A, B): ``U S' V^T`` with ``S'`` near 1, from the SVD
-    ``U S V^T`` of ``g``; the iteration of ``torch.optim.Muon``, computed in ``dtype``.
+    """Approximately orthogonalize a matrix (A, B), or a stack of them (L, A, B): ``U S' V^T`` with
+    ``S'`` near 1, from the SVD ``U S V^T`` of each; the iteration of ``torch.optim.Muon``, computed
+    in ``dtype``. A stack runs as batched matmuls, which on a CPU costs about what one matrix does.
 
     Returns:
         A tensor of ``g``'s shape, in ``dtype``.
     """
     a, b, c = coefficients
     x = g.to(dtype)
-    tall = g.size(0) > g.size(1)
+    tall = g.size(-2) > g.size(-1)
     if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
+        gram = x @ x.mT
+        if x.dim() == 2:
+            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        else:
+            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
 
 
 class Muon(torch.optim.Optimizer):
@@ -79,26 +83,33 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One update of every parameter that has a gradient; returns ``closure()``'s loss, if given."""
+        """One update of every parameter that has a gradient; returns ``closure()``'s loss, if given.
+
+        Parameters of one shape are updated together: foreach momentum ops and one batched
+        Newton-Schulz over their stacked updates (the result equals one matrix at a time).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            by_shape: dict[tuple, list] = {}
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - group["momentum"])
-                u = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-                u = newton_schulz(u, group["ns_steps"], dtype=group["ns_dtype"])
-                A, B = p.shape
+                if p.grad is not None:
+                    by_shape.setdefault(tuple(p.shape), []).append(p)
+            for (A, B), params in by_shape.items():
+                grads = [p.grad for p in params]
+                bufs = []
+                for p in params:
+                    if "momentum_buffer" not in self.state[p]:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                    bufs.append(self.state[p]["momentum_buffer"])
+                torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
+                updates = torch._foreach_lerp(grads, bufs, group["momentum"]) if group["nesterov"] else bufs
+                u = newton_schulz(torch.stack(updates), group["ns_steps"], dtype=group["ns_dtype"])  # (L, A, B)
                 scale = math.sqrt(max(1, A / B)) if group["adjust_lr_fn"] == "original" else 0.2 * math.sqrt(max(A, B))
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(u.to(p.dtype), alpha=-group["lr"] * scale)
+                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+                torch._foreach_add_(params, list(u.to(params[0].dtype).unbind(0)), alpha=-group["lr"] * scale)
         return loss
 
 
