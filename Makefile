@@ -53,7 +53,7 @@ test-fast: $(VENV)/.dev
 	$(PY) -m pytest -q -m "not slow"
 
 bench: $(VENV)/.dev $(VENV)/.llama
-	$(PY) bench/bench_train.py
+	$(PY) bench/bench_train.py --budget 180
 	$(PY) bench/bench_decode.py
 	$(PY) bench/bench_serve.py
 
