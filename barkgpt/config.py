@@ -199,7 +199,7 @@ class ServeConfig:
     ``BARKGPT_API_KEY`` environment variable, read by the command, not here.
 
     Raises:
-        BarkError: a port outside 1..65535, max_batch_size < 1, max_queue < 0, max_body_bytes < 1,
+        BarkError: a port outside 1..65535, threads < 1, max_batch_size < 1, max_queue < 0, max_body_bytes < 1,
             a negative shutdown_timeout, an empty api_key, or both api_key and api_key_file.
     """
 
@@ -209,6 +209,7 @@ class ServeConfig:
     api_key_file: str | None = None  # read the API key from this file (instead of --api-key)
     model_name: str | None = None  # the model id in /v1/models (None: the run folder's name)
     max_batch_size: int = 16  # requests decoded together in one batch
+    threads: int | None = None  # torch threads for the model (None: env OMP_NUM_THREADS, else all cores but one, left to the HTTP event loop)
     max_queue: int = 256  # requests waiting for a batch row; more get 429
     max_body_bytes: int = 1 << 20  # request bodies larger than this get 413
     cors_origin: list[str] = field(default_factory=list)  # allow browser calls from this origin (repeatable; none: CORS off)
@@ -220,6 +221,8 @@ class ServeConfig:
             raise BarkError(f"port must be in 1..65535, got {self.port}")
         if self.max_batch_size < 1:
             raise BarkError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
+        if self.threads is not None and self.threads < 1:
+            raise BarkError(f"threads must be at least 1, got {self.threads}")
         if self.max_queue < 0:
             raise BarkError(f"max_queue must be at least 0, got {self.max_queue}")
         if self.max_body_bytes < 1:
