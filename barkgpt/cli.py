@@ -71,14 +71,10 @@ def cmd_train(args) -> None:
         from barkgpt.distributed import check_nproc, launch
 
         check_nproc(args.nproc, resolve_device(train_cfg.device))
-        argv = list(args.argv)
-        for i, a in enumerate(argv):  # drop --nproc N / --nproc=N: the ranks must not launch again
-            if a == "--nproc":
-                argv = argv[:i] + argv[i + 2:]
-                break
-            if a.startswith("--nproc="):
-                argv = argv[:i] + argv[i + 1:]
-                break
+        # Drop --nproc N: torchrun's parser would read it as its own --nproc-per-node (the ranks see
+        # WORLD_SIZE, so they would train rather than launch again anyway).
+        argv = [a for i, a in enumerate(args.argv)
+                if a != "--nproc" and not a.startswith("--nproc=") and (i == 0 or args.argv[i - 1] != "--nproc")]
         code = launch(args.nproc, argv)
         if code:
             raise BarkError(f"torchrun exited with status {code} (the ranks' errors are printed above)")
@@ -246,7 +242,6 @@ def cmd_serve(args) -> None:
     then). Test-only: ``BARKGPT_TEST_LOAD_DELAY`` (seconds) delays the load, so tests can see the
     503 window; it is not a user setting.
     """
-    import os
     import time
     from pathlib import Path
 

@@ -237,9 +237,14 @@ def get_batch(data: np.ndarray, batch_size: int, block_size: int,
     if n < block_size + 1:
         raise BarkError(f"the split has {n} tokens, too few for block_size {block_size}; "
                         f"use --block-size {max(n - 1, 1)} or less, or prepare more data")
-    ix = rng.integers(0, n - block_size, size=batch_size)  # (B,) window starts
-    # One fancy-index read of (B, T+1) ids; only those pages of the memmap are touched.
-    buf = np.array(data[ix[:, None] + np.arange(block_size + 1)], dtype=np.int64)  # (B, T+1)
+    return windows(data, rng.integers(0, n - block_size, size=batch_size), block_size)
+
+
+def windows(data: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The windows of ``data`` that begin at ``starts`` (B,): ``(x, y)``, both int64 (B, T)
+    C-contiguous, ``y`` being ``x`` shifted by one token. One fancy-index read of (B, T+1) ids,
+    so only those pages of a memmap are touched."""
+    buf = np.array(data[starts[:, None] + np.arange(block_size + 1)], dtype=np.int64)  # (B, T+1)
     return np.ascontiguousarray(buf[:, :-1]), np.ascontiguousarray(buf[:, 1:])
 
 
@@ -259,7 +264,6 @@ class TokenWindows:
     """
 
     def __init__(self, data_dir: str | Path):
-        self.data_dir = Path(data_dir)
         self.meta = read_meta(data_dir)
         self.tokenizer = Tokenizer.load(data_dir)
         self.splits = {split: load_split(data_dir, split) for split in SPLITS}
@@ -287,8 +291,7 @@ class TokenWindows:
         data = self.splits[split]
         starts = np.linspace(0, len(data) - block_size - 1, n_batches * batch_size).astype(np.int64)
         for ix in np.array_split(starts, n_batches):
-            buf = np.asarray(data[ix[:, None] + np.arange(block_size + 1)], dtype=np.int64)  # (B, T+1)
-            yield buf[:, :-1], buf[:, 1:]
+            yield windows(data, ix, block_size)
 
     def describe(self, block_size: int) -> str:
         """One line for the training banner."""

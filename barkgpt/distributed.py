@@ -22,7 +22,8 @@ from barkgpt.common import BarkError
 @dataclass
 class DistContext:
     """Where this process stands: ``rank`` of ``world_size`` (1 when not distributed), ``local_rank``
-    on this machine, and the ``device`` it trains on (``cuda:<local_rank>`` under nccl)."""
+    on this machine, the ``device`` it trains on (``cuda:<local_rank>`` under nccl), and ``fsdp``:
+    parameters are sharded across ranks (only ever True with more than one rank)."""
 
     rank: int = 0
     local_rank: int = 0
@@ -45,11 +46,11 @@ def setup(device: str, fsdp: bool = False) -> DistContext:
     """Join the process group torchrun set up (a no-op in a plain single process).
 
     Raises:
-        BarkError: ``fsdp`` without torchrun, or ranks on CUDA with fewer GPUs than local ranks.
+        BarkError: ranks on CUDA with fewer GPUs than local ranks.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return DistContext(device=device, fsdp=fsdp)
+    if world == 1:  # nothing to shard across: --fsdp is a no-op
+        return DistContext(device=device)
     import torch
     import torch.distributed as dist
 
@@ -112,7 +113,7 @@ def full_model_state(model, ctx: DistContext) -> dict | None:
     FSDP gathers the shards (a collective: every rank must call this); rank 0 gets the tensors
     and the other ranks None. Without FSDP, the model's own state dict.
     """
-    if not ctx.fsdp or not ctx.enabled:
+    if not ctx.fsdp:
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from barkgpt.checkpoint import load_checkpoint
 from barkgpt.common import BarkError, resolve_device
@@ -60,8 +59,8 @@ def text_nll(model: GPT, tokenizer: Tokenizer, documents: list[str], batch_size:
     device = next(model.parameters()).device
     T = model.config.block_size
     windows = []
-    for doc in documents:
-        windows.extend(document_windows(tokenizer.encode(doc), tokenizer.eos_id, T))
+    for ids in tokenizer.encode_batch(documents):
+        windows.extend(document_windows(ids, tokenizer.eos_id, T))
     if not windows:
         raise BarkError("the text has no tokens to evaluate; pass a non-empty file")
     model.eval()
@@ -73,11 +72,11 @@ def text_nll(model: GPT, tokenizer: Tokenizer, documents: list[str], batch_size:
         for b, (wx, wy) in enumerate(chunk):
             x[b, :len(wx)], y[b, :len(wy)] = torch.tensor(wx), torch.tensor(wy)
         t0 = time.perf_counter()
-        logits, _ = model(x.to(device), y.to(device))  # (B, T, vocab_size)
-        nll += F.cross_entropy(logits.flatten(0, 1).double(), y.to(device).flatten(), ignore_index=IGNORE_INDEX,
-                               reduction="sum").item()
+        _, loss = model(x.to(device), y.to(device))  # mean over this batch's targets
+        count = int((y != IGNORE_INDEX).sum())
+        nll += loss.item() * count
         seconds += time.perf_counter() - t0
-        n_tokens += int((y != IGNORE_INDEX).sum())
+        n_tokens += count
     return {"nll": nll, "tokens": n_tokens, "bytes": sum(len(d.encode("utf-8")) for d in documents),
             "unknown": sum(tokenizer.count_unknown(d) for d in documents), "seconds": seconds}
 

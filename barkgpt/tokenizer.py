@@ -412,6 +412,11 @@ class Tokenizer:
         dec._started = continuation
         return dec
 
+    def spec(self) -> dict:
+        """The ``tokenizer.json`` contents as a dict: ``model`` (type, ``vocab``, BPE ``merges``),
+        ``pre_tokenizer``, ``decoder`` and ``added_tokens`` (the special tokens with their ids)."""
+        return json.loads(self._tk.to_str())
+
     def token_to_id(self, token: str) -> int | None:
         """The id of one token (e.g. ``"<EOS>"``, ``"woof"``), or None if it is not in the vocabulary."""
         return self._tk.token_to_id(token)

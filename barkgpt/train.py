@@ -323,7 +323,6 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: b
         BarkError: bad data, a model that does not match the checkpoint on resume, a resume with
             another world size, a NaN loss (the last good checkpoint is kept).
     """
-    out_dir = Path(cfg.out_dir)
     ctx = setup(resolve_device(cfg.device), cfg.fsdp)
     try:
         return _train(model_cfg, cfg, ctx, resume, quiet or not ctx.is_main, source)
@@ -371,7 +370,7 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, ctx, resume: bool, quiet: boo
     source.check(block_size)
     model.train()
 
-    if cfg.optimizer == "muon" and ctx.fsdp:
+    if cfg.optimizer == "muon" and cfg.fsdp:
         raise BarkError("--optimizer muon needs whole weight matrices, which --fsdp shards; use DDP (drop --fsdp) or AdamW")
     raw_model = model
     model = wrapped = wrap_model(model, ctx)  # DDP, or FSDP2 sharding raw_model in place
@@ -387,7 +386,7 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, ctx, resume: bool, quiet: boo
         if len(saved_opt) != len(optimizers):
             raise BarkError(f"--resume: {out_dir / 'last'} was trained with another --optimizer; resume with the same one")
         for opt, opt_state in zip(optimizers, saved_opt):
-            if ctx.fsdp and ctx.enabled:
+            if ctx.fsdp:
                 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
                 set_optimizer_state_dict(model, opt, opt_state, options=StateDictOptions(full_state_dict=True))
@@ -424,7 +423,7 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, ctx, resume: bool, quiet: boo
               f"{raw_model.flops_per_token() / 1e6:.1f} MFLOPs/token, head_dim {model_cfg.head_dim}; "
               f"{tokens_per_iter:,} tokens/iteration; device {device}{ranks}, dtype {dtype}, optimizer {cfg.optimizer}; "
               f"data {source.describe(block_size)}")
-    fsdp_copy = GPT(model_cfg) if ctx.fsdp and ctx.enabled and ctx.is_main else None  # full weights, for checkpoints
+    fsdp_copy = GPT(model_cfg) if ctx.fsdp and ctx.is_main else None  # full weights, for checkpoints
 
     info = {"data": {k: meta.get(k) for k in ("source", "source_sha256", "tokenizer", "train_tokens", "val_tokens")}}
     token_bytes = np.asarray(tokenizer.token_bytes(), dtype=np.int64)
@@ -432,10 +431,10 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, ctx, resume: bool, quiet: boo
     def checkpoint(name: str, last_loss: dict | None = None):
         """Save ``name`` (last/ or best/) from rank 0; under FSDP every rank joins the gather."""
         extra = {**info, "step": step, "tokens_seen": tokens_seen, **({"val_loss": last_loss["val"]} if last_loss else {})}
-        full = full_model_state(model, ctx) if fsdp_copy is not None or (ctx.fsdp and ctx.enabled) else None
+        full = full_model_state(model, ctx) if ctx.fsdp else None  # a gather: every rank takes part
         opt_states = None
         if name == "last":
-            if ctx.fsdp and ctx.enabled:
+            if ctx.fsdp:
                 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
                 opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -496,14 +495,11 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, ctx, resume: bool, quiet: boo
         FSDP2's ``set_requires_gradient_sync``)."""
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
-            sync = contextlib.nullcontext()
-            if ctx.enabled and not ctx.fsdp:
-                sync = model.no_sync() if not last else contextlib.nullcontext()
-            elif ctx.enabled:
+            if ctx.fsdp:
                 raw_model.set_requires_gradient_sync(last)
-            with sync, autocast:
-                loss = model_loss(m, batch)
-            with sync:
+            with wrapped.no_sync() if ctx.enabled and not ctx.fsdp and not last else contextlib.nullcontext():
+                with autocast:
+                    loss = model_loss(m, batch)
                 scaler.scale(loss / len(batches)).backward()
         return loss
 

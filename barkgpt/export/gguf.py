@@ -15,7 +15,6 @@ The tensor names and metadata keys are llama.cpp's (``gguf.constants``; its
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +92,7 @@ def gguf_tensors(state: dict[str, torch.Tensor], config: GPTConfig, permute: boo
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in out.items()}
 
 
-def _encode_tensor(name: str, t: torch.Tensor, outtype: str):
+def _encode_tensor(t: torch.Tensor, outtype: str):
     """(numpy data, raw quant type or None) for one tensor: 1-D tensors stay f32, as llama.cpp's
     converter keeps them; q8_0 needs rows that are a multiple of 32 and falls back to f16."""
     import gguf
@@ -116,7 +115,7 @@ def check_tokenizer(tokenizer: Tokenizer) -> dict:
     if tokenizer.kind != "bpe":
         raise BarkError(f"llama.cpp has no {tokenizer.kind}-level tokenizer, so this model cannot be exported to GGUF; "
                         f"train it on data prepared with --tokenizer bpe (or export it with `barkgpt export hf`)")
-    spec = json.loads(tokenizer._tk.to_str())
+    spec = tokenizer.spec()
     pre = spec.get("pre_tokenizer") or {}
     pres = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     if not any(p.get("type") == "ByteLevel" and p.get("use_regex", True) for p in pres) or len(pres) != 1:
@@ -179,7 +178,7 @@ def export_gguf(model_path: str | Path, out: str | Path, outtype: str = "f16", f
             w.add_layer_norm_eps(c.norm_eps)
         _add_tokenizer(w, tokenizer, spec, c.vocab_size)
         for name, t in gguf_tensors(model.state_dict(), c, permute).items():
-            data, raw = _encode_tensor(name, t, outtype)
+            data, raw = _encode_tensor(t, outtype)
             w.add_tensor(name, data, raw_dtype=raw)
         w.write_header_to_file()
         w.write_kv_data_to_file()

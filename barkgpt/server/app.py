@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hmac
 import json
@@ -117,6 +118,10 @@ class ServerMetrics:
     Requests by route and status, prompt and generated tokens, time to first token and
     inter-token latency (seconds), and running/waiting requests (read from the scheduler when
     scraped). Names follow vLLM's ``vllm:*`` metrics with a ``barkgpt_`` prefix.
+
+    Args:
+        running: a zero-argument callable giving the requests decoding now.
+        waiting: a zero-argument callable giving the requests queued for a row.
     """
 
     ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
@@ -364,7 +369,7 @@ def create_app(generator: TextGenerator | None = None, settings: ServeConfig | N
             base = sampling_for(ids, body.sampling(), gen.block_size)
             for j in range(body.n):
                 seed = None if base.seed is None else (base.seed + j) % 2**64  # n samples must differ
-                jobs.append((ids, SamplingParams(**{**base.__dict__, "seed": seed})))
+                jobs.append((ids, dataclasses.replace(base, seed=seed)))
         reqs = submit_all(sched, jobs)
         text_of = functools.partial(token_text, gen.tokenizer)
         return [_Choice(r, gen.tokenizer, body.stop, i, len(r.ids) if i % body.n == 0 else 0, metrics, text_of)
@@ -372,7 +377,7 @@ def create_app(generator: TextGenerator | None = None, settings: ServeConfig | N
 
     async def chat_prompt(body: P.ChatCompletionRequest, gen: TextGenerator) -> list[int]:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        return await encode(gen, gen.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        return await encode(gen, gen.chat_prompt(messages))
 
     def ids_of(prompt, gen: TextGenerator) -> list[int]:
         vocab_size = gen.tokenizer.vocab_size

@@ -11,7 +11,16 @@ from barkgpt.server import protocol as P
 
 
 class ApiError(Exception):
-    """An error response in OpenAI's shape."""
+    """An error response in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
+
+    Args:
+        status: the HTTP status (400, 401, 404, 413, 429, 503...).
+        message: one line naming the problem and the fix (no paths or traces).
+        type: OpenAI's error type (``invalid_request_error``, ``authentication_error``...).
+        param: the request field at fault, or None.
+        code: a machine-readable code (``model_loading``...), or None.
+        headers: extra response headers (``Retry-After`` on 429), or None.
+    """
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None, headers: dict | None = None):

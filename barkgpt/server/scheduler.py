@@ -200,6 +200,7 @@ class Scheduler:
     def _run(self) -> None:
         with torch.inference_mode():
             self._cache = KVCache.for_model(self.model, self.max_batch_size)
+            self._prefill_cache = KVCache.for_model(self.model, 1)  # reused: copy_row reads only its filled part
             while True:
                 with self._wake:
                     while not self._stopping and not self._waiting and not self._rows:
@@ -233,7 +234,8 @@ class Scheduler:
             req = self._pop_waiting()
             if req is None:
                 return
-            one = KVCache.for_model(self.model, 1)
+            one = self._prefill_cache
+            one.reset()
             logits, _ = self.model(torch.tensor([req.ids], device=self.device), kv_cache=one)  # (1, T, V)
             while req is not None:
                 row = _Row(req, self.device)

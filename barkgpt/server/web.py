@@ -125,18 +125,21 @@ class TrainingRuns:
             ApiError: as :meth:`folder`.
         """
         path = self.folder(name)
-        rows = read_metrics(path)
-        out = self._summary(path, rows)
+        rows, config, checkpoints = read_metrics(path), read_config(path), checkpoint_infos(path)
+        out = self._summary(path, rows, config, checkpoints)
         out["metrics"] = thin_rows(rows, MAX_METRIC_ROWS)
-        out["config"] = read_config(path)
+        out["config"] = config
         out["samples"] = read_jsonl(path / "samples.jsonl")[-SAMPLES_SHOWN:]
-        out["checkpoints"] = [c for c in (checkpoint_info(path / n) for n in ("best", "last")) if c]
+        out["checkpoints"] = checkpoints
         out["log"] = tail(path / "train.log", LOG_TAIL_LINES)
         return out
 
-    def _summary(self, path: Path, rows: list[dict]) -> dict:
-        config = read_config(path) or {}
-        max_iters = (config.get("train") or {}).get("max_iters")
+    def _summary(self, path: Path, rows: list[dict], config: dict | None = None, checkpoints: list[dict] | None = None) -> dict:
+        """A run's status line (step, losses, lr, tokens/s, ETA) from its metrics rows; its config
+        and checkpoints are read here unless the caller already has them."""
+        config = read_config(path) if config is None else config
+        checkpoints = checkpoint_infos(path) if checkpoints is None else checkpoints
+        max_iters = ((config or {}).get("train") or {}).get("max_iters")
         train_rows = [r for r in rows if "train_loss" in r]
         val_rows = [r for r in rows if "val_loss" in r]
         last = train_rows[-1] if train_rows else {}
@@ -152,7 +155,7 @@ class TrainingRuns:
                 "best_val_loss": min((r["val_loss"] for r in val_rows), default=None), "lr": last.get("lr"),
                 "tokens_per_s": last.get("tokens_per_s"), "elapsed_s": elapsed, "eta_s": eta,
                 "updated": max(mtimes, default=None),
-                "has_checkpoint": any(checkpoint_info(path / n) for n in ("best", "last"))}
+                "has_checkpoint": bool(checkpoints)}
 
     def _status(self, path: Path, step: int, max_iters: int | None) -> str:
         """training, stopping or failed (the process started here), else finished, else stopped, or
@@ -289,6 +292,11 @@ def read_config(path: Path) -> dict | None:
     except (OSError, yaml.YAMLError):
         return None
     return config if isinstance(config, dict) else None
+
+
+def checkpoint_infos(run: Path) -> list[dict]:
+    """:func:`checkpoint_info` of a run's ``best/`` and ``last/``, those that exist."""
+    return [c for c in (checkpoint_info(run / n) for n in ("best", "last")) if c]
 
 
 def checkpoint_info(path: Path) -> dict | None:

@@ -3,9 +3,8 @@
 // server-sent events arrive; Stop (or Esc) aborts the request; errors, and a stream that ends
 // without a finish_reason, are shown in the conversation.
 
-import { api, ApiCallError, el, headers, responseError, setupPage } from "/static/common.js";
+import { $, api, ApiCallError, el, headers, responseError, setupPage } from "/static/common.js";
 
-const $ = (id) => document.getElementById(id);
 const turns = []; // the {role, content} messages sent with the next request (the system prompt is added then)
 let model = null; // the model id from /v1/models
 let controller = null; // aborts the reply being streamed

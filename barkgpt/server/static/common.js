@@ -4,6 +4,9 @@
 const KEY_STORAGE = "barkgpt-api-key";
 
 /** The API key the user gave (kept in this browser's localStorage), or "". */
+/** The element with this id. */
+export const $ = (id) => document.getElementById(id);
+
 export function apiKey() {
   try { return localStorage.getItem(KEY_STORAGE) || ""; } catch { return ""; }
 }

@@ -2,10 +2,9 @@
 // learning-rate curves, step, tokens/s, ETA, samples, checkpoints, config, log), starts a run from a
 // preset, stops it, and loads a run's checkpoint into the chat view. Reads /v1/presets and /v1/runs.
 
-import { ago, api, bytes, duration, el, num, setupPage } from "/static/common.js";
+import { $, ago, api, bytes, duration, el, num, setupPage } from "/static/common.js";
 import { lineChart } from "/static/chart.js";
 
-const $ = (id) => document.getElementById(id);
 const LIST_EVERY_MS = 3000; // how often the run list refreshes
 const LIVE_EVERY_MS = 1000; // how often a training run refreshes
 const IDLE_EVERY_MS = 5000; // how often a run that is not training refreshes
