@@ -19,7 +19,8 @@ pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(), reason="t
               pytest.mark.integration]
 
 COMMON = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--log-interval", "1",
-          "--eval-iters", "2", "--warmup-iters", "1", "--lr-decay-iters", "5", "--compile", "false", "--device", "cpu"]
+          "--eval-iters", "2", "--warmup-iters", "1", "--lr-decay-iters", "5", "--compile", "false", "--device", "cpu",
+          "--gradient-accumulation-steps", "2"]  # accumulation: no_sync on all but the last micro-batch
 
 
 @pytest.fixture(scope="module")
