@@ -65,12 +65,16 @@ def setup(device: str, fsdp: bool = False) -> DistContext:
     return DistContext(rank, local, world, device, fsdp)
 
 
-def teardown(ctx: DistContext) -> None:
-    """Leave the process group (after the last collective)."""
+def teardown(ctx: DistContext, wait: bool = True) -> None:
+    """Leave the process group. With ``wait`` (a run that ended normally), first a barrier, so no
+    rank tears down its communication threads while another (rank 0 writing the last checkpoint)
+    still talks to it; after an error, leave at once (a barrier could wait forever)."""
     if ctx.enabled:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            if wait:
+                dist.barrier()
             dist.destroy_process_group()
 
 

@@ -325,9 +325,12 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: b
     """
     ctx = setup(resolve_device(cfg.device), cfg.fsdp)
     try:
-        return _train(model_cfg, cfg, ctx, resume, quiet or not ctx.is_main, source)
-    finally:
-        teardown(ctx)
+        result = _train(model_cfg, cfg, ctx, resume, quiet or not ctx.is_main, source)
+    except BaseException:
+        teardown(ctx, wait=False)
+        raise
+    teardown(ctx)
+    return result
 
 
 def _train(model_cfg: GPTConfig, cfg: TrainConfig, ctx, resume: bool, quiet: bool, source) -> dict:
