@@ -175,7 +175,7 @@ def cmd_sample(args) -> None:
     from barkgpt.generate import load_generator
 
     kw = sampling_kwargs(args)
-    gen = load_generator(args.model, device=args.device)
+    gen = load_generator(args.model, device=args.device, compile=args.compile)
     prompt = args.prompt
     if args.prompt_file:
         prompt = open(args.prompt_file, encoding="utf-8").read()
@@ -200,7 +200,7 @@ def cmd_chat(args) -> None:
     from barkgpt.generate import load_generator
 
     kw = sampling_kwargs(args)
-    gen = load_generator(args.model, device=args.device)
+    gen = load_generator(args.model, device=args.device, compile=args.compile)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     if interactive:
@@ -357,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=helptext)
         sp.add_argument("--model", required=True, help="a run folder (runs/x) or checkpoint folder")
         sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+        sp.add_argument("--compile", action="store_true",
+                        help="torch.compile the decode step: ~2.5x tokens/s on CPU after a one-time 5-20 s compile")
         if name == "sample":
             sp.add_argument("--prompt", default="", help="text to continue ('' starts a new document)")
             sp.add_argument("--prompt-file", default=None, help="read the prompt from this file")

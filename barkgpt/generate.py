@@ -25,11 +25,12 @@ class TextGenerator:
         model: the :class:`GPT`.
         tokenizer: the :class:`Tokenizer` it was trained with.
         config: the checkpoint's ``config.json`` dict (shown by ``info``), optional.
+        compile: ``torch.compile`` the decode step (see :class:`~barkgpt.engine.Engine`).
     """
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, config: dict | None = None):
+    def __init__(self, model: GPT, tokenizer: Tokenizer, config: dict | None = None, compile: bool = False):
         self.model, self.tokenizer, self.config = model, tokenizer, config or {}
-        self.engine = Engine(model)
+        self.engine = Engine(model, compile=compile)
 
     @property
     def block_size(self) -> int:
@@ -196,11 +197,12 @@ class _TextStream:
             yield piece
 
 
-def load_generator(path: str | Path, device: str = "auto") -> TextGenerator:
-    """Load a run or checkpoint folder into a :class:`TextGenerator`.
+def load_generator(path: str | Path, device: str = "auto", compile: bool = False) -> TextGenerator:
+    """Load a run or checkpoint folder into a :class:`TextGenerator` (``compile``: see
+    :class:`~barkgpt.engine.Engine`).
 
     Raises:
         BarkError: no checkpoint or a corrupt one (see :func:`barkgpt.checkpoint.load_model`).
     """
     model, tokenizer, config = load_checkpoint(path, resolve_device(device))
-    return TextGenerator(model, tokenizer, config)
+    return TextGenerator(model, tokenizer, config, compile=compile)
