@@ -216,44 +216,85 @@ def apply_presence_frequency_penalty(logits: torch.Tensor, generated: torch.Tens
     return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
 
 
-def sample_next_token(logits: torch.Tensor, rng: torch.Generator | None = None, temperature: float = 1.0,
-                      top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
-    """Pick the next token of each row from its logits. A pure function of its arguments.
+def sampling_probs(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0, top_k: int | torch.Tensor = 0,
+                   top_p: float | torch.Tensor = 1.0, min_p: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """The distribution to sample the next token from, after temperature and filters.
 
     Filters apply to temperature-scaled logits, in HF's order: top-k, then top-p (nucleus,
     Holtzman et al. 2019: the smallest set whose probability reaches ``top_p``, always keeping
     the most likely token), then min-p (Nguyen et al. 2024: drop tokens below ``min_p`` times the
-    top probability).
+    top probability). Each setting is one value for every row or a (B,) tensor, one per row, so
+    a batch of requests with different settings is filtered in one pass.
+
+    Args:
+        logits: (B, V) float.
+        temperature: > 0 (greedy rows are the caller's: take the argmax instead).
+        top_k: keep the k most likely tokens; 0 keeps all.
+        top_p: in (0, 1]; 1 keeps all.
+        min_p: in [0, 1); 0 keeps all.
+
+    Returns:
+        (B, V) float32 probabilities, each row summing to 1; filtered tokens are exactly 0.
+    """
+    B, V = logits.shape
+    as_col = lambda x, dtype: torch.as_tensor(x, dtype=dtype, device=logits.device).reshape(-1, 1)  # (B or 1, 1)
+    logits = logits.float() / (temperature if isinstance(temperature, (int, float)) else as_col(temperature, torch.float32))
+    k, p, m = as_col(top_k, torch.long), as_col(top_p, torch.float32), as_col(min_p, torch.float32)
+    use_k, use_p, use_m = bool(((k > 0) & (k < V)).any()), bool((p < 1.0).any()), bool((m > 0.0).any())
+    if use_k or use_p or use_m:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        remove = torch.zeros_like(sorted_logits, dtype=torch.bool)
+        if use_k:
+            rank = torch.arange(V, device=logits.device).view(1, V)
+            remove |= rank >= torch.where(k > 0, k, V)
+        probs = F.softmax(sorted_logits.masked_fill(remove, float("-inf")), dim=-1)
+        if use_p:  # drop a token once the mass before it already reaches top_p
+            remove |= (probs.cumsum(dim=-1) - probs) >= p
+        if use_m:
+            remove |= probs < m * probs[:, :1]
+        remove[:, 0] = False  # the most likely token always survives
+        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits.masked_fill(remove, float("-inf")))
+    return F.softmax(logits, dim=-1)
+
+
+def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: row b takes the first token whose cumulative probability exceeds
+    ``u[b]`` times the row's total. With ``u`` uniform in [0, 1) that is a draw from ``probs``
+    (as ``torch.multinomial``), and each row's draw depends on its own ``u`` alone, so a request's
+    tokens do not depend on the other rows of a batch.
+
+    Args:
+        probs: (B, V) non-negative float.
+        u: (B,) uniform numbers in [0, 1).
+
+    Returns:
+        (B,) int64 token ids; a token of probability 0 is never chosen.
+    """
+    cdf = probs.cumsum(dim=-1)  # (B, V), non-decreasing
+    target = u.view(-1, 1).to(cdf.dtype) * cdf[:, -1:]  # (B, 1), below the row's total
+    return torch.searchsorted(cdf, target, right=True).view(-1).clamp_max(probs.size(-1) - 1)
+
+
+def sample_next_token(logits: torch.Tensor, rng: torch.Generator | None = None, temperature: float = 1.0,
+                      top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
+    """Pick the next token of each row from its logits. A pure function of its arguments.
+
+    Greedy (argmax) at temperature 0; else one uniform number per row from ``rng`` and
+    :func:`sample_from_probs` over :func:`sampling_probs`.
 
     Args:
         logits: (B, V) float.
         rng: the ``torch.Generator`` to sample with (None: torch's global one).
         temperature: 0 means argmax (greedy).
-        top_k: keep the k most likely tokens; 0 keeps all.
-        top_p: in (0, 1]; 1 keeps all.
-        min_p: in [0, 1); 0 keeps all.
+        top_k, top_p, min_p: see :func:`sampling_probs`.
 
     Returns:
         (B,) int64 token ids.
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    V = logits.size(-1)
-    if (0 < top_k < V) or top_p < 1.0 or min_p > 0.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
-        remove = torch.zeros_like(sorted_logits, dtype=torch.bool)
-        if 0 < top_k < V:
-            remove[:, top_k:] = True
-        probs = F.softmax(sorted_logits.masked_fill(remove, float("-inf")), dim=-1)
-        if top_p < 1.0:  # drop a token once the mass before it already reaches top_p
-            remove |= (probs.cumsum(dim=-1) - probs) >= top_p
-        if min_p > 0.0:
-            remove |= probs < min_p * probs[:, :1]
-        remove[:, 0] = False  # the most likely token always survives
-        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits.masked_fill(remove, float("-inf")))
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=rng).squeeze(1)
+    probs = sampling_probs(logits, temperature, top_k, top_p, min_p)
+    return sample_from_probs(probs, torch.rand(logits.size(0), generator=rng, device=logits.device))
 
 
 def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -62,6 +62,31 @@ def test_greedy_and_filters():
     assert len({sample_next_token(logits, g, 1.0).item() for _ in range(200)}) == 4
 
 
+def test_per_row_settings_filter_each_row_as_alone():
+    """One batched pass with a setting per row gives each row what it gets alone."""
+    from barkgpt.engine import sampling_probs
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    rows = [(0.7, 5, 1.0, 0.0), (1.3, 0, 0.8, 0.0), (1.0, 0, 1.0, 0.1), (0.5, 3, 0.9, 0.05)]
+    batched = sampling_probs(logits, *(torch.tensor(col) for col in zip(*rows)))
+    for b, row in enumerate(rows):
+        torch.testing.assert_close(batched[b:b + 1], sampling_probs(logits[b:b + 1], *row))
+    assert (batched[0] > 0).sum() == 5 and (batched[3] > 0).sum() <= 3
+
+
+def test_inverse_cdf_sampling_draws_from_the_distribution():
+    from barkgpt.engine import sample_from_probs
+
+    probs = torch.tensor([0.5, 0.0, 0.2, 0.3, 0.0])
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(1))
+    counts = torch.bincount(sample_from_probs(probs.expand(len(u), -1), u), minlength=5) / len(u)
+    assert counts[1] == 0 and counts[4] == 0  # zero-probability tokens never come out
+    torch.testing.assert_close(counts, probs, atol=0.015, rtol=0)
+    edge = sample_from_probs(torch.tensor([[0.0, 1.0, 0.0], [0.3, 0.7, 0.0]]), torch.tensor([0.0, 0.9999999]))
+    assert edge.tolist() == [1, 1]
+
+
 def test_repetition_penalty():
     logits = torch.tensor([[2.0, -2.0, 1.0]])
     out = apply_repetition_penalty(logits, torch.tensor([[0, 1]]), 2.0)

@@ -7,11 +7,13 @@ request leaves between steps and the last row moves into its slot, as vLLM's con
 (Yu et al. 2022, "Orca") lets requests join and leave one running batch. Rows sit at different
 positions; ``GPT.forward`` decodes each at its own (``KVCache.lengths``). Each row samples with
 its own settings and its own seeded ``torch.Generator``, so a request's tokens do not depend on
-what else is running (up to float rounding of batched matmuls).
+what else is running (up to float rounding of batched matmuls); the rows are still filtered and
+sampled in one batched pass (:func:`~barkgpt.engine.sampling_probs` with a setting per row, one
+uniform number per row from its generator).
 
 The scheduler works on token ids only; ``app.py`` turns them into text. Tokens reach the asyncio
-side through a queue per request, filled with ``loop.call_soon_threadsafe``, so the event loop
-never waits on the model.
+side through a queue per request, filled by one ``loop.call_soon_threadsafe`` per decode step
+for all rows, so the event loop never waits on the model and wakes once per step.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from barkgpt.common import BarkError
-from barkgpt.engine import (KVCache, apply_presence_frequency_penalty, apply_repetition_penalty, sample_next_token,
-                             token_logprobs)
+from barkgpt.engine import (KVCache, apply_presence_frequency_penalty, apply_repetition_penalty, sample_from_probs,
+                             sampling_probs, token_logprobs)
 from barkgpt.model import GPT
 
 log = logging.getLogger("barkgpt.server")
@@ -103,6 +105,25 @@ class Request:
                 raise StopAsyncIteration
             raise item
         return item
+
+
+def _deliver(items: list[tuple[Request, object]]) -> None:
+    """Event-loop side of a decode step: put each ``(request, item)`` in its request's queue."""
+    for req, item in items:
+        req.queue.put_nowait(item)
+
+
+def _send(items: list[tuple[Request, object]]) -> None:
+    """Hand one step's items to the event loops (one wake-up per loop, not per token)."""
+    loops: dict[asyncio.AbstractEventLoop, list] = {}
+    for req, item in items:
+        loops.setdefault(req.loop, []).append((req, item))
+    for loop, batch in loops.items():
+        try:
+            loop.call_soon_threadsafe(_deliver, batch)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            for req, _ in batch:
+                req.cancelled = True
 
 
 class _Row:
@@ -239,7 +260,7 @@ class Scheduler:
             logits, _ = self.model(torch.tensor([req.ids], device=self.device), kv_cache=one)  # (1, T, V)
             while req is not None:
                 row = _Row(req, self.device)
-                if not self._sample(row, logits[:, -1, :]):
+                if not self._emit([row], logits[:, -1, :])[0]:
                     self._cache.copy_row(len(self._rows), one)
                     self._rows.append(row)
                 req = self._pop_waiting(same_prompt=req.ids)
@@ -270,34 +291,59 @@ class Scheduler:
         cache = self._cache.narrow(n)
         logits, _ = self.model(idx, kv_cache=cache)  # (n, 1, V), each row at its own position
         self._cache.lengths[:n] = cache.lengths
-        done = [b for b, r in enumerate(self._rows) if self._sample(r, logits[b:b + 1, -1, :])]
-        self._remove(done)
+        done = self._emit(self._rows, logits[:, -1, :])
+        self._remove([b for b, d in enumerate(done) if d])
 
-    def _sample(self, row: _Row, logits: torch.Tensor) -> bool:
-        """Sample row's next token from its (1, V) logits and send it; True when the row is done."""
-        if row.req.cancelled:
-            row.req._put(None)
-            return True
-        p = row.req.params
-        raw = logits  # the model's own distribution, for logprobs
-        if p.repetition_penalty != 1.0:
-            history = torch.tensor([row.history], device=self.device)
-            logits = apply_repetition_penalty(logits, history, p.repetition_penalty)
-        if p.presence_penalty or p.frequency_penalty:
-            generated = torch.tensor([row.history[len(row.req.ids):]], dtype=torch.long, device=self.device)
-            logits = apply_presence_frequency_penalty(logits, generated, p.presence_penalty, p.frequency_penalty)
-        nxt = sample_next_token(logits, row.rng, p.temperature, p.top_k, p.top_p, p.min_p)  # (1,)
-        t = int(nxt[0])
-        if p.logprobs is not None:  # only rows that asked pay for the log-softmax
-            chosen, top_lp, top_ids = token_logprobs(raw, nxt, p.logprobs)
-            row.req.logprobs.append((float(chosen[0]), list(zip(top_ids[0].tolist(), top_lp[0].tolist()))))
-        row.history.append(t)
-        row.n_new += 1
-        row.req._put(t)
-        if t in self.stop_ids or row.n_new >= p.max_new_tokens:
-            row.req._put(None)
-            return True
-        return False
+    def _emit(self, rows: list[_Row], logits: torch.Tensor) -> list[bool]:
+        """Sample each row's next token from its row of ``logits`` (len(rows), V), send the tokens
+        (one hand-off for all rows), and say which rows are done (stop token, token limit, or
+        cancelled)."""
+        tokens = self._sample(rows, logits)
+        items, done = [], []
+        for b, (row, t) in enumerate(zip(rows, tokens)):
+            req, p = row.req, row.req.params
+            if req.cancelled:
+                items.append((req, None))
+                done.append(True)
+                continue
+            if p.logprobs is not None:  # only rows that asked pay for the log-softmax
+                chosen, top_lp, top_ids = token_logprobs(logits[b:b + 1], torch.tensor([t], device=self.device), p.logprobs)
+                req.logprobs.append((float(chosen[0]), list(zip(top_ids[0].tolist(), top_lp[0].tolist()))))
+            row.history.append(t)
+            row.n_new += 1
+            items.append((req, t))
+            done.append(t in self.stop_ids or row.n_new >= p.max_new_tokens)
+            if done[-1]:
+                items.append((req, None))
+        _send(items)
+        return done
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        """Next token ids of ``rows`` from their raw logits (len(rows), V): penalties row by row
+        (rare), then greedy rows by argmax and the others through one batched filter and draw."""
+        penalised = [b for b, r in enumerate(rows) if r.req.params.repetition_penalty != 1.0
+                     or r.req.params.presence_penalty or r.req.params.frequency_penalty]
+        if penalised:
+            logits = logits.clone()
+        for b in penalised:
+            row, p = rows[b], rows[b].req.params
+            x = logits[b:b + 1]
+            if p.repetition_penalty != 1.0:
+                x = apply_repetition_penalty(x, torch.tensor([row.history], device=self.device), p.repetition_penalty)
+            if p.presence_penalty or p.frequency_penalty:
+                generated = torch.tensor([row.history[len(row.req.ids):]], dtype=torch.long, device=self.device)
+                x = apply_presence_frequency_penalty(x, generated, p.presence_penalty, p.frequency_penalty)
+            logits[b:b + 1] = x
+        tokens = logits.argmax(dim=-1).tolist()
+        hot = [b for b, r in enumerate(rows) if r.req.params.temperature > 0]
+        if hot:
+            ps = [rows[b].req.params for b in hot]
+            probs = sampling_probs(logits[hot], torch.tensor([p.temperature for p in ps]), torch.tensor([p.top_k for p in ps]),
+                                   torch.tensor([p.top_p for p in ps]), torch.tensor([p.min_p for p in ps]))
+            u = torch.cat([torch.rand(1, generator=rows[b].rng, device=self.device) for b in hot])  # (len(hot),)
+            for b, t in zip(hot, sample_from_probs(probs, u).tolist()):
+                tokens[b] = t
+        return tokens
 
     def _remove(self, rows: list[int]) -> None:
         """Free rows (indices into ``self._rows``): the last row moves into each freed slot."""
