@@ -82,6 +82,29 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return dtype
 
 
+# Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, from the vendors' data sheets; the
+# denominator of model FLOPs utilization (MFU, PaLM paper appendix B; nanoGPT's estimate_mfu).
+PEAK_BF16_FLOPS = {
+    "H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "GH200": 989e12,
+    "A100": 312e12, "A10G": 70e12, "L4": 121e12, "L40S": 362e12, "RTX 4090": 165e12, "RTX 3090": 71e12,
+}
+
+
+def peak_flops(device: str) -> float | None:
+    """The device's peak dense bf16 FLOP/s when it is a CUDA GPU this table knows, else None.
+
+    The longest matching name wins (``"H100 PCIe"`` before ``"H100"``). CPUs get None: their
+    peak depends on the instruction set and core count, which MFU tables don't cover.
+    """
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name(torch.device(device))
+    hits = [k for k in PEAK_BF16_FLOPS if k in name]
+    return PEAK_BF16_FLOPS[max(hits, key=len)] if hits else None
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's ``random``, NumPy's global RNG and torch (CPU and CUDA)."""
     import random

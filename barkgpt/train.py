@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from barkgpt.checkpoint import find_checkpoint, load_model, load_trainer_state, read_checkpoint_config, save_checkpoint
-from barkgpt.common import BarkError, atomic_write_text, progress, resolve_device, resolve_dtype
+from barkgpt.common import BarkError, atomic_write_text, peak_flops, progress, resolve_device, resolve_dtype
 from barkgpt.config import GPTConfig, TrainConfig, config_to_dict, dump_yaml
 from barkgpt.conversations import (IGNORE_INDEX, ChatRows, bark_chat_rows, file_sha256, load_conversations,
                                    split_conversations)
@@ -311,7 +311,9 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: b
 
     Returns:
         Summary dict: ``step``, ``train_loss``, ``val_loss``, ``best_val_loss``, ``tokens_per_s``
-        (over training steps only), ``train_seconds`` (time in training steps), ``elapsed_s``
+        (over training steps only), ``mfu`` (model FLOPs utilization, ``flops_per_token`` x
+        tokens/s over the GPUs' peak bf16 FLOP/s; None off known CUDA GPUs; also in each
+        ``metrics.jsonl`` log line), ``train_seconds`` (time in training steps), ``elapsed_s``
         (wall clock of the whole run, across resumes), ``interrupted``.
 
     Under torchrun (``WORLD_SIZE`` > 1; see :mod:`barkgpt.distributed`) every rank runs this:
@@ -511,6 +513,7 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, ctx, resume: bool, quiet: boo
         b = cfg.batch_size
         return tuple(a[ctx.rank * b:(ctx.rank + 1) * b] for a in batch) if ctx.enabled else batch
 
+    flops_per_token, peak = raw_model.flops_per_token(), peak_flops(device)  # MFU on known GPUs
     t_start = time.perf_counter()
     elapsed0 = state.get("elapsed_s", 0.0) if state else 0.0  # wall clock of the runs before a resume
     elapsed = elapsed0
@@ -563,8 +566,9 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, ctx, resume: bool, quiet: boo
                 tps = tok_log / max(now - t_log, 1e-9)
                 elapsed = elapsed0 + now - t_start
                 share = expert_share(raw_model)
+                mfu = {"mfu": round(flops_per_token * tps / (peak * ctx.world_size), 4)} if peak else {}
                 log({"step": step, "train_loss": round(last_loss, 5), "lr": lr, "tokens_per_s": round(tps, 1), "elapsed_s": round(elapsed, 3),
-                     **({"expert_share": share} if share else {})})
+                     **mfu, **({"expert_share": share} if share else {})})
                 if bar is not None:
                     bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
                 t_log, tok_log = now, 0
@@ -584,8 +588,9 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, ctx, resume: bool, quiet: boo
             bar.close()
         torch.set_flush_denormal(False)  # process-wide state: back to the default for the caller
     total = elapsed0 + time.perf_counter() - t_start
+    tps = (step - step0) * tokens_per_iter / max(loop_s, 1e-9)
     return {"step": step, "train_loss": last_loss, "val_loss": losses["val"] if losses else None,
-            "best_val_loss": best_val, "tokens_per_s": (step - step0) * tokens_per_iter / max(loop_s, 1e-9),
+            "best_val_loss": best_val, "tokens_per_s": tps, "mfu": flops_per_token * tps / (peak * ctx.world_size) if peak else None,
             "train_seconds": loop_s, "elapsed_s": total, "interrupted": interrupted}
 
 

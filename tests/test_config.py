@@ -7,7 +7,7 @@ from barkgpt.config import GPTConfig, SampleConfig, TrainConfig, build_configs, 
 
 
 def test_presets_resolve():
-    for name in ("bark", "shakespeare-char", "shakespeare-bpe", "tinystories", "tinystories-moe"):
+    for name in ("bark", "bark-chat", "shakespeare-char", "shakespeare-bpe", "tinystories", "tinystories-moe", "gpt2-124m"):
         model, train = build_configs(preset=name)
         assert model.n_embd % model.n_head == 0
         assert train.max_iters > train.warmup_iters
@@ -17,6 +17,23 @@ def test_shakespeare_char_is_nanogpts_cpu_recipe():
     model, train = build_configs(preset="shakespeare-char")
     assert (model.n_layer, model.n_head, model.n_embd, model.block_size) == (4, 4, 128, 64)
     assert (train.batch_size, train.max_iters, model.dropout) == (12, 2000, 0.0)
+
+
+def test_gpt2_124m_is_gpt2_small():
+    """The preset builds GPT-2 small: 124,439,808 parameters with GPT-2's vocabulary (as
+    GPT2LMHeadModel, tied head), and nanoGPT's FLOPs per token for MFU."""
+    import torch
+
+    from barkgpt.common import peak_flops
+    from barkgpt.model import GPT
+
+    model_cfg, train = build_configs(preset="gpt2-124m", overrides={"vocab_size": 50257})
+    with torch.device("meta"):
+        model = GPT(model_cfg)
+    assert model.num_params() == 124_439_808
+    assert model.flops_per_token() == 6 * (124_439_808 - 1024 * 768) + 12 * 12 * 768 * 1024
+    assert train.compile and train.dtype == "auto"  # bf16 autocast on CUDA
+    assert peak_flops("cpu") is None  # MFU only against a known GPU's peak
 
 
 def test_flags_override_preset():
