@@ -56,6 +56,7 @@ bench: $(VENV)/.dev $(VENV)/.llama
 	$(PY) bench/bench_train.py --budget 180
 	$(PY) bench/bench_decode.py
 	$(PY) bench/bench_serve.py
+	$(PY) bench/bench_gpu.py --if-gpu
 
 clean:
 	rm -rf runs/bark build *.egg-info
