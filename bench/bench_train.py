@@ -2,10 +2,11 @@
 
 Timed rounds run ours with AdamW, as the reference trains (the preset itself uses Muon: see
 ``--budget``). ``ratio`` divides our tokens/s over all training steps (a compile included) by the reference's;
-``steady_ratio`` uses our median tokens/s after the first 25 steps. Both train the shakespeare-char shape (n_layer 4, n_head 4, n_embd 128, block_size 64, batch 12)
+``steady_ratio`` uses our median tokens/s after the first 25 steps. Each ratio is
+the median over rounds of the ratio within a round (the two runs of a round are back to back). Both train the shakespeare-char shape (n_layer 4, n_head 4, n_embd 128, block_size 64, batch 12)
 on tiny Shakespeare, char-level, fp32 on the CPU, for the same number of iterations. Runs
 alternate (reference, ours, reference, ours, ...) so machine noise hits both alike; the median of
-each is reported with the ratio. Prints JSON lines and appends a section to bench/RESULTS.md.
+each is reported too. Prints JSON lines and appends a section to bench/RESULTS.md.
 
     python bench/bench_train.py [--iters 300] [--rounds 2] [--full] [--budget 180]
 
@@ -71,7 +72,7 @@ def run_json(cmd: list[str]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--iters", type=int, default=300, help="iterations per timed run")
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds of (reference, ours)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of (reference, ours)")
     p.add_argument("--full", action="store_true", help="also run 2000 iterations each and compare val loss")
     p.add_argument("--no-compile", action="store_true", help="run ours with --compile false (the preset compiles)")
     p.add_argument("--budget", type=float, default=0, help="also train each for this many seconds of wall clock and compare val loss")
@@ -101,10 +102,13 @@ def main() -> None:
     ref_tps = statistics.median(x["tokens_per_s"] for x in rows["reference"])
     our_tps = statistics.median(x["tokens_per_s"] for x in rows["barkgpt"])
     our_steady = statistics.median(x["steady_tokens_per_s"] for x in rows["barkgpt"])
+    pairs = list(zip(rows["reference"], rows["barkgpt"]))  # each round's two runs, back to back
+    ratios = [round(o["tokens_per_s"] / r["tokens_per_s"], 3) for r, o in pairs]
+    steady = [round(o["steady_tokens_per_s"] / r["tokens_per_s"], 3) for r, o in pairs]
     summary = {"iters": a.iters, "rounds": a.rounds, "reference_tokens_per_s": ref_tps,
-               "barkgpt_tokens_per_s": our_tps, "ratio": round(our_tps / ref_tps, 3),
-               "barkgpt_steady_tokens_per_s": our_steady, "steady_ratio": round(our_steady / ref_tps, 3),
-               "compile": not a.no_compile}
+               "barkgpt_tokens_per_s": our_tps, "ratio": statistics.median(ratios), "ratio_per_round": ratios,
+               "barkgpt_steady_tokens_per_s": our_steady, "steady_ratio": statistics.median(steady),
+               "steady_ratio_per_round": steady, "compile": not a.no_compile}
     if a.full:
         summary["full_reference"] = reference(2000)
         summary["full_barkgpt"] = ours(2000)
