@@ -124,7 +124,7 @@ def main() -> None:
     levels = {1: max(a.requests // 4, 1), 4: max(a.requests // 2, 4), 16: max(a.requests, 16)}  # each level runs a few seconds
     rounds = []
     try:
-        for _ in range(300):
+        for _ in range(600):
             try:
                 urllib.request.urlopen(base + "/health", timeout=1)
                 break
