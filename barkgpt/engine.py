@@ -7,6 +7,7 @@ is the reference this engine is tested against.
 
 from __future__ import annotations
 
+import sys
 from typing import Iterator, Sequence
 
 import torch
@@ -336,18 +337,34 @@ class Engine:
         self.device = next(model.parameters()).device
         self.compile = compile
         self._compiled_step = None
+        self._compiled_ok = False  # a compiled step has run: later errors are real errors
 
-    def _decode(self, idx: torch.Tensor, cache: KVCache, pos: torch.Tensor | None) -> torch.Tensor:
-        """One decode step: (B, 1) ids -> (B, V) logits; advances the cache (and ``pos``, the
-        compiled path's (B,) positions, in place)."""
-        if pos is None:
-            return self.model(idx, kv_cache=cache)[0][:, -1, :]
-        if self._compiled_step is None:
-            def step(idx, k, v, pos):  # tensors only: a fresh cache object each call needs no new guard
-                return self.model(idx, kv_cache=StaticKVCache(k, v, pos))[0][:, -1, :]
+    def _decode(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One decode step: (B, 1) ids -> (B, V) logits at each row's position; advances the cache.
 
-            self._compiled_step = torch.compile(step, fullgraph=True)
-        return self._compiled_step(idx, cache.k, cache.v, pos)
+        If compiling fails (no C++ compiler, an unsupported op), says so once on stderr and
+        decodes eagerly from then on: the failure comes before the step runs, so the cache is intact.
+        """
+        if self.compile:
+            if self._compiled_step is None:
+                def step(idx, k, v, pos):  # tensors only: a fresh cache object each call needs no new guard
+                    return self.model(idx, kv_cache=StaticKVCache(k, v, pos))[0][:, -1, :]
+
+                self._compiled_step = torch.compile(step, fullgraph=True)
+            pos = torch.tensor(cache.lengths, device=self.device)  # (B,), advanced in place by the step
+            try:
+                logits = self._compiled_step(idx, cache.k, cache.v, pos)
+            except Exception as e:  # noqa: BLE001 - compile errors come in many types
+                if self._compiled_ok:
+                    raise
+                print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                      f"decoding without compile", file=sys.stderr)
+                self.compile = False
+            else:
+                self._compiled_ok = True
+                cache.advance(1)
+                return logits
+        return self.model(idx, kv_cache=cache)[0][:, -1, :]
 
     @torch.no_grad()
     def generate(self, prompt: Sequence[int], num_samples: int = 1, max_new_tokens: int = 100,
@@ -390,7 +407,6 @@ class Engine:
         logits, _ = self.model(history[:1], kv_cache=cache)  # prefill the prompt once...
         cache = cache.expand(num_samples)  # ...and share it with every row
         logits = logits[:, -1, :].expand(num_samples, -1)  # (B, V)
-        pos = torch.tensor(cache.lengths, device=self.device) if self.compile else None  # (B,)
         done = [False] * num_samples
         for _ in range(max_new_tokens):
             logits = apply_repetition_penalty(logits, history, repetition_penalty)
@@ -407,8 +423,5 @@ class Engine:
             if cache.get_pos() >= block_size:  # slide the window: re-prefill the recent half
                 cache = KVCache.for_model(self.model, num_samples)
                 logits = self.model(history[:, -(block_size // 2):], kv_cache=cache)[0][:, -1, :]
-                pos = torch.tensor(cache.lengths, device=self.device) if self.compile else None
             else:
-                logits = self._decode(nxt.unsqueeze(1), cache, pos)
-                if pos is not None:  # the compiled step counts in ``pos``; keep the Python lengths in step
-                    cache.advance(1)
+                logits = self._decode(nxt.unsqueeze(1), cache)

@@ -45,6 +45,25 @@ def test_compiled_decode_equals_eager(model):
     assert compiled._compiled_step is not None  # the compiled path really ran
 
 
+def test_a_failed_compile_falls_back_to_eager(model, capsys):
+    """No C++ compiler for inductor: one warning, then the eager engine's tokens."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    eager = [s[0] for s in Engine(model).generate([1, 2], max_new_tokens=12, temperature=0)]
+    cxx, cache = inductor_config.cpp.cxx, inductor_config.fx_graph_cache
+    inductor_config.cpp.cxx = ("/nonexistent/c++",)
+    inductor_config.fx_graph_cache = False  # no cached kernels to fall back on
+    torch._dynamo.reset()
+    try:
+        engine = Engine(model, compile=True)
+        assert [s[0] for s in engine.generate([1, 2], max_new_tokens=12, temperature=0)] == eager
+    finally:
+        inductor_config.cpp.cxx, inductor_config.fx_graph_cache = cxx, cache
+        torch._dynamo.reset()
+    assert not engine.compile and "torch.compile failed" in capsys.readouterr().err
+
+
 def test_stop_ids_end_rows(model):
     first = [s[0] for s in Engine(model).generate([4], max_new_tokens=5, temperature=0)]
     steps = list(Engine(model).generate([4], max_new_tokens=5, temperature=0, stop_ids=[first[1]]))
