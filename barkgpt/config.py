@@ -339,6 +339,11 @@ def unknown_key_error(key: str, valid: typing.Iterable[str], where: str) -> Bark
     return BarkError(f"unknown {where} {key!r}{hint}")
 
 
+def preset_names() -> list[str]:
+    """The sorted names of the presets in the package's ``configs/`` folder (``bark``, ...)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
 def preset_path(name: str) -> Path:
     """The YAML file of a preset in the package's ``configs/`` folder.
 
@@ -347,7 +352,7 @@ def preset_path(name: str) -> Path:
     """
     path = CONFIG_DIR / f"{name}.yaml"
     if not path.exists():
-        names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        names = preset_names()
         close = difflib.get_close_matches(name, names, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise BarkError(f"unknown preset {name!r}; {hint}presets: {', '.join(names)}")

@@ -18,6 +18,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,21 +54,22 @@ def main() -> None:
             out = model.generate(torch.tensor([[0]]), n)
         return n / (time.perf_counter() - t), out[0, 1:].tolist()
 
-    paths = {"kv_cache_compiled": engine_path(Engine(model, compile=True)), "kv_cache_eager": engine_path(Engine(model)),
-             "naive": naive, **exported_paths(model, n)}
-    t = time.perf_counter()
-    paths["kv_cache_compiled"]()  # warm up: compiles
-    compile_s = time.perf_counter() - t
-    for name, fn in paths.items():
-        if name != "kv_cache_compiled":
-            fn()
-    rows = {name: [] for name in paths}
-    for _ in range(a.rounds):
-        toks = {}
+    with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:  # the exports, read by HF and llama.cpp while timing
+        paths = {"kv_cache_compiled": engine_path(Engine(model, compile=True)), "kv_cache_eager": engine_path(Engine(model)),
+                 "naive": naive, **exported_paths(model, n, Path(tmp))}
+        t = time.perf_counter()
+        paths["kv_cache_compiled"]()  # warm up: compiles
+        compile_s = time.perf_counter() - t
         for name, fn in paths.items():
-            tps, toks[name] = fn()
-            rows[name].append(tps)
-        assert toks["kv_cache_compiled"] == toks["kv_cache_eager"] == toks["naive"], "cached and naive greedy decoding disagree"
+            if name != "kv_cache_compiled":
+                fn()
+        rows = {name: [] for name in paths}
+        for _ in range(a.rounds):
+            toks = {}
+            for name, fn in paths.items():
+                tps, toks[name] = fn()
+                rows[name].append(tps)
+            assert toks["kv_cache_compiled"] == toks["kv_cache_eager"] == toks["naive"], "cached and naive greedy decoding disagree"
     summary = {"tokens": n, "torch_threads": torch.get_num_threads(), "compile_seconds": round(compile_s, 1),
                **{f"{name}_tokens_per_s": round(statistics.median(r), 1) for name, r in rows.items()}}
     ours = summary["kv_cache_compiled_tokens_per_s"]
@@ -78,20 +80,20 @@ def main() -> None:
     write_results("decode: batch 1, greedy, shakespeare-bpe shape", summary)
 
 
-def exported_paths(model, n: int) -> dict:
+def exported_paths(model, n: int, tmp: Path) -> dict:
     """Decode functions for HF ``generate`` and llama.cpp on exports of ``model`` (each returns
-    ``(tokens/s, tokens)``); a path whose package is missing is left out."""
+    ``(tokens/s, tokens)``); a path whose package is missing is left out. The exports are written
+    under ``tmp``, which must stay until the functions are done with."""
     import importlib.util
-    import tempfile
 
     import torch
 
     from barkgpt.checkpoint import save_checkpoint
     from barkgpt.tokenizer import Tokenizer
+    from bench_train import SHARED
 
     paths = {}
-    tmp = Path(tempfile.mkdtemp(prefix="bench-decode-"))
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+    shared = SHARED / "data" / "tinyshakespeare.txt"
     text = shared.read_text() if shared.is_file() else "the quick brown fox jumps over the lazy dog " * 2000
     tokenizer = Tokenizer.train("bpe", [text], model.config.vocab_size)
     save_checkpoint(tmp / "ckpt", model, tokenizer)

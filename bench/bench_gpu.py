@@ -17,6 +17,7 @@ vocabulary it got (both are reported).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -28,6 +29,9 @@ OUT = REPO / "bench" / "out"
 
 
 def main() -> None:
+    """Train the gpt2-124m preset for ``--steps`` optimizer steps, then print its steady tokens/s,
+    MFU, parameter count and FLOPs per token as JSON and append them to bench/RESULTS.md (not for
+    ``--smoke``)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=60, help="optimizer steps (the first 20 hold the compile and are not counted)")
     p.add_argument("--grad-accum", type=int, default=8, help="micro-batches per optimizer step")
@@ -68,7 +72,7 @@ def main() -> None:
     tps = statistics.median(x["tokens_per_s"] for x in steady)
     meta = json.loads((data / "meta.json").read_text())
     with torch.device("meta"):
-        m = GPT(build_configs("gpt2-124m", overrides={**over, "vocab_size": meta["vocab_size"]})[0])
+        m = GPT(dataclasses.replace(model_cfg, vocab_size=meta["vocab_size"]))
     mfus = [x["mfu"] for x in steady if "mfu" in x]
     summary = {"device": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu (smoke)",
                "params": m.num_params(), "vocab_size": meta["vocab_size"], "flops_per_token": m.flops_per_token(),

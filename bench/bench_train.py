@@ -8,7 +8,7 @@ on tiny Shakespeare, char-level, fp32 on the CPU, for the same number of iterati
 alternate (reference, ours, reference, ours, ...) so machine noise hits both alike; the median of
 each is reported too. Prints JSON lines and appends a section to bench/RESULTS.md.
 
-    python bench/bench_train.py [--iters 300] [--rounds 2] [--full] [--budget 180]
+    python bench/bench_train.py [--iters 300] [--rounds 3] [--full] [--budget 180]
 
 ``--full`` also trains the preset's 2000 iterations once each and reports the val loss reached.
 ``--budget S`` gives each trainer the same wall-clock budget: its iteration count is set from its
@@ -115,8 +115,9 @@ def main() -> None:
     if a.budget:  # ours as the preset trains (Muon), its speed timed first like the rounds above
         ref_spi = statistics.median(x["seconds"] / a.iters for x in rows["reference"])
         our_spi = ours(a.iters, "preset")["seconds"] / a.iters  # compile included
-        budget = {"seconds": a.budget, "reference": reference(int(a.budget / ref_spi)), "barkgpt": ours(int(a.budget / our_spi), "preset")}
-        budget["reference"]["iters"], budget["barkgpt"]["iters"] = int(a.budget / ref_spi), int(a.budget / our_spi)
+        ref_iters, our_iters = int(a.budget / ref_spi), int(a.budget / our_spi)
+        budget = {"seconds": a.budget, "reference": reference(ref_iters), "barkgpt": ours(our_iters, "preset")}
+        budget["reference"]["iters"], budget["barkgpt"]["iters"] = ref_iters, our_iters
         budget["val_loss_difference"] = round(budget["barkgpt"]["val_loss"] - budget["reference"]["val_loss"], 4)
         summary["budget"] = budget
     print(json.dumps(summary), flush=True)

@@ -23,6 +23,8 @@ reaches outside the runs folder.
 from __future__ import annotations
 
 import asyncio
+import copy
+import functools
 import json
 import math
 import os
@@ -32,15 +34,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
+from barkgpt.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from barkgpt.common import BarkError
-from barkgpt.config import CONFIG_DIR, GPTConfig, TrainConfig, build_configs, coerce_value, field_types
+from barkgpt.config import GPTConfig, TrainConfig, build_configs, coerce_value, field_types, preset_names, preset_path
 from barkgpt.generate import load_generator
 from barkgpt.server.errors import ApiError
 
@@ -55,6 +60,9 @@ SAMPLES_SHOWN = 5  # latest samples.jsonl entries in a run's detail
 LOG_TAIL_LINES = 30  # lines of train.log in a run's detail
 ACTIVE_S = 60.0  # a run not started here whose metrics changed this recently is "active"
 STOP_TIMEOUT_S = 30.0  # at server shutdown, how long a training child gets to save last/ after SIGINT
+PARSED_FILES_CACHED = 256  # parsed run files kept (about 5 a run), so polling re-parses only changed ones
+
+T = TypeVar("T")
 
 
 class StartRunRequest(BaseModel):
@@ -109,7 +117,12 @@ class TrainingRuns:
         return path.name == self.proc_name or any((path / n).exists() for n in names)
 
     def list_runs(self) -> dict:
-        """``GET /v1/runs``: every run folder's summary, most recently changed first."""
+        """``GET /v1/runs``: every run folder's summary, most recently changed first.
+
+        Returns:
+            ``{"object": "list", "runs_dir": the --runs folder as given (or None), "data": [summary, ...]}``,
+            each summary as :meth:`_summary` gives it.
+        """
         runs = []
         if self.root is not None and self.root.is_dir():
             for path in self.root.iterdir():
@@ -120,6 +133,13 @@ class TrainingRuns:
 
     def detail(self, name: str) -> dict:
         """``GET /v1/runs/{name}``: the summary plus metrics rows, config, samples, checkpoints, log.
+
+        Returns:
+            The :meth:`_summary` fields, and ``metrics`` (the ``metrics.jsonl`` rows, train rows
+            thinned to about :data:`MAX_METRIC_ROWS`; non-finite numbers as None), ``config`` (the
+            resolved ``config.yaml``, or None), ``samples`` (the last :data:`SAMPLES_SHOWN`
+            ``samples.jsonl`` entries), ``checkpoints`` (:func:`checkpoint_infos`) and ``log`` (the
+            last :data:`LOG_TAIL_LINES` lines of ``train.log``).
 
         Raises:
             ApiError: as :meth:`folder`.
@@ -135,8 +155,18 @@ class TrainingRuns:
         return out
 
     def _summary(self, path: Path, rows: list[dict], config: dict | None = None, checkpoints: list[dict] | None = None) -> dict:
-        """A run's status line (step, losses, lr, tokens/s, ETA) from its metrics rows; its config
-        and checkpoints are read here unless the caller already has them."""
+        """A run's status line from its metrics rows; its config and checkpoints are read here
+        unless the caller already has them.
+
+        Returns:
+            ``name``; ``status`` (:meth:`_status`); ``step`` (the highest in the rows, 0 without
+            rows) and ``max_iters`` (from the config, or None); the latest ``train_loss``,
+            ``val_loss``, ``lr`` and ``tokens_per_s`` and the lowest ``best_val_loss`` (None when no
+            row has them); ``elapsed_s`` (training seconds, the highest in the rows); ``eta_s``
+            (seconds left at the rate so far, only while training or active, else None);
+            ``updated`` (Unix seconds: the newest mtime of the folder and its ``metrics.jsonl``,
+            or None); ``has_checkpoint`` (``best/`` or ``last/`` is readable).
+        """
         config = read_config(path) if config is None else config
         checkpoints = checkpoint_infos(path) if checkpoints is None else checkpoints
         max_iters = ((config or {}).get("train") or {}).get("max_iters")
@@ -188,7 +218,7 @@ class TrainingRuns:
             BarkError: an invalid config (a 400 through the app's handler).
         """
         path = self.folder(req.name, must_exist=False)
-        names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        names = preset_names()
         if req.preset not in names:  # a name, never a path
             raise ApiError(400, f"unknown preset '{req.preset}'; presets: {', '.join(names)}", param="preset",
                            code="invalid_preset")
@@ -250,8 +280,48 @@ class TrainingRuns:
 
 # ---- reading a run folder (every reader tolerates a half-written or missing file) ----------------
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The JSON objects of a ``.jsonl`` file; a line being written (not valid JSON yet) is skipped."""
+_parsed: OrderedDict[tuple[str, Path], tuple[tuple[int, int, int], object]] = OrderedDict()
+_parsed_lock = threading.Lock()
+
+
+def _file_key(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is written or replaced: inode, mtime (ns) and size; None if missing."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _parsed_file(kind: str, path: Path, parse: Callable[[Path], T]) -> T:
+    """``parse(path)``, remembered while the file's inode, mtime and size stay the same, so the
+    pages' polling re-parses only files that changed (a file being appended grows, so its next
+    read parses it again). The value is shared between calls: callers hand out copies.
+
+    Args:
+        kind: which parser (one file could be read by two).
+        path: the file.
+        parse: reads and parses it; must handle a missing or half-written file itself.
+    """
+    key = _file_key(path)
+    if key is None:
+        return parse(path)  # missing: the parser's own answer, nothing kept
+    with _parsed_lock:
+        hit = _parsed.get((kind, path))
+        if hit is not None and hit[0] == key:
+            _parsed.move_to_end((kind, path))
+            return hit[1]
+    value = parse(path)
+    if _file_key(path) == key:  # not written while read, so the value belongs to that key
+        with _parsed_lock:
+            _parsed[(kind, path)] = (key, value)
+            _parsed.move_to_end((kind, path))
+            while len(_parsed) > PARSED_FILES_CACHED:
+                _parsed.popitem(last=False)
+    return value
+
+
+def _parse_jsonl(path: Path) -> list[dict]:
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError:
@@ -267,10 +337,19 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+def _parse_metrics(path: Path) -> list[dict]:
+    return [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+            for row in _parse_jsonl(path)]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The JSON objects of a ``.jsonl`` file; a line being written (not valid JSON yet) is skipped."""
+    return [dict(row) for row in _parsed_file("jsonl", path, _parse_jsonl)]
+
+
 def read_metrics(path: Path) -> list[dict]:
     """A run's ``metrics.jsonl`` rows, with non-finite numbers (a diverged loss) as None."""
-    return [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
-            for row in read_jsonl(path / "metrics.jsonl")]
+    return [dict(row) for row in _parsed_file("metrics", path / "metrics.jsonl", _parse_metrics)]
 
 
 def thin_rows(rows: list[dict], limit: int) -> list[dict]:
@@ -285,10 +364,14 @@ def thin_rows(rows: list[dict], limit: int) -> list[dict]:
 
 def read_config(path: Path) -> dict | None:
     """A run's resolved ``config.yaml`` as ``{"model": {...}, "train": {...}}``, or None."""
+    return copy.deepcopy(_parsed_file("yaml", path / "config.yaml", _parse_config))
+
+
+def _parse_config(path: Path) -> dict | None:
     import yaml
 
     try:
-        config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         return None
     return config if isinstance(config, dict) else None
@@ -300,17 +383,29 @@ def checkpoint_infos(run: Path) -> list[dict]:
 
 
 def checkpoint_info(path: Path) -> dict | None:
-    """Step, val loss, size and time of a checkpoint folder (``best/``, ``last/``), or None."""
+    """Step, val loss, size and time of a checkpoint folder (``best/``, ``last/``).
+
+    Returns:
+        ``{"name": the folder's name, "step": the config.json step (or None), "val_loss": its
+        finite val_loss (or None), "bytes": the total size in bytes of the folder's files,
+        "modified": the weights file's mtime in Unix seconds}``, or None when ``config.json`` is
+        missing or not JSON, or the weights file is missing.
+    """
     try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        config = _parsed_file("json", path / CONFIG_NAME, _parse_json)
         files = [f for f in path.iterdir() if f.is_file()]
-        size, modified = sum(f.stat().st_size for f in files), (path / "model.safetensors").stat().st_mtime
+        size, modified = sum(f.stat().st_size for f in files), (path / WEIGHTS_NAME).stat().st_mtime
     except (OSError, ValueError):
         return None
     val = config.get("val_loss") if isinstance(config, dict) else None
     return {"name": path.name, "step": config.get("step") if isinstance(config, dict) else None,
             "val_loss": val if isinstance(val, (int, float)) and math.isfinite(val) else None,
             "bytes": size, "modified": modified}
+
+
+def _parse_json(path: Path):
+    """The JSON value of a file (its errors, OSError and ValueError, are not remembered)."""
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def tail(path: Path, n: int) -> list[str]:
@@ -326,16 +421,23 @@ def tail(path: Path, n: int) -> list[str]:
 
 def list_presets() -> list[dict]:
     """Each preset in ``barkgpt/configs`` with its first comment line and its :data:`OVERRIDES` values."""
+    return copy.deepcopy(_presets())
+
+
+@functools.lru_cache(maxsize=1)
+def _presets() -> list[dict]:
+    """:func:`list_presets`, read once: the presets are files of the installed package."""
     out = []
-    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+    for name in sorted(preset_names(), key=lambda n: f"{n}.yaml"):  # by file name, as listed so far
+        path = preset_path(name)
         try:
-            model_cfg, train_cfg = build_configs(path.stem)
+            model_cfg, train_cfg = build_configs(name)
         except BarkError:
             continue
         values = {**vars(model_cfg), **vars(train_cfg)}
         comment = next((line.lstrip("# ").strip() for line in path.read_text(encoding="utf-8").splitlines()
                         if line.startswith("#")), "")
-        out.append({"name": path.stem, "description": comment, "settings": {k: values[k] for k in OVERRIDES}})
+        out.append({"name": name, "description": comment, "settings": {k: values[k] for k in OVERRIDES}})
     return out
 
 
@@ -384,7 +486,7 @@ def add_routes(app: FastAPI, host, runs: TrainingRuns) -> None:
         """Serve the run's ``best/`` (else ``last/``) checkpoint from now on, as model id ``name``."""
         path = runs.folder(name)
         gen, _ = host.ready()  # 503 while the first model loads or the server stops
-        if not any(checkpoint_info(path / n) for n in ("best", "last")):
+        if not checkpoint_infos(path):
             raise ApiError(409, f"the run '{name}' has no checkpoint yet; wait for its first evaluation",
                            code="no_checkpoint")
         device = str(next(gen.model.parameters()).device)

@@ -3,10 +3,10 @@
 
 const KEY_STORAGE = "barkgpt-api-key";
 
-/** The API key the user gave (kept in this browser's localStorage), or "". */
 /** The element with this id. */
 export const $ = (id) => document.getElementById(id);
 
+/** The API key the user gave (kept in this browser's localStorage), or "". */
 export function apiKey() {
   try { return localStorage.getItem(KEY_STORAGE) || ""; } catch { return ""; }
 }
