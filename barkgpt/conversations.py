@@ -73,7 +73,7 @@ def load_conversations(path: str | Path, group_field: str = "tree_id") -> list[d
             messages = _messages_of(row, where)
             if not any(m["role"] == "assistant" for m in messages):
                 raise BarkError(f"{where} has no assistant turn, so nothing to learn from; remove it or add the reply")
-            group = row.get(group_field) if isinstance(row, dict) else None
+            group = row.get(group_field)  # a dict: _messages_of rejected every other row
             out.append({"messages": messages, "group": f"#{n}" if group is None else str(group)})
     if not out:
         raise BarkError(f"{path} holds no conversations; add JSONL rows with a 'messages' list")
@@ -192,10 +192,19 @@ def pack_rows(lengths: list[int], block_size: int) -> list[list[int]]:
     """Best-fit decreasing bin packing: which pieces share each row of ``block_size`` slots.
 
     Pieces are taken longest first (ties in input order), each into the row with the least room
-    that still fits it, else a new row. Deterministic.
+    that still fits it, else a new row: the best-fit decreasing heuristic of bin packing
+    (Johnson 1973). Deterministic.
+
+    Args:
+        lengths: each piece's length; every one must be in ``1..block_size``.
+        block_size: the slots in a row.
 
     Returns:
         Rows as lists of piece indices, in the order they fill the row.
+
+    Raises:
+        AssertionError: a length outside ``1..block_size`` (unless Python runs with ``-O``;
+            the pieces of :func:`conversation_pieces` are always inside it).
     """
     assert all(0 < n <= block_size for n in lengths), "pieces must be 1..block_size long"
     free: list[list[int]] = [[] for _ in range(block_size + 1)]  # free[c]: rows with c slots left
@@ -283,7 +292,12 @@ class ChatRows:
             self.rows(split, block_size)
 
     def batch(self, split: str, batch_size: int, block_size: int, rng: np.random.Generator):
-        """``batch_size`` rows of ``split`` drawn uniformly with replacement by ``rng``."""
+        """``batch_size`` rows of ``split`` drawn uniformly with replacement by ``rng``.
+
+        Returns:
+            ``(x, y, segments)``: int64 numpy arrays of shape (batch_size, block_size), as in
+            :func:`pack_conversations`.
+        """
         rows = self.rows(split, block_size)
         ix = rng.integers(0, len(rows["x"]), size=batch_size)
         return rows["x"][ix], rows["y"][ix], rows["segments"][ix]
@@ -310,7 +324,11 @@ class ChatRows:
 
 
 def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes (recorded in checkpoints as the data's fingerprint)."""
+    """Hex SHA-256 of a file's bytes (recorded in checkpoints as the data's fingerprint).
+
+    Raises:
+        OSError: the file cannot be opened or read (``FileNotFoundError`` when it is missing).
+    """
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
@@ -386,7 +404,11 @@ def bark_chat_conversations(n: int, seed: int, max_turns: int = 4) -> list[list[
 def bark_chat_rows(n_conversations: int = 10000, val_fraction: float = 0.1, seed: int = 1337) -> ChatRows:
     """The ``bark-chat`` preset's data: generated conversations with the Bark chat tokenizer.
 
-    The last ``val_fraction`` of the conversations are the val split.
+    The last ``val_fraction`` of the conversations (at least one) are the val split.
+
+    Nothing is checked here: when the val split takes every conversation (always so with fewer
+    than 2) the train split is empty, and the returned :class:`ChatRows` raises ``BarkError`` (no
+    assistant tokens) when that split is first packed (``check``, ``rows``, ``batch``).
     """
     convs = bark_chat_conversations(n_conversations, seed)
     n_val = max(1, round(n_conversations * val_fraction))

@@ -58,9 +58,10 @@ def text_nll(model: GPT, tokenizer: Tokenizer, documents: list[str], batch_size:
         raise BarkError(f"batch_size must be at least 1, got {batch_size}")
     device = next(model.parameters()).device
     T = model.config.block_size
-    windows = []
-    for ids in tokenizer.encode_batch(documents):
+    windows, unknown = [], 0
+    for doc, ids in zip(documents, tokenizer.encode_batch(documents), strict=True):
         windows.extend(document_windows(ids, tokenizer.eos_id, T))
+        unknown += tokenizer.count_unknown(doc, ids)
     if not windows:
         raise BarkError("the text has no tokens to evaluate; pass a non-empty file")
     model.eval()
@@ -78,7 +79,7 @@ def text_nll(model: GPT, tokenizer: Tokenizer, documents: list[str], batch_size:
         seconds += time.perf_counter() - t0
         n_tokens += count
     return {"nll": nll, "tokens": n_tokens, "bytes": sum(len(d.encode("utf-8")) for d in documents),
-            "unknown": sum(tokenizer.count_unknown(d) for d in documents), "seconds": seconds}
+            "unknown": unknown, "seconds": seconds}
 
 
 def bits_per_byte(nll_nats: float, n_bytes: int) -> float:

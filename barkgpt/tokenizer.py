@@ -182,7 +182,7 @@ class Tokenizer:
                 names[role] = names["eos"]
         self.pad_token, self.eos_token, self.bos_token, self.unk_token = (names[r] for r in ("pad", "eos", "bos", "unk"))
         self.pad_id, self.eos_id, self.bos_id, self.unk_id = (tk.token_to_id(names[r]) for r in ("pad", "eos", "bos", "unk"))
-        self._pieces: list | None = None  # id -> text piece, built on first decoder()
+        self._pieces: list | None = None  # id -> text piece, built on first use (_get_pieces)
         self._template = None  # compiled chat template, built on first use
 
     # ---- building ---------------------------------------------------------------------------
@@ -240,11 +240,7 @@ class Tokenizer:
         7 ``Assistant:``, 8 ``speak``, 9 ``<BOS>``, 10 ``<UNK>``. Chat template: ``User: {c} ``,
         ``Assistant: {c} <EOS> ``, generation prompt ``Assistant:``.
         """
-        tk = HFTokenizer(models.WordLevel({t: i for i, t in enumerate(BARK_VOCAB)}, unk_token=UNK))
-        tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        # Tokens already in the vocabulary keep their ids when registered as special.
-        tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-        return cls(tk, "word", BARK_CHAT_TEMPLATE)
+        return cls._fixed_words(BARK_VOCAB)
 
     @classmethod
     def bark_chat(cls) -> Tokenizer:
@@ -252,8 +248,14 @@ class Tokenizer:
         template: the specials (ids 0..3), ``User:``, ``Assistant:``, the barks, ``ruff?``, the four
         commands and a few other words. Any other word encodes to ``<UNK>``.
         """
-        tk = HFTokenizer(models.WordLevel({t: i for i, t in enumerate(BARK_CHAT_VOCAB)}, unk_token=UNK))
+        return cls._fixed_words(BARK_CHAT_VOCAB)
+
+    @classmethod
+    def _fixed_words(cls, vocab: tuple[str, ...]) -> Tokenizer:
+        """A word tokenizer over a fixed ``vocab`` (id = position) with Bark's chat template."""
+        tk = HFTokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token=UNK))
         tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        # Tokens already in the vocabulary keep their ids when registered as special.
         tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
         return cls(tk, "word", BARK_CHAT_TEMPLATE)
 
@@ -373,11 +375,9 @@ class Tokenizer:
         bpe: the token's bytes; char: the character's; word: the word's plus one for the space
         that joins words; special tokens (``<EOS>``, role tokens...) and ``<UNK>``: 0.
         """
-        if self._pieces is None:
-            self._pieces = self._build_pieces()
-        special = {i for i, t in self._tk.get_added_tokens_decoder().items() if t.special}
+        special = self._special_ids()
         out = []
-        for i, piece in enumerate(self._pieces):
+        for i, piece in enumerate(self._get_pieces()):
             if piece is None or i in special:
                 out.append(0)
             elif isinstance(piece, bytes):
@@ -404,11 +404,8 @@ class Tokenizer:
                 tokenizers the first word also gets its separating space: prompt text plus the
                 streamed pieces then equals ``decode(prompt_ids + new_ids)``.
         """
-        if self._pieces is None:
-            self._pieces = self._build_pieces()
-        skip = frozenset(i for i, t in self._tk.get_added_tokens_decoder().items() if t.special) \
-            if skip_special_tokens else frozenset()
-        dec = IncrementalDecoder(self._pieces, self.kind, skip)
+        skip = self._special_ids() if skip_special_tokens else frozenset()
+        dec = IncrementalDecoder(self._get_pieces(), self.kind, skip)
         dec._started = continuation
         return dec
 
@@ -427,14 +424,17 @@ class Tokenizer:
             return None
         return self._tk.id_to_token(token_id)
 
-    def count_unknown(self, text: str) -> int:
+    def count_unknown(self, text: str, ids: list[int] | None = None) -> int:
         """How many characters (char) or words (word) of ``text`` map to ``<UNK>``; 0 for bpe.
 
         A literal ``"<UNK>"`` in the text is the special token, not an unknown, and is not counted.
+        ``ids``, when given, must be ``encode(text)``; it saves encoding the text again.
         """
         if self.kind == "bpe":
             return 0
-        return self.encode(text).count(self.unk_id) - text.count(self.unk_token)
+        if ids is None:
+            ids = self.encode(text)
+        return ids.count(self.unk_id) - text.count(self.unk_token)
 
     # ---- chat -------------------------------------------------------------------------------
 
@@ -526,6 +526,16 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
+
+    def _special_ids(self) -> frozenset[int]:
+        """Ids of the tokens registered as special (``<PAD> <EOS> <BOS> <UNK>``, role tokens...)."""
+        return frozenset(i for i, t in self._tk.get_added_tokens_decoder().items() if t.special)
+
+    def _get_pieces(self) -> list:
+        """The id -> piece table of :meth:`_build_pieces`, built on first use and kept."""
+        if self._pieces is None:
+            self._pieces = self._build_pieces()
+        return self._pieces
 
     def _build_pieces(self) -> list:
         """id -> the bytes (bpe) or text (char/word) that token contributes to ``decode``."""

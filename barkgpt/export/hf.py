@@ -28,9 +28,14 @@ ARCHITECTURES = {"LlamaForCausalLM": "llama", "MixtralForCausalLM": "llama", "GP
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM", "gpt2": "GPT2LMHeadModel"}  # model_type -> class
 
 
+def hf_model_type(config: GPTConfig) -> str:
+    """The HF ``model_type`` a model exports to: ``mixtral`` for Mixture-of-Experts, else its family."""
+    return "mixtral" if config.n_expert else config.family
+
+
 def hf_architecture(config: GPTConfig) -> str:
     """The HF class a model exports to: Mixtral for Mixture-of-Experts, else by family."""
-    return "MixtralForCausalLM" if config.n_expert else MODEL_TYPES[config.family]
+    return MODEL_TYPES[hf_model_type(config)]
 
 
 def check_target(out: str | Path, force: bool) -> Path:
@@ -73,16 +78,16 @@ def to_hf_state(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, 
                 out[h + f"self_attn.q_proj.{s}"], out[h + f"self_attn.k_proj.{s}"], out[h + f"self_attn.v_proj.{s}"] = \
                     sd[p + f"attn.c_attn.{s}"].split([q, kv, kv], dim=0)
                 out[h + f"self_attn.o_proj.{s}"] = sd[p + f"attn.c_proj.{s}"]
-                if c.n_expert:
-                    continue
-                out[h + f"mlp.gate_proj.{s}"], out[h + f"mlp.up_proj.{s}"] = sd[p + f"mlp.c_fc.{s}"].chunk(2, dim=0)
-                out[h + f"mlp.down_proj.{s}"] = sd[p + f"mlp.c_proj.{s}"]
             if c.n_expert:
                 out[h + "block_sparse_moe.gate.weight"] = sd[p + "mlp.router.weight"]
                 for e in range(c.n_expert):
                     x = h + f"block_sparse_moe.experts.{e}."
                     out[x + "w1.weight"], out[x + "w3.weight"] = sd[p + "mlp.c_fc"][e].chunk(2, dim=0)
                     out[x + "w2.weight"] = sd[p + "mlp.c_proj"][e]
+            else:
+                for s in b:
+                    out[h + f"mlp.gate_proj.{s}"], out[h + f"mlp.up_proj.{s}"] = sd[p + f"mlp.c_fc.{s}"].chunk(2, dim=0)
+                    out[h + f"mlp.down_proj.{s}"] = sd[p + f"mlp.c_proj.{s}"]
         out["model.norm.weight"] = sd["transformer.ln_f.weight"]
     else:
         def bias(name: str, n: int) -> torch.Tensor:
@@ -135,15 +140,15 @@ def from_hf_state(hf: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, t
             for s in b:
                 out[p + f"attn.c_attn.{s}"] = torch.cat([get(h + f"self_attn.{x}_proj.{s}") for x in "qkv"], dim=0)
                 out[p + f"attn.c_proj.{s}"] = get(h + f"self_attn.o_proj.{s}")
-                if c.n_expert:
-                    continue
-                out[p + f"mlp.c_fc.{s}"] = torch.cat([get(h + f"mlp.gate_proj.{s}"), get(h + f"mlp.up_proj.{s}")], dim=0)
-                out[p + f"mlp.c_proj.{s}"] = get(h + f"mlp.down_proj.{s}")
-            if c.n_expert and h + "mlp.experts.gate_up_proj" in hf:  # transformers 5.x's fused layout is ours
+            if not c.n_expert:
+                for s in b:
+                    out[p + f"mlp.c_fc.{s}"] = torch.cat([get(h + f"mlp.gate_proj.{s}"), get(h + f"mlp.up_proj.{s}")], dim=0)
+                    out[p + f"mlp.c_proj.{s}"] = get(h + f"mlp.down_proj.{s}")
+            elif h + "mlp.experts.gate_up_proj" in hf:  # transformers 5.x's fused layout is ours
                 out[p + "mlp.router.weight"] = get(h + "mlp.gate.weight")
                 out[p + "mlp.c_fc"] = get(h + "mlp.experts.gate_up_proj")
                 out[p + "mlp.c_proj"] = get(h + "mlp.experts.down_proj")
-            elif c.n_expert:
+            else:
                 x = h + "block_sparse_moe."
                 out[p + "mlp.router.weight"] = get(x + "gate.weight")
                 out[p + "mlp.c_fc"] = torch.stack([torch.cat([get(x + f"experts.{e}.w1.weight"), get(x + f"experts.{e}.w3.weight")])
@@ -175,23 +180,22 @@ def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> dict:
     ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
     common = {"vocab_size": c.vocab_size, "tie_word_embeddings": c.tie_embeddings, "torch_dtype": "float32",
               "use_cache": True, "initializer_range": 0.02, **ids}
-    if c.n_expert:
-        moe = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_local_experts": c.n_expert,
-               "num_experts_per_tok": c.n_expert_per_token, "router_aux_loss_coef": c.router_aux_loss_coef,
-               "output_router_logits": False, "sliding_window": None}
+    arch = {"architectures": [hf_architecture(c)], "model_type": hf_model_type(c)}
+    moe = {"num_local_experts": c.n_expert, "num_experts_per_tok": c.n_expert_per_token,
+           "router_aux_loss_coef": c.router_aux_loss_coef, "output_router_logits": False,
+           "sliding_window": None} if c.n_expert else {}
     if c.family == "llama":
         return {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            **arch,
             "hidden_size": c.n_embd, "intermediate_size": c.intermediate_size,
             "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
             "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim, "hidden_act": "silu",
             "max_position_embeddings": c.block_size, "rms_norm_eps": c.norm_eps,
             "rope_theta": c.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
-            "attention_bias": c.bias, "mlp_bias": c.bias, "attention_dropout": 0.0, **common,
-            **(moe if c.n_expert else {}),
+            "attention_bias": c.bias, "mlp_bias": c.bias, "attention_dropout": 0.0, **common, **moe,
         }
     return {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        **arch,
         "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": c.intermediate_size,
         "n_positions": c.block_size, "n_ctx": c.block_size, "activation_function": "gelu_new",
         "layer_norm_epsilon": c.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
@@ -211,6 +215,7 @@ def gpt_config_from_hf(hf: dict) -> GPTConfig:
     if arch not in ARCHITECTURES:
         raise BarkError(f"unsupported architecture {arch!r}; barkgpt imports {', '.join(ARCHITECTURES)}")
     family = ARCHITECTURES[arch]
+    mixtral = arch == MODEL_TYPES["mixtral"]
     tie = hf.get("tie_word_embeddings", family == "gpt2")
     if family == "llama":
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
@@ -219,12 +224,12 @@ def gpt_config_from_hf(hf: dict) -> GPTConfig:
         if hf.get("hidden_act", "silu") != "silu":
             raise BarkError(f"hidden_act {hf['hidden_act']!r} is not supported; barkgpt's llama family uses silu (SwiGLU)")
         bias = bool(hf.get("attention_bias", False))
-        if arch == "MixtralForCausalLM" and bias:
+        if mixtral and bias:
             raise BarkError("a Mixtral with attention biases is not supported")
         window = hf.get("sliding_window")
         if window and window < hf.get("max_position_embeddings", 2048):
             raise BarkError(f"sliding-window attention ({window} tokens) is not supported; barkgpt attends to the whole context")
-        if arch != "MixtralForCausalLM" and bool(hf.get("mlp_bias", False)) != bias:
+        if not mixtral and bool(hf.get("mlp_bias", False)) != bias:
             raise BarkError("attention_bias and mlp_bias differ; barkgpt models have one bias setting for every layer")
         n_head = hf["num_attention_heads"]
         if hf.get("head_dim") not in (None, hf["hidden_size"] // n_head):
@@ -236,7 +241,7 @@ def gpt_config_from_hf(hf: dict) -> GPTConfig:
                          rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
                          norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=tie,
                          **({"n_expert": hf["num_local_experts"], "n_expert_per_token": hf.get("num_experts_per_tok", 2),
-                             "router_aux_loss_coef": hf.get("router_aux_loss_coef", 0.01)} if arch == "MixtralForCausalLM" else {}))
+                             "router_aux_loss_coef": hf.get("router_aux_loss_coef", 0.01)} if mixtral else {}))
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
         raise BarkError(f"activation_function {act!r} is not supported; barkgpt's gpt2 family uses gelu_new")
