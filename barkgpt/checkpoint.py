@@ -25,7 +25,7 @@ TRAINER_STATE_NAME = "trainer_state.pt"
 
 
 def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, info: dict | None = None,
-                    trainer_state: dict | None = None) -> Path:
+                    trainer_state: dict | None = None, state: dict | None = None) -> Path:
     """Write a checkpoint folder atomically.
 
     Args:
@@ -34,6 +34,8 @@ def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, info: di
         tokenizer: saved beside the weights (``tokenizer.json``, ``tokenizer_config.json``).
         info: extra JSON-able facts for ``config.json`` (step, val_loss, tokens_seen, data...).
         trainer_state: optimizer state, step and RNG states for ``--resume`` (``trainer_state.pt``).
+        state: the weights to write instead of ``model.state_dict()`` (FSDP's gathered full
+            state: ``model`` then only supplies the config).
 
     Returns:
         The checkpoint folder.
@@ -41,7 +43,7 @@ def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, info: di
     from safetensors.torch import save_file
 
     path = Path(path)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in (model.state_dict() if state is None else state).items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
     with atomic_dir(path) as tmp:

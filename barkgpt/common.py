@@ -8,6 +8,7 @@ Nothing here runs at import time; torch is imported inside the functions that ne
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import sys
@@ -103,6 +104,13 @@ def peak_flops(device: str) -> float | None:
     name = torch.cuda.get_device_name(torch.device(device))
     hits = [k for k in PEAK_BF16_FLOPS if k in name]
     return PEAK_BF16_FLOPS[max(hits, key=len)] if hits else None
+
+
+def bits_per_byte(nll_nats: float, n_bytes: int) -> float:
+    """Bits per byte (the Pile paper, Gao et al. 2020; nanochat's ``bpb``): a total negative
+    log-likelihood in nats over the UTF-8 bytes it covers, in bits: ``nll / (n_bytes * ln 2)``;
+    NaN when ``n_bytes`` is 0."""
+    return nll_nats / (n_bytes * math.log(2)) if n_bytes else float("nan")
 
 
 def seed_everything(seed: int) -> None:

@@ -105,7 +105,7 @@ class TrainConfig:
     """Training run settings: nanoGPT's ``train.py`` names.
 
     Raises:
-        BarkError: contradictory settings (warmup longer than the run, min_lr above learning_rate...).
+        BarkError: contradictory settings (warmup longer than the run, min_lr above learning_rate, Muon with FSDP...).
     """
 
     data: str | None = None  # prepared data folder (barkgpt prepare), a .txt/.jsonl/folder to prepare into out_dir/data, 'bark' for the generated Bark corpus, or 'bark-chat' for generated Bark conversations
@@ -148,6 +148,8 @@ class TrainConfig:
             raise BarkError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.optimizer not in ("adamw", "muon"):
             raise BarkError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
+        if self.optimizer == "muon" and self.fsdp:
+            raise BarkError("--optimizer muon needs whole weight matrices, which --fsdp shards; use DDP (drop --fsdp) or AdamW")
         if self.muon_learning_rate is not None and self.muon_learning_rate <= 0:
             raise BarkError(f"muon_learning_rate must be positive, got {self.muon_learning_rate}")
         if not 0 <= self.min_lr <= self.learning_rate:

@@ -107,7 +107,7 @@ def wrap_model(model, ctx: DistContext):
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    ids = [int(ctx.device.split(":")[1])] if ctx.device.startswith("cuda") else None
+    ids = [ctx.local_rank] if ctx.device.startswith("cuda") else None
     return DDP(model, device_ids=ids, find_unused_parameters=bool(model.config.n_expert))
 
 

@@ -17,6 +17,26 @@ from barkgpt.common import BarkError
 from barkgpt.model import GPT
 
 
+def row_positions(start: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, T) positions of the next ``T`` tokens of rows that hold ``start`` (B,) tokens each."""
+    return start.view(-1, 1) + torch.arange(T, device=start.device)
+
+
+def row_causal_mask(pos: torch.Tensor, L: int) -> torch.Tensor:
+    """(B, 1, T, L) bool from (B, T) query positions: True where query t of row b may attend key
+    slot j, i.e. j <= its position."""
+    keys = torch.arange(L, device=pos.device)
+    return keys.view(1, 1, 1, L) <= pos.view(pos.size(0), 1, -1, 1)
+
+
+def scatter_rows(k_all: torch.Tensor, v_all: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Write new keys/values (B, n_kv_head, T, hs) into one layer's cache tensors
+    (B, n_kv_head, max_len, hs) at each row's own (B, T) positions, in place."""
+    idx = pos.view(pos.size(0), 1, -1, 1).expand_as(k)
+    k_all.scatter_(2, idx, k)
+    v_all.scatter_(2, idx, v)
+
+
 class KVCache:
     """Keys and values of every layer for a batch of rows, each row at its own position.
 
@@ -100,8 +120,7 @@ class KVCache:
         if self._uniform():
             self._pos = None
             return self.lengths[0]
-        start = torch.tensor(self.lengths, device=self.device).unsqueeze(1)  # (B, 1)
-        self._pos = start + torch.arange(T, device=self.device)  # (B, T)
+        self._pos = row_positions(torch.tensor(self.lengths, device=self.device), T)  # (B, T)
         return self._pos
 
     def attn_mask(self, T: int) -> torch.Tensor | None:
@@ -112,10 +131,8 @@ class KVCache:
         """
         if self._uniform() and (self.lengths[0] == 0 or T == 1):
             return None
-        L = self.get_pos() + T
-        keys = torch.arange(L, device=self.device)  # (L,)
         pos = self._pos if self._pos is not None else self.lengths[0] + torch.arange(T, device=self.device).expand(self.batch_size, T)
-        return keys.view(1, 1, 1, L) <= pos.view(-1, 1, T, 1)  # (B, 1, T, L)
+        return row_causal_mask(pos, self.get_pos() + T)  # (B, 1, T, L)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write new keys/values (B, n_kv_head, T, hs) and return all cached ones (B, n_kv_head, L, hs)."""
@@ -126,9 +143,7 @@ class KVCache:
             self.k[layer, :, :, p:p + T] = k
             self.v[layer, :, :, p:p + T] = v
         else:  # each row writes at its own offset
-            idx = self._pos.view(-1, 1, T, 1).expand_as(k)
-            self.k[layer].scatter_(2, idx, k)
-            self.v[layer].scatter_(2, idx, v)
+            scatter_rows(self.k[layer], self.v[layer], self._pos, k, v)
         return self.k[layer, :, :, :L], self.v[layer, :, :, :L]
 
     def advance(self, T: int) -> None:
@@ -156,20 +171,17 @@ class StaticKVCache:
 
     def positions(self, T: int) -> torch.Tensor:
         """(B, T) positions of the next ``T`` tokens of each row."""
-        self._p = self.pos.view(-1, 1) + torch.arange(T, device=self.pos.device)
+        self._p = row_positions(self.pos, T)
         return self._p
 
     def attn_mask(self, T: int) -> torch.Tensor:
         """(B, 1, T, max_len) bool, True where query t of row b may attend slot j (j <= its position)."""
-        keys = torch.arange(self.max_len, device=self.pos.device)
-        return keys.view(1, 1, 1, -1) <= self._p.view(-1, 1, T, 1)
+        return row_causal_mask(self._p, self.max_len)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write keys/values (B, n_kv_head, T, hs) at each row's positions; return all slots
         (B, n_kv_head, max_len, hs)."""
-        idx = self._p.view(-1, 1, k.size(2), 1).expand_as(k)
-        self.k[layer].scatter_(2, idx, k)
-        self.v[layer].scatter_(2, idx, v)
+        scatter_rows(self.k[layer], self.v[layer], self._p, k, v)
         return self.k[layer], self.v[layer]
 
     def advance(self, T: int) -> None:
@@ -217,15 +229,16 @@ def apply_presence_frequency_penalty(logits: torch.Tensor, generated: torch.Tens
     return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
 
 
-def sampling_probs(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0, top_k: int | torch.Tensor = 0,
-                   top_p: float | torch.Tensor = 1.0, min_p: float | torch.Tensor = 0.0) -> torch.Tensor:
+def sampling_probs(logits: torch.Tensor, temperature: float | Sequence[float] = 1.0, top_k: int | Sequence[int] = 0,
+                   top_p: float | Sequence[float] = 1.0, min_p: float | Sequence[float] = 0.0) -> torch.Tensor:
     """The distribution to sample the next token from, after temperature and filters.
 
     Filters apply to temperature-scaled logits, in HF's order: top-k, then top-p (nucleus,
     Holtzman et al. 2019: the smallest set whose probability reaches ``top_p``, always keeping
     the most likely token), then min-p (Nguyen et al. 2024: drop tokens below ``min_p`` times the
-    top probability). Each setting is one value for every row or a (B,) tensor, one per row, so
-    a batch of requests with different settings is filtered in one pass.
+    top probability). Each setting is one number for every row or B numbers (a list, tuple or
+    1-D tensor), one per row, so a batch of requests with different settings is filtered in one
+    pass. Which filters run is decided from the settings on the host, without a device sync.
 
     Args:
         logits: (B, V) float.
@@ -237,29 +250,30 @@ def sampling_probs(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0
     Returns:
         (B, V) float32 probabilities, each row summing to 1; filtered tokens are exactly 0.
     """
-    B, V = logits.shape
-    as_col = lambda x, dtype: torch.as_tensor(x, dtype=dtype, device=logits.device).reshape(-1, 1)  # (B or 1, 1)
-    logits = logits.float() / (temperature if isinstance(temperature, (int, float)) else as_col(temperature, torch.float32))
-    k, p, m = as_col(top_k, torch.long), as_col(top_p, torch.float32), as_col(min_p, torch.float32)
-    use_k, use_p, use_m = bool(((k > 0) & (k < V)).any()), bool((p < 1.0).any()), bool((m > 0.0).any())
+    V = logits.size(-1)
+    rows = lambda x: x.tolist() if isinstance(x, torch.Tensor) else list(x) if isinstance(x, (list, tuple)) else [x]
+    col = lambda xs, dtype: torch.tensor(xs, dtype=dtype, device=logits.device).view(-1, 1)  # (B or 1, 1)
+    temps, ks, ps, ms = rows(temperature), rows(top_k), rows(top_p), rows(min_p)
+    logits = logits.float() / (temps[0] if len(temps) == 1 else col(temps, torch.float32))
+    use_k, use_p, use_m = any(0 < k < V for k in ks), any(p < 1.0 for p in ps), any(m > 0.0 for m in ms)
     if use_k or use_p or use_m:
         sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
         remove = torch.zeros_like(sorted_logits, dtype=torch.bool)
         if use_k:
             rank = torch.arange(V, device=logits.device).view(1, V)
-            remove |= rank >= torch.where(k > 0, k, V)
+            remove |= rank >= col([k if k > 0 else V for k in ks], torch.long)
         probs = F.softmax(sorted_logits.masked_fill(remove, float("-inf")), dim=-1)
         if use_p:  # drop a token once the mass before it already reaches top_p
-            remove |= (probs.cumsum(dim=-1) - probs) >= p
+            remove |= (probs.cumsum(dim=-1) - probs) >= col(ps, torch.float32)
         if use_m:
-            remove |= probs < m * probs[:, :1]
+            remove |= probs < col(ms, torch.float32) * probs[:, :1]
         remove[:, 0] = False  # the most likely token always survives
         logits = torch.empty_like(logits).scatter_(1, order, sorted_logits.masked_fill(remove, float("-inf")))
     return F.softmax(logits, dim=-1)
 
 
 def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF sampling: row b takes the first token whose cumulative probability exceeds
+    """Inverse transform sampling (Devroye 1986, ch. 2): row b takes the first token whose cumulative probability exceeds
     ``u[b]`` times the row's total. With ``u`` uniform in [0, 1) that is a draw from ``probs``
     (as ``torch.multinomial``), and each row's draw depends on its own ``u`` alone, so a request's
     tokens do not depend on the other rows of a batch.

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from barkgpt.checkpoint import load_checkpoint
-from barkgpt.common import BarkError, resolve_device
+from barkgpt.common import BarkError, bits_per_byte, resolve_device
 from barkgpt.conversations import IGNORE_INDEX, bark_chat_conversations, follows_bark_rule, sample_bark_command
 from barkgpt.data import read_documents
 from barkgpt.generate import TextGenerator
@@ -80,11 +80,6 @@ def text_nll(model: GPT, tokenizer: Tokenizer, documents: list[str], batch_size:
         n_tokens += count
     return {"nll": nll, "tokens": n_tokens, "bytes": sum(len(d.encode("utf-8")) for d in documents),
             "unknown": unknown, "seconds": seconds}
-
-
-def bits_per_byte(nll_nats: float, n_bytes: int) -> float:
-    """Bits per byte: total NLL in nats / (UTF-8 bytes x ln 2)."""
-    return nll_nats / (n_bytes * math.log(2))
 
 
 def evaluate_text(model_path: str | Path, data: str | Path, split: str = "all", val_fraction: float = 0.1,

@@ -122,13 +122,8 @@ def build_optimizers(model: GPT, cfg: TrainConfig, device: str) -> list[torch.op
     ``cfg.muon_learning_rate`` and ``match_rms_adamw``. Each param group carries ``lr_scale``, its
     learning rate relative to ``cfg.learning_rate``, which the schedule multiplies in.
 
-    Raises:
-        BarkError: an unknown optimizer name.
+    ``cfg.optimizer`` is ``adamw`` or ``muon`` (``TrainConfig`` refuses any other name).
     """
-    from barkgpt.common import BarkError
-
-    if cfg.optimizer not in ("adamw", "muon"):
-        raise BarkError(f"unknown optimizer {cfg.optimizer!r}; use adamw or muon")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     muon = {}
     if cfg.optimizer == "muon":

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from barkgpt.checkpoint import find_checkpoint, load_model, load_trainer_state, read_checkpoint_config, save_checkpoint
-from barkgpt.common import BarkError, atomic_write_text, peak_flops, progress, resolve_device, resolve_dtype
+from barkgpt.common import BarkError, atomic_write_text, bits_per_byte, peak_flops, progress, resolve_device, resolve_dtype
 from barkgpt.config import GPTConfig, TrainConfig, config_to_dict, dump_yaml
 from barkgpt.conversations import (IGNORE_INDEX, ChatRows, bark_chat_rows, file_sha256, load_conversations,
                                    split_conversations)
@@ -158,14 +158,15 @@ def estimate_loss(model: GPT, source, cfg: TrainConfig, block_size: int, device:
         nll, n_targets, n_bytes = 0.0, 0, 0
         for batch in source.eval_batches(split, cfg.eval_iters, cfg.batch_size, block_size):
             y = batch[1]
-            count = int((y != IGNORE_INDEX).sum())
+            target = y != IGNORE_INDEX
+            count = int(target.sum())
             with autocast:
                 loss = model_loss(model, to_device(batch, device))
             nll += loss.item() * count  # the mean over this batch's targets, back to a sum
             n_targets += count
-            n_bytes += int(token_bytes[y[y != IGNORE_INDEX]].sum())
+            n_bytes += int(token_bytes[y[target]].sum())
         out[split] = nll / max(n_targets, 1)
-        out[f"{split}_bpb"] = nll / math.log(2) / n_bytes if n_bytes else float("nan")
+        out[f"{split}_bpb"] = bits_per_byte(nll, n_bytes)
     model.train()
     return out
 
@@ -213,14 +214,25 @@ def save_figure(fig, png_path: Path) -> None:
     os.replace(tmp, png_path)
 
 
-def plot_losses(metrics_path: Path, png_path: Path) -> None:
-    """Draw train and val loss (and learning rate) from ``metrics.jsonl`` into ``loss.png``."""
+def pyplot():
+    """matplotlib's ``pyplot`` on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    return plt
+
+
+def read_metrics(metrics_path: Path) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl`` (blank lines skipped)."""
+    return [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(rows: list[dict], png_path: Path) -> None:
+    """Draw train and val loss (and learning rate) from ``metrics.jsonl`` rows into ``loss.png``
+    (titled with the run folder's name)."""
+    plt = pyplot()
     train = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     lr = [(r["step"], r["lr"]) for r in rows if "lr" in r]
@@ -237,19 +249,14 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
         ax2.plot(*zip(*lr), color="gray", alpha=0.4, lw=1, label="learning rate")
         ax2.set_ylabel("learning rate")
     ax.legend(loc="upper right")
-    ax.set_title(f"{metrics_path.parent.name}")
+    ax.set_title(f"{png_path.parent.name}")
     save_figure(fig, png_path)
 
 
-def plot_experts(metrics_path: Path, png_path: Path) -> None:
+def plot_experts(rows: list[dict], png_path: Path) -> None:
     """Draw each expert's share of the routed tokens over training (Mixture-of-Experts runs),
-    from the ``expert_share`` entries of ``metrics.jsonl``, into ``experts.png``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    from the ``expert_share`` entries of ``metrics.jsonl`` rows, into ``experts.png``."""
+    plt = pyplot()
     rows = [r for r in rows if "expert_share" in r]
     if not rows:
         return
@@ -263,7 +270,7 @@ def plot_experts(metrics_path: Path, png_path: Path) -> None:
     ax.set_ylabel("share of routed tokens")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)
-    ax.set_title(f"{metrics_path.parent.name}: expert load")
+    ax.set_title(f"{png_path.parent.name}: expert load")
     save_figure(fig, png_path)
 
 
@@ -375,8 +382,6 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, ctx, resume: bool, quiet: boo
     source.check(block_size)
     model.train()
 
-    if cfg.optimizer == "muon" and cfg.fsdp:
-        raise BarkError("--optimizer muon needs whole weight matrices, which --fsdp shards; use DDP (drop --fsdp) or AdamW")
     raw_model = model
     model = wrapped = wrap_model(model, ctx)  # DDP, or FSDP2 sharding raw_model in place
     optimizers = build_optimizers(raw_model, cfg, device)
@@ -428,7 +433,6 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, ctx, resume: bool, quiet: boo
               f"{raw_model.flops_per_token() / 1e6:.1f} MFLOPs/token, head_dim {model_cfg.head_dim}; "
               f"{tokens_per_iter:,} tokens/iteration; device {device}{ranks}, dtype {dtype}, optimizer {cfg.optimizer}; "
               f"data {source.describe(block_size)}")
-    fsdp_copy = GPT(model_cfg) if ctx.fsdp and ctx.is_main else None  # full weights, for checkpoints
 
     info = {"data": {k: meta.get(k) for k in ("source", "source_sha256", "tokenizer", "train_tokens", "val_tokens")}}
     token_bytes = np.asarray(tokenizer.token_bytes(), dtype=np.int64)
@@ -452,11 +456,7 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, ctx, resume: bool, quiet: boo
         if name == "last":
             trainer_state = {"optimizer": opt_states, "sampler": rng.bit_generator.state, "rng": rng_state(), "step": step,
                              "best_val_loss": best_val, "tokens_seen": tokens_seen, "elapsed_s": elapsed, "world_size": ctx.world_size}
-        target = raw_model
-        if fsdp_copy is not None:
-            fsdp_copy.load_state_dict(full)
-            target = fsdp_copy
-        save_checkpoint(out_dir / name, target, tokenizer, extra, trainer_state)
+        save_checkpoint(out_dir / name, raw_model, tokenizer, extra, trainer_state, state=full)
 
     def log(row: dict):
         if not ctx.is_main:
@@ -477,8 +477,9 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, ctx, resume: bool, quiet: boo
             checkpoint("best", losses)
         write_sample()
         if ctx.is_main:
-            plot_losses(metrics_path, out_dir / "loss.png")
-            plot_experts(metrics_path, out_dir / "experts.png")
+            rows = read_metrics(metrics_path)
+            plot_losses(rows, out_dir / "loss.png")
+            plot_experts(rows, out_dir / "experts.png")
         return losses
 
     def write_sample():
@@ -513,7 +514,11 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, ctx, resume: bool, quiet: boo
         b = cfg.batch_size
         return tuple(a[ctx.rank * b:(ctx.rank + 1) * b] for a in batch) if ctx.enabled else batch
 
-    flops_per_token, peak = raw_model.flops_per_token(), peak_flops(device)  # MFU on known GPUs
+    flops_per_token, peak = raw_model.flops_per_token(), peak_flops(device)
+
+    def mfu(tokens_per_s: float) -> float | None:
+        """Model FLOPs utilization of all ranks together; None off known GPUs."""
+        return flops_per_token * tokens_per_s / (peak * ctx.world_size) if peak else None
     t_start = time.perf_counter()
     elapsed0 = state.get("elapsed_s", 0.0) if state else 0.0  # wall clock of the runs before a resume
     elapsed = elapsed0
@@ -566,9 +571,8 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, ctx, resume: bool, quiet: boo
                 tps = tok_log / max(now - t_log, 1e-9)
                 elapsed = elapsed0 + now - t_start
                 share = expert_share(raw_model)
-                mfu = {"mfu": round(flops_per_token * tps / (peak * ctx.world_size), 4)} if peak else {}
                 log({"step": step, "train_loss": round(last_loss, 5), "lr": lr, "tokens_per_s": round(tps, 1), "elapsed_s": round(elapsed, 3),
-                     **mfu, **({"expert_share": share} if share else {})})
+                     **({"mfu": round(mfu(tps), 4)} if peak else {}), **({"expert_share": share} if share else {})})
                 if bar is not None:
                     bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
                 t_log, tok_log = now, 0
@@ -590,7 +594,7 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, ctx, resume: bool, quiet: boo
     total = elapsed0 + time.perf_counter() - t_start
     tps = (step - step0) * tokens_per_iter / max(loop_s, 1e-9)
     return {"step": step, "train_loss": last_loss, "val_loss": losses["val"] if losses else None,
-            "best_val_loss": best_val, "tokens_per_s": tps, "mfu": flops_per_token * tps / (peak * ctx.world_size) if peak else None,
+            "best_val_loss": best_val, "tokens_per_s": tps, "mfu": mfu(tps),
             "train_seconds": loop_s, "elapsed_s": total, "interrupted": interrupted}
 
 

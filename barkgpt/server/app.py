@@ -720,8 +720,7 @@ def _sse(chunks) -> StreamingResponse:
                 yield f"data: {c.model_dump_json()}\n\n"
         except Exception as e:  # noqa: BLE001 - the status line is gone: report in the stream
             if isinstance(e, ShuttingDown):
-                err = _shutdown_error()
-                info = P.ErrorInfo(message=err.message, type=err.type, code=err.code)
+                info = _shutdown_error().info()
             else:
                 log.exception("error while streaming")
                 info = P.ErrorInfo(message=f"generation failed: {type(e).__name__}", type="server_error")

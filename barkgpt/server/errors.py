@@ -28,7 +28,10 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers
 
+    def info(self) -> P.ErrorInfo:
+        """The ``error`` object of the body (also what a stream sends as its late ``error`` event)."""
+        return P.ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)
+
     def response(self) -> JSONResponse:
         """The error as a JSON response with its status and headers."""
-        body = P.ErrorResponse(error=P.ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code))
-        return JSONResponse(body.model_dump(), status_code=self.status, headers=self.headers)
+        return JSONResponse(P.ErrorResponse(error=self.info()).model_dump(), status_code=self.status, headers=self.headers)

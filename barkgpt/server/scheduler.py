@@ -87,10 +87,7 @@ class Request:
 
     def _put(self, item) -> None:
         """Hand a token id, None (the end) or an exception to the event loop (worker thread)."""
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            self.cancelled = True
+        _send([(self, item)])
 
     def __aiter__(self):
         return self
@@ -299,6 +296,7 @@ class Scheduler:
         (one hand-off for all rows), and say which rows are done (stop token, token limit, or
         cancelled)."""
         tokens = self._sample(rows, logits)
+        logprobs = self._logprobs(rows, logits, tokens)
         items, done = [], []
         for b, (row, t) in enumerate(zip(rows, tokens)):
             req, p = row.req, row.req.params
@@ -306,9 +304,8 @@ class Scheduler:
                 items.append((req, None))
                 done.append(True)
                 continue
-            if p.logprobs is not None:  # only rows that asked pay for the log-softmax
-                chosen, top_lp, top_ids = token_logprobs(logits[b:b + 1], torch.tensor([t], device=self.device), p.logprobs)
-                req.logprobs.append((float(chosen[0]), list(zip(top_ids[0].tolist(), top_lp[0].tolist()))))
+            if b in logprobs:
+                req.logprobs.append(logprobs[b])
             row.history.append(t)
             row.n_new += 1
             items.append((req, t))
@@ -317,6 +314,17 @@ class Scheduler:
                 items.append((req, None))
         _send(items)
         return done
+
+    def _logprobs(self, rows: list[_Row], logits: torch.Tensor, tokens: list[int]) -> dict[int, tuple]:
+        """``{b: (logprob, [(id, logprob), ...])}`` for the rows that asked for logprobs (each its
+        own top-k), from one log-softmax over just those rows of the raw logits (len(rows), V)."""
+        want = [b for b, r in enumerate(rows) if r.req.params.logprobs is not None and not r.req.cancelled]
+        if not want:
+            return {}
+        ks = [rows[b].req.params.logprobs for b in want]
+        chosen, top_lp, top_ids = token_logprobs(logits[want], torch.tensor([tokens[b] for b in want], device=self.device), max(ks))
+        chosen, top_lp, top_ids = chosen.tolist(), top_lp.tolist(), top_ids.tolist()
+        return {b: (chosen[i], list(zip(top_ids[i][:k], top_lp[i][:k]))) for i, (b, k) in enumerate(zip(want, ks))}
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
         """Next token ids of ``rows`` from their raw logits (len(rows), V): penalties row by row
@@ -338,8 +346,8 @@ class Scheduler:
         hot = [b for b, r in enumerate(rows) if r.req.params.temperature > 0]
         if hot:
             ps = [rows[b].req.params for b in hot]
-            probs = sampling_probs(logits[hot], torch.tensor([p.temperature for p in ps]), torch.tensor([p.top_k for p in ps]),
-                                   torch.tensor([p.top_p for p in ps]), torch.tensor([p.min_p for p in ps]))
+            probs = sampling_probs(logits[hot], [p.temperature for p in ps], [p.top_k for p in ps],
+                                   [p.top_p for p in ps], [p.min_p for p in ps])
             u = torch.cat([torch.rand(1, generator=rows[b].rng, device=self.device) for b in hot])  # (len(hot),)
             for b, t in zip(hot, sample_from_probs(probs, u).tolist()):
                 tokens[b] = t
