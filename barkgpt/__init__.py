@@ -14,7 +14,7 @@ def load(path, device="auto", compile=False):
         path: a run folder (``runs/x``, its ``best/`` or ``last/`` checkpoint is used) or a
             checkpoint folder holding ``model.safetensors`` and ``config.json``.
         device: ``auto|cpu|cuda|cuda:N|mps``.
-        compile: ``torch.compile`` the decode step: ~2.5x tokens/s at batch 1 on CPU after a
+        compile: ``torch.compile`` the decode step: ~3x tokens/s at batch 1 on CPU after a
             one-time compile of 5-20 s (see :class:`barkgpt.engine.Engine`).
 
     Returns:

@@ -358,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--model", required=True, help="a run folder (runs/x) or checkpoint folder")
         sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
         sp.add_argument("--compile", action="store_true",
-                        help="torch.compile the decode step: ~2.5x tokens/s on CPU after a one-time 5-20 s compile")
+                        help="torch.compile the decode step: ~3x tokens/s on CPU after a one-time 5-20 s compile")
         if name == "sample":
             sp.add_argument("--prompt", default="", help="text to continue ('' starts a new document)")
             sp.add_argument("--prompt-file", default=None, help="read the prompt from this file")

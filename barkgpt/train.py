@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from barkgpt.checkpoint import find_checkpoint, load_model, load_trainer_state, read_checkpoint_config, save_checkpoint
-from barkgpt.common import BarkError, atomic_write_text, bits_per_byte, peak_flops, progress, resolve_device, resolve_dtype
+from barkgpt.common import BarkError, atomic_write_text, bits_per_byte, compile_fn, peak_flops, progress, resolve_device, resolve_dtype
 from barkgpt.config import GPTConfig, TrainConfig, config_to_dict, dump_yaml
 from barkgpt.conversations import (IGNORE_INDEX, ChatRows, bark_chat_rows, file_sha256, load_conversations,
                                    split_conversations)
@@ -423,7 +423,7 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, ctx, resume: bool, quiet: boo
     if device == "cpu":
         torch.set_flush_denormal(True)  # denormal floats in grads/optimizer state are ~100x slower on x86 (reset on return)
     if cfg.compile:
-        model = torch.compile(model)
+        model = compile_fn(model, device)
     autocast = torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype)) if dtype != "float32" else contextlib.nullcontext()
     scaler = torch.amp.GradScaler(enabled=dtype == "float16")
     tokens_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps * block_size * ctx.world_size
