@@ -386,6 +386,19 @@ class Tokenizer:
                 out.append(len(piece.encode("utf-8")) + (self.kind == "word"))
         return out
 
+    def id_to_bytes(self, i: int) -> bytes:
+        """The raw UTF-8 bytes token id ``i`` stands for, as OpenAI's logprob ``bytes`` give them.
+
+        bpe: the token's own bytes, which may be part of a multi-byte character (``decode([i])``
+        shows those as U+FFFD); char/word: the character's or word's UTF-8; special tokens: their
+        text's UTF-8 (``<EOS>``). Ids outside ``0..vocab_size-1`` give ``b""``.
+        """
+        pieces = self._get_pieces()
+        piece = pieces[i] if 0 <= i < min(self.vocab_size, len(pieces)) else None
+        if piece is None:
+            return b""
+        return piece if isinstance(piece, bytes) else piece.encode("utf-8")
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Token ids -> text. Ids outside ``0..vocab_size-1`` are skipped.
 

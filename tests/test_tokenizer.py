@@ -223,6 +223,17 @@ def test_streaming_holds_back_partial_characters(bpe):
     assert stream(bpe, ids[:-1])[-1] == "\ufffd"  # an incomplete character at flush
 
 
+def test_id_to_bytes_gives_each_tokens_raw_bytes(bpe, char, word):
+    """OpenAI's logprob ``bytes``: a byte token of a multi-byte character is that byte, not U+FFFD."""
+    ids = bpe.encode("😀 café")
+    assert b"".join(bpe.id_to_bytes(i) for i in ids) == "😀 café".encode()
+    first = bpe.id_to_bytes(ids[0])  # part of the emoji's 4 bytes
+    assert bpe.decode(ids[:1]) == "\ufffd" and 0 < len(first) < 4 and "😀".encode().startswith(first)
+    assert bpe.id_to_bytes(bpe.eos_id) == b"<EOS>" and bpe.id_to_bytes(10**6) == b""
+    assert char.id_to_bytes(char.encode("é")[0]) == "é".encode()
+    assert [word.id_to_bytes(i) for i in word.encode("a e")] == [b"a", b"e"]
+
+
 @settings(max_examples=200, deadline=None)
 @given(UNICODE_TEXT)
 def test_streaming_decode_never_emits_half_a_character(bpe, text):

@@ -283,9 +283,10 @@ def create_app(generator: TextGenerator | None = None, settings: ServeConfig | N
     app.add_middleware(_CountRequests, metrics=metrics)  # added last: runs first, sees 401/413 too
 
     @functools.lru_cache(maxsize=1 << 16)
-    def token_text(tokenizer, i: int) -> str:
-        """One token's own text (for logprobs); a byte of a multi-byte character shows as U+FFFD."""
-        return tokenizer.decode([i])
+    def token_text(tokenizer, i: int) -> tuple[str, list[int]]:
+        """One token's own text and raw UTF-8 bytes (for logprobs); in the text, a byte of a
+        multi-byte character shows as U+FFFD, the bytes are exact."""
+        return tokenizer.decode([i]), list(tokenizer.id_to_bytes(i))
 
     # ---- errors: one shape for all -----------------------------------------------------------
 
@@ -540,13 +541,16 @@ def run_server(load: Callable[[], TextGenerator], settings: ServeConfig) -> None
 
 
 class _TokenLogprob(NamedTuple):
-    """One generated token's logprob entry: its text, logprob, top (text, logprob) pairs and its
-    character offset in the choice's text (the sum of the earlier tokens' text lengths)."""
+    """One generated token's logprob entry: its text, logprob, top (text, logprob) pairs, its
+    character offset in the choice's text (the sum of the earlier tokens' text lengths), and the
+    raw UTF-8 bytes of the token and of each top entry (exact even where the text shows U+FFFD)."""
 
     token: str
     logprob: float
     top: list[tuple[str, float]]
     offset: int
+    bytes: list[int]
+    top_bytes: list[list[int]]
 
 
 class _Choice:
@@ -557,7 +561,7 @@ class _Choice:
     """
 
     def __init__(self, req, tokenizer, stop: list[str], index: int, prompt_tokens: int = 0,
-                 metrics: ServerMetrics | None = None, token_text: Callable[[int], str] | None = None):
+                 metrics: ServerMetrics | None = None, token_text: Callable[[int], tuple[str, list[int]]] | None = None):
         self.req, self.index, self.prompt_tokens, self.metrics = req, index, prompt_tokens, metrics
         self.t_last = time.perf_counter()  # arrival, then the time of the latest token
         self.decoder = TextDecoder(tokenizer, stop)
@@ -609,8 +613,10 @@ class _Choice:
         logprob, top = self.req.logprobs[i]
         prev = self.logprobs[-1] if self.logprobs else None
         offset = prev.offset + len(prev.token) if prev else 0
-        text = self._token_text
-        self.logprobs.append(_TokenLogprob(text(t), logprob, [(text(j), lp) for j, lp in top], offset))
+        token, token_bytes = self._token_text(t)
+        tops = [(*self._token_text(j), lp) for j, lp in top]
+        self.logprobs.append(_TokenLogprob(token, logprob, [(text, lp) for text, _, lp in tops], offset,
+                                           token_bytes, [b for _, b, _ in tops]))
 
     def _visible(self, piece: str) -> str:
         if self.lstrip and not self.text:
@@ -620,12 +626,12 @@ class _Choice:
 
 
 def _chat_logprobs(entries: list[_TokenLogprob] | None) -> P.ChatLogprobs | None:
-    """Chat's ``logprobs`` object of some tokens (None for none), with each text's UTF-8 bytes."""
+    """Chat's ``logprobs`` object of some tokens (None for none), with each token's raw UTF-8 bytes."""
     if not entries:
         return None
     return P.ChatLogprobs(content=[
-        P.TokenLogprob(token=e.token, logprob=e.logprob, bytes=list(e.token.encode()), top_logprobs=[
-            P.TopLogprob(token=t, logprob=lp, bytes=list(t.encode())) for t, lp in e.top]) for e in entries])
+        P.TokenLogprob(token=e.token, logprob=e.logprob, bytes=e.bytes, top_logprobs=[
+            P.TopLogprob(token=t, logprob=lp, bytes=b) for (t, lp), b in zip(e.top, e.top_bytes)]) for e in entries])
 
 
 def _completion_logprobs(entries: list[_TokenLogprob] | None) -> P.CompletionLogprobs | None:
