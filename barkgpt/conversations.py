@@ -291,15 +291,16 @@ class ChatRows:
         for split in self.splits:
             self.rows(split, block_size)
 
-    def batch(self, split: str, batch_size: int, block_size: int, rng: np.random.Generator):
-        """``batch_size`` rows of ``split`` drawn uniformly with replacement by ``rng``.
+    def batch(self, split: str, batch_size: int, block_size: int, rng: np.random.Generator, keep: slice = slice(None)):
+        """``batch_size`` rows of ``split`` drawn uniformly with replacement by ``rng``, of which
+        the ones ``keep`` selects are returned (a DDP rank's share; all are drawn either way).
 
         Returns:
-            ``(x, y, segments)``: int64 numpy arrays of shape (batch_size, block_size), as in
-            :func:`pack_conversations`.
+            ``(x, y, segments)``: int64 numpy arrays of shape (B', block_size), B' the rows
+            ``keep`` selects, as in :func:`pack_conversations`.
         """
         rows = self.rows(split, block_size)
-        ix = rng.integers(0, len(rows["x"]), size=batch_size)
+        ix = rng.integers(0, len(rows["x"]), size=batch_size)[keep]
         return rows["x"][ix], rows["y"][ix], rows["segments"][ix]
 
     def eval_batches(self, split: str, n_batches: int, batch_size: int, block_size: int) -> Iterator[tuple]:

@@ -216,7 +216,7 @@ def load_split(data_dir: str | Path, split: str) -> np.ndarray:
 
 
 def get_batch(data: np.ndarray, batch_size: int, block_size: int,
-              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+              rng: np.random.Generator, keep: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
     """Sample ``batch_size`` random windows of ``block_size + 1`` tokens (nanoGPT's ``get_batch``).
 
     Args:
@@ -224,10 +224,12 @@ def get_batch(data: np.ndarray, batch_size: int, block_size: int,
         batch_size: B, windows per batch.
         block_size: T, tokens per window.
         rng: the generator that picks window starts, uniform in ``[0, N - T)``.
+        keep: which of the B windows to read (a DDP rank's rows): all B starts are drawn either
+            way, so ``rng`` advances the same and the ranks' rows together are the whole batch.
 
     Returns:
-        ``(x, y)``, both int64 (B, T) C-contiguous: ``x`` the inputs and ``y`` the targets,
-        ``y[:, t] == x[:, t + 1]`` (the same window shifted by one token).
+        ``(x, y)``, both int64 (B', T) C-contiguous, B' the rows ``keep`` selects: ``x`` the
+        inputs and ``y`` the targets, ``y[:, t] == x[:, t + 1]`` (the same window shifted by one).
 
     Raises:
         BarkError: ``data`` holds fewer than ``block_size + 1`` tokens.
@@ -237,7 +239,7 @@ def get_batch(data: np.ndarray, batch_size: int, block_size: int,
     if n < block_size + 1:
         raise BarkError(f"the split has {n} tokens, too few for block_size {block_size}; "
                         f"use --block-size {max(n - 1, 1)} or less, or prepare more data")
-    return windows(data, rng.integers(0, n - block_size, size=batch_size), block_size)
+    return windows(data, rng.integers(0, n - block_size, size=batch_size)[keep], block_size)
 
 
 def windows(data: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -275,9 +277,9 @@ class TokenWindows:
                 raise BarkError(f"the {name} split has {len(data)} tokens, not more than block_size {block_size} + 1; "
                                 f"lower --block-size or use more data")
 
-    def batch(self, split: str, batch_size: int, block_size: int, rng: np.random.Generator):
-        """``batch_size`` random windows of ``split`` (see :func:`get_batch`)."""
-        return get_batch(self.splits[split], batch_size, block_size, rng)
+    def batch(self, split: str, batch_size: int, block_size: int, rng: np.random.Generator, keep: slice = slice(None)):
+        """``batch_size`` random windows of ``split``, of which the rows ``keep`` are read (see :func:`get_batch`)."""
+        return get_batch(self.splits[split], batch_size, block_size, rng, keep)
 
     def eval_batches(self, split: str, n_batches: int, batch_size: int, block_size: int) -> Iterator[tuple]:
         """``n_batches`` batches of ``batch_size`` windows, evenly spaced over ``split``.

@@ -509,12 +509,9 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, ctx, resume: bool, quiet: boo
                 scaler.scale(loss / len(batches)).backward()
         return loss
 
-    def rank_slice(batch: tuple) -> tuple:
-        """This rank's rows of a global batch."""
-        b = cfg.batch_size
-        return tuple(a[ctx.rank * b:(ctx.rank + 1) * b] for a in batch) if ctx.enabled else batch
-
     flops_per_token, peak = raw_model.flops_per_token(), peak_flops(device)
+    # every rank draws the whole global batch (one data stream for any world size) and reads its rows
+    rank_rows = slice(ctx.rank * cfg.batch_size, (ctx.rank + 1) * cfg.batch_size) if ctx.enabled else slice(None)
 
     def mfu(tokens_per_s: float) -> float | None:
         """Model FLOPs utilization of all ranks together; None off known GPUs."""
@@ -536,7 +533,7 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, ctx, resume: bool, quiet: boo
             for opt in optimizers:
                 for group in opt.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
-            batches = [to_device(rank_slice(source.batch("train", cfg.batch_size * ctx.world_size, block_size, rng)), device)
+            batches = [to_device(source.batch("train", cfg.batch_size * ctx.world_size, block_size, rng, rank_rows), device)
                        for _ in range(cfg.gradient_accumulation_steps)]
             try:
                 loss = forward_backward(model, batches)

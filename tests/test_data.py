@@ -240,6 +240,10 @@ def test_get_batch_shapes_and_shift(tmp_path):
     assert (y[:, :-1] == x[:, 1:]).all() and (y == x + 1).all()  # consecutive windows of arange
     x2, _ = get_batch(data_, batch_size=8, block_size=16, rng=np.random.default_rng(0))
     assert (x == x2).all()
+    # A DDP rank's rows: the ranks' halves are the whole batch, and the generator advances alike.
+    rngs = [np.random.default_rng(0) for _ in range(2)]
+    halves = [get_batch(data_, 8, 16, r, keep=slice(4 * i, 4 * i + 4))[0] for i, r in enumerate(rngs)]
+    assert (np.concatenate(halves) == x).all() and rngs[0].integers(1 << 30) == rngs[1].integers(1 << 30)
     # The smallest split that works has block_size + 1 tokens.
     x, y = get_batch(np.arange(17, dtype=np.uint16), 4, 16, np.random.default_rng(1))
     assert (x[:, 0] == 0).all() and (y[:, -1] == 16).all()
