@@ -126,8 +126,8 @@ class MoE(nn.Module):
     expert's [gate; up] and ``c_proj`` (n_expert, C, intermediate_size) its down projection; the
     exporters split them into Mixtral's ``w1``/``w3``/``w2``.
 
-    After each forward, ``expert_tokens`` (n_expert,) counts the token assignments per expert and,
-    in training mode, ``aux_loss`` holds the Switch Transformer load-balancing loss (Fedus et al.
+    After each forward in training mode, ``expert_tokens`` (n_expert,) counts the token
+    assignments per expert and ``aux_loss`` holds the Switch Transformer load-balancing loss (Fedus et al.
     2021), in the form of HF's ``load_balancing_loss_func``: n_expert * sum over experts of
     (share of assignments) * (mean router probability), summed over the k slots; it is
     ``n_expert_per_token`` when perfectly balanced and grows as routing collapses.
@@ -159,8 +159,8 @@ class MoE(nn.Module):
             gate, up = (xf[token] @ self.c_fc[e].t()).chunk(2, dim=-1)
             y = (F.silu(gate) * up) @ self.c_proj[e].t()
             out.index_add_(0, token, y * weights[token, slot, None])
-        self.expert_tokens = torch.bincount(chosen.flatten(), minlength=self.n_expert).detach()
-        if self.training:
+        if self.training:  # (not while generating: one op less per decode step)
+            self.expert_tokens = torch.bincount(chosen.flatten(), minlength=self.n_expert).detach()
             share = F.one_hot(chosen, self.n_expert).float().mean(dim=0)  # (k, E): share of tokens per slot
             self.aux_loss = self.n_expert * (share * probs.mean(dim=0)).sum()
         return self.dropout(out.view(B, T, C))

@@ -122,6 +122,8 @@ def test_moe_routes_each_token_to_its_top_k_experts():
             ref = sum(wi * moe.c_proj[ei] @ (F.silu(moe.c_fc[ei, :n] @ x[b, t]) * (moe.c_fc[ei, n:] @ x[b, t]))
                       for wi, ei in zip(w, e))
             assert torch.allclose(out[b, t], ref, atol=1e-5)
+    assert moe.expert_tokens is None  # counted in training only
+    moe.train()(x)
     assert moe.expert_tokens.sum().item() == 2 * 10
 
 
