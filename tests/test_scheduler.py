@@ -121,6 +121,9 @@ def test_same_prompt_is_prefilled_once_and_each_copy_samples_alone(model):
 
         shared = run(sched, together)
         n_prefills = len(prefills)
+        sched = Scheduler(model, stop_ids=[], max_batch_size=2)  # the third copy waits for a free row
+        prefills.clear()
+        assert run(sched, together) == shared and len(prefills) == 2
         sched = Scheduler(model, stop_ids=[])
         alone = run(sched, lambda: asyncio.gather(*[collect(sched.submit(prompt, SamplingParams(max_new_tokens=6, seed=s)))
                                                     for s in seeds[:1]]))

@@ -255,17 +255,21 @@ class Scheduler:
             one = self._prefill_cache
             one.reset()
             logits, _ = self.model(torch.tensor([req.ids], device=self.device), kv_cache=one)  # (1, T, V)
+            rows = []
             while req is not None:
-                row = _Row(req, self.device)
-                if not self._emit([row], logits[:, -1, :])[0]:
+                rows.append(_Row(req, self.device))
+                req = self._pop_waiting(same_prompt=req.ids, reserved=len(rows))
+            done = self._emit(rows, logits[:, -1, :].expand(len(rows), -1))  # the n choices' first tokens in one pass
+            for row, d in zip(rows, done):
+                if not d:
                     self._cache.copy_row(len(self._rows), one)
                     self._rows.append(row)
-                req = self._pop_waiting(same_prompt=req.ids)
 
-    def _pop_waiting(self, same_prompt: list[int] | None = None) -> Request | None:
-        """The next waiting request that is not cancelled, while a decode row is free; with
-        ``same_prompt``, only if its prompt is that one. None when there is none."""
-        while len(self._rows) < self.max_batch_size:
+    def _pop_waiting(self, same_prompt: list[int] | None = None, reserved: int = 0) -> Request | None:
+        """The next waiting request that is not cancelled, while a decode row is free (``reserved``
+        more rows are taken already); with ``same_prompt``, only if its prompt is that one. None
+        when there is none."""
+        while len(self._rows) + reserved < self.max_batch_size:
             with self._wake:
                 if not self._waiting or (same_prompt is not None and self._waiting[0].ids != same_prompt):
                     return None
