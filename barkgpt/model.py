@@ -7,7 +7,8 @@ Hugging Face's classes.
 - ``gpt2``: learned positions, LayerNorm, GELU MLP, biases; like ``GPT2LMHeadModel``
   (Radford et al. 2019, and nanoGPT's ``model.py``).
 
-Notable choices: causal attention through ``F.scaled_dot_product_attention``; the query, key
+Notable choices: causal attention through ``F.scaled_dot_product_attention``, or, for short
+contexts on CPU once :func:`barkgpt.cpu_attention.load` ran, through a small C++ kernel; the query, key
 and value projections fused in one ``c_attn`` matmul (and SwiGLU's gate and up projections in
 one ``c_fc``), which at small widths saves most of a step's kernel-launch overhead; one
 ``forward(idx, targets, kv_cache)`` path for training and cached decoding, where each batch row
@@ -24,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from barkgpt import cpu_attention
 from barkgpt.config import GPTConfig
 
 
@@ -78,12 +80,14 @@ class CausalSelfAttention(nn.Module):
         if self.rope:  # rotate q and k together in one pass
             qk = apply_rope(qk, *cos_sin)  # tables (T, 1, hs) or (B, T, 1, hs)
         q, k = qk.split([self.n_head, self.n_kv_head], dim=2)
+        dropout_p = self.dropout if self.training else 0.0
+        if kv_cache is None and attn_mask is None and cpu_attention.usable(q, dropout_p):  # short contexts on CPU
+            return self.resid_dropout(self.c_proj(cpu_attention.causal_attention(q, k, v).view(B, T, C)))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs), (B, nkv, T, hs)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, L, hs): all cached positions
         gqa = self.n_kv_head != self.n_head  # each kv head serves n_head/n_kv_head query heads
         if attn_mask is None:  # training, or a cache whose rows all start at 0 (or one new token)
-            dropout_p = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1, enable_gqa=gqa)
         else:  # rows at different positions: an explicit (B, 1, T, L) mask
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from barkgpt import cpu_attention
 from barkgpt.checkpoint import find_checkpoint, load_model, load_trainer_state, read_checkpoint_config, save_checkpoint
 from barkgpt.common import BarkError, atomic_write_text, bits_per_byte, compile_fn, peak_flops, progress, resolve_device, resolve_dtype
 from barkgpt.config import GPTConfig, TrainConfig, config_to_dict, dump_yaml
@@ -421,6 +422,7 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, ctx, resume: bool, quiet: boo
             (out_dir / "samples.jsonl").unlink(missing_ok=True)
 
     if device == "cpu":
+        cpu_attention.load(quiet=quiet)  # the short-context attention kernel (built once per machine)
         torch.set_flush_denormal(True)  # denormal floats in grads/optimizer state are ~100x slower on x86 (reset on return)
     if cfg.compile:
         model = compile_fn(model, device)

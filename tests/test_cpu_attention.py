@@ -1,0 +1,85 @@
+"""The CPU attention kernel (barkgpt/csrc/cpu_attention.cpp) against PyTorch's attention:
+outputs and gradients, strided inputs, grouped-query heads, the model and a compiled step."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from barkgpt import cpu_attention
+from barkgpt.config import GPTConfig
+from barkgpt.model import GPT
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("the kernel needs AVX2 and FMA")
+    before = cpu_attention._state["ready"]
+    cpu_attention._state["tried"] = False
+    assert cpu_attention.load(), "the kernel did not build (see the warning above)"
+    yield
+    cpu_attention._state["ready"] = before
+
+
+def sdpa(q, k, v):
+    """PyTorch's causal attention on (B, T, heads, D) tensors."""
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                       enable_gqa=q.size(2) != k.size(2))
+    return y.transpose(1, 2)
+
+
+@pytest.mark.parametrize("B,T,H,H_kv,D", [(12, 64, 4, 1, 32), (2, 7, 4, 2, 16), (3, 33, 2, 2, 32), (2, 9, 3, 1, 32),
+                                          (1, 2, 1, 1, 16), (2, 256, 2, 1, 16)])
+def test_outputs_and_gradients_match_sdpa(kernel, B, T, H, H_kv, D):
+    torch.manual_seed(0)
+    qkv = torch.randn(B, T, H + 2 * H_kv, D) * 2  # q, k, v as strided views of one projection, as in the model
+    grad = torch.randn(B, T, H, D)
+    results = []
+    for attend in (sdpa, cpu_attention.causal_attention):
+        x = qkv.clone().requires_grad_()
+        q, k, v = x.split([H, H_kv, H_kv], dim=2)
+        y = attend(q, k, v)
+        y.backward(grad)
+        results.append((y.detach(), x.grad))
+    (y_ref, g_ref), (y, g) = results
+    assert y.shape == (B, T, H, D) and y.is_contiguous()
+    torch.testing.assert_close(y, y_ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(g, g_ref, atol=5e-5, rtol=1e-4)
+
+
+def test_usable_only_where_the_kernel_applies(kernel):
+    q = torch.zeros(2, 64, 4, 32)
+    assert cpu_attention.usable(q)
+    assert not cpu_attention.usable(q, dropout_p=0.1)
+    assert not cpu_attention.usable(q.double()) and not cpu_attention.usable(torch.zeros(2, 64, 4, 64))
+    assert not cpu_attention.usable(torch.zeros(2, 1, 4, 32)) and not cpu_attention.usable(torch.zeros(1, 257, 4, 32))
+
+
+def test_model_losses_and_gradients_match_and_compile(kernel):
+    """A llama model with the kernel gives SDPA's loss and gradients, eager and compiled."""
+    cfg = GPTConfig(family="llama", vocab_size=65, block_size=32, n_layer=2, n_head=4, n_kv_head=1, n_embd=128,
+                    intermediate_size=256)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    x, y = torch.randint(0, 65, (4, 32)), torch.randint(0, 65, (4, 32))
+
+    def loss_and_grads(m):
+        model.zero_grad(set_to_none=True)
+        loss = m(x, y)[1]
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    cpu_attention._state["ready"] = False  # SDPA
+    ref_loss, ref_grads = loss_and_grads(model)
+    cpu_attention._state["ready"] = True
+    for m in (model, torch.compile(model)):
+        loss, grads = loss_and_grads(m)
+        torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("BARKGPT_CPU_ATTENTION", "0")
+    monkeypatch.setattr(cpu_attention, "_state", {**cpu_attention._state, "ready": False, "tried": False})
+    assert cpu_attention.load() is False and not cpu_attention.usable(torch.zeros(2, 64, 4, 32))
