@@ -57,7 +57,10 @@ class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with optional grouped-query heads and RoPE.
 
     Input and output ``x`` are (B, T, C). With a ``kv_cache`` the new keys and values are
-    written at each row's own position and attention covers everything cached so far.
+    written at each row's own position and attention covers everything cached so far. Without
+    a cache or mask, where :func:`barkgpt.cpu_attention.usable` says so (CPU, float32, short
+    contexts, after ``cpu_attention.load()``), the C++ kernel computes the same attention from
+    the (B, T, heads, hs) views of the projection, without transposing them.
     """
 
     def __init__(self, config: GPTConfig, layer_idx: int):
