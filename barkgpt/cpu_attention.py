@@ -2,8 +2,8 @@
 that training uses instead of PyTorch's CPU flash attention where it is faster.
 
 At the shakespeare-char shape (B 12, T 64, 4 query heads over 1 key/value head of size 32) one
-forward + backward takes ~0.95 ms against flash attention's ~1.2 ms, and a whole compiled
-training step is ~5% faster (``bench/RESULTS.md``). It covers float32 on a CPU with AVX2 and FMA,
+forward + backward takes ~0.88 ms against flash attention's ~1.19 ms (``bench/bench_attention.py``:
+1.2-1.6x at four shapes), and a whole compiled training step is ~7% faster. It covers float32 on a CPU with AVX2 and FMA,
 head sizes 16 and 32, T up to :data:`MAX_T`, no dropout and no mask beyond the causal one;
 everything else goes to ``F.scaled_dot_product_attention``.
 
