@@ -10,8 +10,8 @@ everything else goes to ``F.scaled_dot_product_attention``.
 :func:`load` builds the kernel once per machine with ``torch.utils.cpp_extension`` (~15 s; cached
 in ``~/.cache/torch_extensions``) and registers ``torch.ops.barkgpt.causal_attention`` with its
 autograd formula and a fake kernel, so ``torch.compile`` treats it as one opaque op.
-``train`` calls :func:`load` before its first step; set ``BARKGPT_CPU_ATTENTION=0`` to keep the
-stock attention. Until :func:`load` succeeded, :func:`usable` is False and nothing changes.
+``train`` calls :func:`load` before its first step when it compiles the model (``compile: true``,
+as the presets for real text do); set ``BARKGPT_CPU_ATTENTION=0`` to keep the stock attention. Until :func:`load` succeeded, :func:`usable` is False and nothing changes.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 MAX_T = 256  # the kernel keeps (B, H, T, T) attention weights for the backward: T^2 memory
+MAX_WEIGHT_BYTES = 64 << 20  # and at most this much of them per layer (B * H * T * T * 4 bytes)
 HEAD_SIZES = (16, 32)  # at 64, flash attention is faster
 _SOURCE = Path(__file__).parent / "csrc" / "cpu_attention.cpp"
 _lock = threading.Lock()
@@ -34,9 +35,11 @@ _state = {"ready": False, "tried": False, "registered": False}
 
 def usable(q: torch.Tensor, dropout_p: float = 0.0) -> bool:
     """True when :func:`causal_attention` can take ``q`` (B, T, H, D): the kernel is loaded, and
-    ``q`` is float32 on the CPU with D in :data:`HEAD_SIZES`, 1 < T <= :data:`MAX_T`, no dropout."""
+    ``q`` is float32 on the CPU with D in :data:`HEAD_SIZES`, 1 < T <= :data:`MAX_T`, attention
+    weights of at most :data:`MAX_WEIGHT_BYTES`, and no dropout."""
+    B, T, H, D = q.shape
     return (_state["ready"] and q.device.type == "cpu" and q.dtype == torch.float32 and dropout_p == 0.0
-            and q.size(-1) in HEAD_SIZES and 1 < q.size(1) <= MAX_T)
+            and D in HEAD_SIZES and 1 < T <= MAX_T and B * H * T * T * 4 <= MAX_WEIGHT_BYTES)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -422,7 +422,8 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, ctx, resume: bool, quiet: boo
             (out_dir / "samples.jsonl").unlink(missing_ok=True)
 
     if device == "cpu":
-        cpu_attention.load(quiet=quiet)  # the short-context attention kernel (built once per machine)
+        if cfg.compile:  # like the compile, a one-time build (~15 s) for faster steps
+            cpu_attention.load(quiet=quiet)  # the short-context attention kernel
         torch.set_flush_denormal(True)  # denormal floats in grads/optimizer state are ~100x slower on x86 (reset on return)
     if cfg.compile:
         model = compile_fn(model, device)

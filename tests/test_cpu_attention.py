@@ -53,6 +53,7 @@ def test_usable_only_where_the_kernel_applies(kernel):
     assert not cpu_attention.usable(q, dropout_p=0.1)
     assert not cpu_attention.usable(q.double()) and not cpu_attention.usable(torch.zeros(2, 64, 4, 64))
     assert not cpu_attention.usable(torch.zeros(2, 1, 4, 32)) and not cpu_attention.usable(torch.zeros(1, 257, 4, 32))
+    assert not cpu_attention.usable(torch.zeros(64, 256, 5, 16))  # 80 MiB of attention weights per layer
 
 
 def test_model_losses_and_gradients_match_and_compile(kernel):
