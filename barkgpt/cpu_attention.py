@@ -3,20 +3,22 @@ that training uses instead of PyTorch's CPU flash attention where it is faster.
 
 At the shakespeare-char shape (B 12, T 64, 4 query heads over 1 key/value head of size 32) one
 forward + backward takes ~0.88 ms against flash attention's ~1.19 ms (``bench/bench_attention.py``:
-1.2-1.6x at four shapes), and a whole compiled training step is ~7% faster. It covers float32 on a CPU with AVX2 and FMA,
-head sizes 16 and 32, T up to :data:`MAX_T`, no dropout and no mask beyond the causal one;
+1.2-1.6x at four shapes), and a whole compiled training step is ~7% faster. It covers float32
+on a CPU with AVX2 and FMA, head sizes 16 and 32, T up to :data:`MAX_T`, no dropout and no mask beyond the causal one;
 everything else goes to ``F.scaled_dot_product_attention``.
 
 :func:`load` builds the kernel once per machine with ``torch.utils.cpp_extension`` (~15 s; cached
 in ``~/.cache/torch_extensions``) and registers ``torch.ops.barkgpt.causal_attention`` with its
 autograd formula and a fake kernel, so ``torch.compile`` treats it as one opaque op.
 ``train`` calls :func:`load` before its first step when it compiles the model (``compile: true``,
-as the presets for real text do); set ``BARKGPT_CPU_ATTENTION=0`` to keep the stock attention. Until :func:`load` succeeded, :func:`usable` is False and nothing changes.
+as the presets for real text do); set ``BARKGPT_CPU_ATTENTION=0`` to keep the stock attention.
+Until :func:`load` succeeded, :func:`usable` is False and nothing changes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import sys
@@ -30,7 +32,7 @@ MAX_WEIGHT_BYTES = 64 << 20  # and at most this much of them per layer (B * H * 
 HEAD_SIZES = (16, 32)  # at 64, flash attention is faster
 _SOURCE = Path(__file__).parent / "csrc" / "cpu_attention.cpp"
 _lock = threading.Lock()
-_state = {"ready": False, "tried": False, "registered": False}
+_state = {"ready": False, "tried": False}
 
 
 def usable(q: torch.Tensor, dropout_p: float = 0.0) -> bool:
@@ -55,6 +57,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 
     Raises:
         RuntimeError: the kernel is not loaded (see :func:`usable`) or a shape it does not cover.
+
+    Softmax attention as in Vaswani et al. 2017; the backward is FlashAttention's (Dao et al.
+    2022, Algorithm 4) over the kept attention weights.
     """
     return torch.ops.barkgpt.causal_attention(q, k, v, q.size(-1) ** -0.5)[0]
 
@@ -76,15 +81,7 @@ def load(quiet: bool = False) -> bool:
         if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
             return False
         try:
-            from torch.utils.cpp_extension import load as build
-
-            _put_ninja_on_path()
-
-            if not _state["registered"]:
-                build(name="barkgpt_cpu_attention", sources=[str(_SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-                      is_python_module=False, verbose=False)
-                _register()
-                _state["registered"] = True
+            _build_and_register()
         except Exception as e:  # noqa: BLE001 - a missing compiler or ninja raises many types
             if not quiet:
                 print(f"warning: the CPU attention kernel did not build ({type(e).__name__}: "
@@ -105,8 +102,15 @@ def _put_ninja_on_path() -> None:
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
-def _register() -> None:
-    """Fake kernels (shapes for ``torch.compile``) and the autograd formula of the C++ ops."""
+@functools.cache
+def _build_and_register() -> None:
+    """Build and load the C++ ops (``torch.ops.barkgpt.*``), then register their fake kernels
+    (shapes for ``torch.compile``) and autograd formula; once per process (a failure is retried)."""
+    from torch.utils.cpp_extension import load as build
+
+    _put_ninja_on_path()
+    build(name="barkgpt_cpu_attention", sources=[str(_SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+          is_python_module=False, verbose=False)
     ops = torch.ops.barkgpt
 
     @torch.library.register_fake("barkgpt::causal_attention")

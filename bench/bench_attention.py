@@ -24,6 +24,9 @@ SHAPES = [(12, 64, 4, 1, 32), (12, 64, 4, 4, 32), (8, 128, 8, 2, 16), (4, 256, 4
 
 
 def main() -> None:
+    """Time both attentions at each of :data:`SHAPES`, print one JSON line per shape (median
+    microseconds of one forward + backward, and the median per-round speedup) and append them to
+    bench/RESULTS.md; exits with a message when the kernel cannot be built here."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=15)
     a = p.parse_args()
@@ -53,7 +56,8 @@ def main() -> None:
                 attend(q, k, v).backward(grad)
             return (time.perf_counter() - t) / n * 1e6
 
-        timed(sdpa, 3), timed(cpu_attention.causal_attention, 3)
+        for attend in (sdpa, cpu_attention.causal_attention):  # warm up
+            timed(attend, 3)
         ours, flash = [], []
         for _ in range(a.rounds):
             ours.append(timed(cpu_attention.causal_attention))

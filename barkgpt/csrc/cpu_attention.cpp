@@ -100,7 +100,7 @@ struct Rows {
   const float* base; Layout l; int64_t H, T, G, b, hk;
   const float* operator()(int64_t i) const { return base + b * l.sb + (i / G) * l.st + (hk * G + i % G) * l.sh; }
   int64_t index(int64_t i) const { return (b * H + hk * G + i % G) * T + i / G; }  // row of P, (B, H, T)
-  int64_t out(int64_t i) const { return ((b * T + i / G) * H + hk * G + i % G) * l.sh; }  // row of a contiguous (B, T, H, D)
+  int64_t out_row(int64_t i) const { return (b * T + i / G) * H + hk * G + i % G; }  // row of a contiguous (B, T, H, D)
 };
 
 template <int D>
@@ -114,7 +114,6 @@ void forward_impl(const float* Q, Layout lq, const float* K, Layout lk, const fl
       const float* kb = K + b * lk.sb + hk * lk.sh; const float* vb = V + b * lv.sb + hk * lv.sh;
       transpose_pad(kb, lk.st, T, D, Tp, kt.data());
       Rows q{Q, lq, H, T, G, b, hk};
-      const Layout lo{T * H * D, H * D, D};
       for (int64_t i0 = 0; i0 < NR; i0 += R) {
         const float* a[R]; float* out[R];
         for (int r = 0; r < R; ++r) { a[r] = q(std::min(i0 + r, NR - 1)); out[r] = s.data() + r * Tp; }
@@ -141,7 +140,7 @@ void forward_impl(const float* Q, Layout lq, const float* K, Layout lk, const fl
           int64_t u = 0;
           for (; u + 8 <= nv && u + 8 <= T; u += 8) _mm256_storeu_ps(pr + u, _mm256_mul_ps(_mm256_loadu_ps(sr + u), inv));
           for (; u < T; ++u) pr[u] = u < n ? sr[u] * _mm256_cvtss_f32(inv) : 0.f;
-          weighted_rows<D>(pr, vb, lv.st, n, O + Rows{Q, lo, H, T, G, b, hk}.out(i), 1.f);
+          weighted_rows<D>(pr, vb, lv.st, n, O + q.out_row(i) * D, 1.f);  // o = p v
         }
       }
     }
@@ -164,8 +163,6 @@ void backward_impl(const float* dO, Layout lg, const float* Q, Layout lq, const 
       for (int64_t u = 0; u < T; ++u) for (int d = 0; d < D; ++d) dkb[u * skv + d] = dvb[u * skv + d] = 0.f;
       transpose_pad(vb, lv.st, T, D, Tp, vt.data());
       Rows go{dO, lg, H, T, G, b, hk}, q{Q, lq, H, T, G, b, hk};
-      const Layout lo{T * H * D, H * D, D};
-      const Rows oc{O, lo, H, T, G, b, hk};
       for (int64_t i0 = 0; i0 < NR; i0 += R) {
         const int rows = static_cast<int>(std::min<int64_t>(R, NR - i0));
         const float* a[R]; float* out[R];
@@ -175,13 +172,13 @@ void backward_impl(const float* dO, Layout lg, const float* Q, Layout lq, const 
         const float* prow[R]; const float* qrow[R]; const float* grow[R]; int64_t nr[R];
         for (int r = 0; r < rows; ++r) {
           const int64_t i = i0 + r, n = i / G + 1, row = q.index(i);
-          const float* pr = P + row * T; const float* gr = go(i); const float* orow = O + oc.out(i);
+          const float* pr = P + row * T; const float* gr = go(i); const float* orow = O + q.out_row(i) * D;
           float di = 0.f;
           for (int d = 0; d < D; ++d) di += gr[d] * orow[d];
           float* dsr = out[r];
           for (int64_t u = 0; u < n; ++u) dsr[u] = pr[u] * (dsr[u] - di);
           for (int64_t u = n; u < np; ++u) dsr[u] = 0.f;
-          weighted_rows<D>(dsr, kb, lk.st, n, dQ + oc.out(i), scale);  // dq = scale * ds k
+          weighted_rows<D>(dsr, kb, lk.st, n, dQ + q.out_row(i) * D, scale);  // dq = scale * ds k
           prow[r] = pr; qrow[r] = q(i); grow[r] = gr; nr[r] = n;
         }
         // dk[u] += scale * sum_r ds_r[u] q_r ; dv[u] += sum_r p_r[u] dO_r

@@ -283,7 +283,7 @@ def create_app(generator: TextGenerator | None = None, settings: ServeConfig | N
     app.add_middleware(_CountRequests, metrics=metrics)  # added last: runs first, sees 401/413 too
 
     @functools.lru_cache(maxsize=1 << 16)
-    def token_text(tokenizer, i: int) -> tuple[str, list[int]]:
+    def token_text_bytes(tokenizer, i: int) -> tuple[str, list[int]]:
         """One token's own text and raw UTF-8 bytes (for logprobs); in the text, a byte of a
         multi-byte character shows as U+FFFD, the bytes are exact."""
         return tokenizer.decode([i]), list(tokenizer.id_to_bytes(i))
@@ -372,7 +372,7 @@ def create_app(generator: TextGenerator | None = None, settings: ServeConfig | N
                 seed = None if base.seed is None else (base.seed + j) % 2**64  # n samples must differ
                 jobs.append((ids, dataclasses.replace(base, seed=seed)))
         reqs = submit_all(sched, jobs)
-        text_of = functools.partial(token_text, gen.tokenizer)
+        text_of = functools.partial(token_text_bytes, gen.tokenizer)
         return [_Choice(r, gen.tokenizer, body.stop, i, len(r.ids) if i % body.n == 0 else 0, metrics, text_of)
                 for i, r in enumerate(reqs)]
 
@@ -561,14 +561,14 @@ class _Choice:
     """
 
     def __init__(self, req, tokenizer, stop: list[str], index: int, prompt_tokens: int = 0,
-                 metrics: ServerMetrics | None = None, token_text: Callable[[int], tuple[str, list[int]]] | None = None):
+                 metrics: ServerMetrics | None = None, token_text_bytes: Callable[[int], tuple[str, list[int]]] | None = None):
         self.req, self.index, self.prompt_tokens, self.metrics = req, index, prompt_tokens, metrics
         self.t_last = time.perf_counter()  # arrival, then the time of the latest token
         self.decoder = TextDecoder(tokenizer, stop)
         self.lstrip = False  # strip whitespace before the first visible text
         self.text = ""
         self.logprobs: list[_TokenLogprob] | None = [] if req.params.logprobs is not None else None
-        self._token_text, self._taken = token_text, 0
+        self._token_text_bytes, self._taken = token_text_bytes, 0
 
     @property
     def finish_reason(self) -> str:
@@ -613,10 +613,10 @@ class _Choice:
         logprob, top = self.req.logprobs[i]
         prev = self.logprobs[-1] if self.logprobs else None
         offset = prev.offset + len(prev.token) if prev else 0
-        token, token_bytes = self._token_text(t)
-        tops = [(*self._token_text(j), lp) for j, lp in top]
-        self.logprobs.append(_TokenLogprob(token, logprob, [(text, lp) for text, _, lp in tops], offset,
-                                           token_bytes, [b for _, b, _ in tops]))
+        token, token_bytes = self._token_text_bytes(t)
+        tops = [self._token_text_bytes(j) for j, _ in top]  # (text, bytes) of each top id
+        self.logprobs.append(_TokenLogprob(token, logprob, [(text, lp) for (text, _), (_, lp) in zip(tops, top)], offset,
+                                           token_bytes, [b for _, b in tops]))
 
     def _visible(self, piece: str) -> str:
         if self.lstrip and not self.text:
