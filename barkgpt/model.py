@@ -93,7 +93,7 @@ class CausalSelfAttention(nn.Module):
         if attn_mask is None:  # training, or a cache whose rows all start at 0 (or one new token)
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1, enable_gqa=gqa)
         else:  # rows at different positions: an explicit (B, 1, T, L) mask
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh*hs): re-assemble the heads
         return self.resid_dropout(self.c_proj(y))
 

@@ -84,3 +84,24 @@ def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("BARKGPT_CPU_ATTENTION", "0")
     monkeypatch.setattr(cpu_attention, "_state", {**cpu_attention._state, "ready": False, "tried": False})
     assert cpu_attention.load() is False and not cpu_attention.usable(torch.zeros(2, 64, 4, 32))
+
+
+@pytest.mark.parametrize("k_shape,v_shape", [((2, 8, 1, 16), (2, 8, 2, 16)),  # k and v differ
+                                             ((2, 4, 1, 16), (2, 4, 1, 16)),  # shorter than q
+                                             ((1, 8, 1, 16), (1, 8, 1, 16)),  # fewer batch rows
+                                             ((2, 8, 1, 32), (2, 8, 1, 32)),  # another head size
+                                             ((2, 8, 3, 16), (2, 8, 3, 16))])  # 4 heads over 3
+def test_mismatched_shapes_raise(kernel, k_shape, v_shape):
+    """The kernel indexes k and v with q's sizes: a mismatch is a RuntimeError, never an out-of-bounds read."""
+    q = torch.randn(2, 8, 4, 16)
+    with pytest.raises(RuntimeError, match="causal_attention"):
+        cpu_attention.causal_attention(q, torch.randn(k_shape), torch.randn(v_shape))
+
+
+def test_backward_checks_shapes(kernel):
+    q, k, v = torch.randn(2, 8, 2, 16), torch.randn(2, 8, 1, 16), torch.randn(2, 8, 1, 16)
+    out, p = torch.ops.barkgpt.causal_attention(q, k, v, 0.25)
+    with pytest.raises(RuntimeError, match="must have q's shape"):
+        torch.ops.barkgpt.causal_attention_backward(torch.randn(2, 4, 2, 16), q, k, v, out, p, 0.25)
+    with pytest.raises(RuntimeError, match=r"\(B, H, T, T\)"):
+        torch.ops.barkgpt.causal_attention_backward(torch.randn_like(q), q, k, v, out, p[:, :, :4].contiguous(), 0.25)

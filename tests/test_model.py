@@ -152,3 +152,23 @@ def test_moe_config_errors():
     cfg = GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=32, intermediate_size=64, n_expert=4, n_expert_per_token=1)
     dense = GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=32, intermediate_size=64)
     assert GPT(cfg).flops_per_token() == GPT(dense).flops_per_token() + 6 * 2 * 32 * 4  # + the routers only
+
+
+def test_attention_dropout_applies_with_a_mask():
+    """Packed fine-tuning rows pass an explicit mask: attention dropout must apply there too
+    (it used to be dropped silently on the masked path)."""
+    torch.manual_seed(0)
+    attn = GPT(GPTConfig(family="gpt2", n_layer=1, n_head=2, n_kv_head=2, n_embd=32, block_size=16, vocab_size=64,
+                         dropout=0.5)).transformer.h[0].attn
+    attn.resid_dropout = torch.nn.Identity()  # leave only the attention dropout
+    x = torch.randn(2, 8, 32)
+    mask = torch.ones(8, 8, dtype=torch.bool).tril().expand(2, 1, 8, 8)  # (B, 1, T, T) causal
+    outs = {}
+    for mode, m in (("unmasked", None), ("masked", mask)):
+        attn.train()
+        dropped = attn(x, attn_mask=m)
+        attn.eval()
+        outs[mode] = (dropped, attn(x, attn_mask=m))
+    for dropped, plain in outs.values():
+        assert not torch.allclose(dropped, plain), "attention dropout was not applied"
+    torch.testing.assert_close(outs["masked"][1], outs["unmasked"][1])  # same attention without dropout

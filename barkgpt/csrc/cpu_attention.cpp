@@ -218,12 +218,22 @@ Layout layout_of(const at::Tensor& x) {
   return {x.stride(0), x.stride(1), x.stride(2)};
 }
 
+// The kernels index k and v with q's B, T and D: refuse mismatched shapes instead of reading out of bounds.
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(k.sizes() == v.sizes(), "barkgpt::causal_attention: k and v must have the same shape, got ",
+              k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
+              "barkgpt::causal_attention: k/v ", k.sizes(), " must match q ", q.sizes(), " in B, T and D");
+  TORCH_CHECK(k.size(2) >= 1 && q.size(2) % k.size(2) == 0,
+              "barkgpt::causal_attention: q's ", q.size(2), " heads must be a multiple of k/v's ", k.size(2));
+}
+
 // q (B, T, H, D), k/v (B, T, Hkv, D), any strides with a contiguous last dim.
 // Returns out (B, T, H, D) contiguous and p (B, H, T, T): the attention weights, 0 above the diagonal.
 std::tuple<at::Tensor, at::Tensor> causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
   const Layout lq = layout_of(q), lk = layout_of(k), lv = layout_of(v);
+  check_qkv(q, k, v);
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Hkv = k.size(2);
-  TORCH_CHECK(H % Hkv == 0, "n_head must be a multiple of n_kv_head");
   auto out = at::empty({B, T, H, q.size(3)}, q.options());
   auto p = at::empty({B, H, T, T}, q.options());
   DISPATCH_D(q.size(3), forward_impl<D>(q.data_ptr<float>(), lq, k.data_ptr<float>(), lk, v.data_ptr<float>(), lv,
@@ -237,7 +247,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(
     const at::Tensor& out, const at::Tensor& p, double scale) {
   const Layout lg = layout_of(dout), lq = layout_of(q), lk = layout_of(k), lv = layout_of(v);
   TORCH_CHECK(out.is_contiguous() && p.is_contiguous(), "barkgpt::causal_attention_backward: out and p must be contiguous");
+  check_qkv(q, k, v);
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Hkv = k.size(2), D_ = q.size(3);
+  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(),
+              "barkgpt::causal_attention_backward: dout and out must have q's shape ", q.sizes());
+  TORCH_CHECK(p.dim() == 4 && p.size(0) == B && p.size(1) == H && p.size(2) == T && p.size(3) == T,
+              "barkgpt::causal_attention_backward: p must be (B, H, T, T), got ", p.sizes());
   auto dq = at::empty({B, T, H, D_}, q.options()), dk = at::empty({B, T, Hkv, D_}, q.options()), dv = at::empty({B, T, Hkv, D_}, q.options());
   DISPATCH_D(D_, backward_impl<D>(dout.data_ptr<float>(), lg, q.data_ptr<float>(), lq, k.data_ptr<float>(), lk, v.data_ptr<float>(), lv,
                                   out.data_ptr<float>(), p.data_ptr<float>(), dq.data_ptr<float>(), dk.data_ptr<float>(),
