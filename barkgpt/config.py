@@ -53,6 +53,7 @@ class GPTConfig:
     router_aux_loss_coef: float = 0.01  # weight of the Switch Transformer load-balancing loss
 
     def __post_init__(self):
+        check_finite(self)
         if self.family not in ("llama", "gpt2"):
             raise BarkError(f"family must be 'llama' or 'gpt2', got {self.family!r}")
         if self.n_kv_head is None:
@@ -138,6 +139,7 @@ class TrainConfig:
     seed: int = 1337  # seeds the model init and the batch sampler
 
     def __post_init__(self):
+        check_finite(self)
         positive = ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters", "log_interval")
         for name in positive:
             if getattr(self, name) < 1:
@@ -187,6 +189,7 @@ class SampleConfig:
     num_samples: int = 1  # samples generated together in one batch
 
     def __post_init__(self):
+        check_finite(self)
         check_sampling(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
         if self.max_new_tokens < 1:
             raise BarkError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
@@ -200,9 +203,13 @@ class ServeConfig:
     the separate ``--model`` and ``--device`` flags). The API key may also come from the
     ``BARKGPT_API_KEY`` environment variable, read by the command, not here.
 
+    The security fields (``allowed_host``, ``cors_origin``, ``data_root``, ``max_run_params``,
+    ``max_run_memory``) are explained in the README's Security section.
+
     Raises:
-        BarkError: a port outside 1..65535, threads < 1, max_batch_size < 1, max_queue < 0, max_body_bytes < 1,
-            a negative shutdown_timeout, an empty api_key, or both api_key and api_key_file.
+        BarkError: a port outside 1..65535, threads < 1, max_batch_size < 1, max_queue < 1, max_body_bytes < 1,
+            a negative or non-finite shutdown_timeout, an empty api_key, both api_key and api_key_file,
+            max_run_params < 1 or max_run_memory < 1.
     """
 
     host: str = "127.0.0.1"  # address to bind (127.0.0.1: this machine only; 0.0.0.0: every interface)
@@ -212,21 +219,26 @@ class ServeConfig:
     model_name: str | None = None  # the model id in /v1/models (None: the run folder's name)
     max_batch_size: int = 16  # requests decoded together in one batch
     threads: int | None = None  # torch threads for the model (None: env OMP_NUM_THREADS, else all cores but one, left to the HTTP event loop)
-    max_queue: int = 256  # requests waiting for a batch row; more get 429
+    max_queue: int = 256  # requests waiting for a batch row; more get 429 (one request needing more rows than this gets 400)
     max_body_bytes: int = 1 << 20  # request bodies larger than this get 413
     cors_origin: list[str] = field(default_factory=list)  # allow browser calls from this origin (repeatable; none: CORS off)
     shutdown_timeout: float = 30.0  # seconds running requests get to finish after SIGTERM; then they end with an error
     runs: str | None = None  # a folder of training runs to watch, start and stop on the web page's /train (None: none)
+    data_root: list[str] = field(default_factory=list)  # a folder whose files a run started over HTTP may train on, besides --runs (repeatable)
+    allowed_host: list[str] = field(default_factory=list)  # a Host name to answer besides the bound address and localhost (repeatable; for a reverse proxy; '*': any)
+    max_run_params: int = 200_000_000  # a run started over HTTP may have at most this many parameters (estimated)
+    max_run_memory: int | None = None  # bytes of memory a run started over HTTP may need to train (estimated; None: half this machine's RAM)
 
     def __post_init__(self):
+        check_finite(self)
         if not 1 <= self.port <= 65535:
             raise BarkError(f"port must be in 1..65535, got {self.port}")
         if self.max_batch_size < 1:
             raise BarkError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
         if self.threads is not None and self.threads < 1:
             raise BarkError(f"threads must be at least 1, got {self.threads}")
-        if self.max_queue < 0:
-            raise BarkError(f"max_queue must be at least 0, got {self.max_queue}")
+        if self.max_queue < 1:
+            raise BarkError(f"max_queue must be at least 1, got {self.max_queue}")
         if self.max_body_bytes < 1:
             raise BarkError(f"max_body_bytes must be at least 1, got {self.max_body_bytes}")
         if not (self.shutdown_timeout >= 0 and math.isfinite(self.shutdown_timeout)):
@@ -235,6 +247,10 @@ class ServeConfig:
             raise BarkError("api_key is empty; give a key or leave --api-key out")
         if self.api_key is not None and self.api_key_file is not None:
             raise BarkError("give --api-key or --api-key-file, not both")
+        if self.max_run_params < 1:
+            raise BarkError(f"max_run_params must be at least 1, got {self.max_run_params}")
+        if self.max_run_memory is not None and self.max_run_memory < 1:
+            raise BarkError(f"max_run_memory must be at least 1 byte, got {self.max_run_memory}")
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float, min_p: float = 0.0, repetition_penalty: float = 1.0) -> None:
@@ -256,8 +272,23 @@ def check_sampling(temperature: float, top_k: int, top_p: float, min_p: float = 
 
 
 def _divisor_near(n: int, want: int) -> int:
-    """The divisor of ``n`` closest to ``want`` (for error messages)."""
-    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - want), d))
+    """The divisor of ``n`` closest to ``want`` (for error messages); O(sqrt n), so a huge ``n``
+    from a request cannot stall the caller."""
+    divisors = {d for i in range(1, math.isqrt(n) + 1) if n % i == 0 for d in (i, n // i)}
+    return min(divisors, key=lambda d: (abs(d - want), d))
+
+
+def check_finite(cfg) -> None:
+    """Refuse NaN and infinite numbers in any field of dataclass ``cfg`` (a learning rate of
+    ``inf`` passes every ``<=`` check, and NaN fails none).
+
+    Raises:
+        BarkError: naming the first field that holds one.
+    """
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BarkError(f"{f.name} must be a finite number, got {value}")
 
 
 # --------------------------------------------------------------------------- parsing helpers
@@ -304,7 +335,10 @@ def parse_value(name: str, text: str, tp) -> typing.Any:
             raise ValueError
         if origin is list:
             return [text] if text else []
-        return tp(text)
+        value = tp(text)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BarkError(f"--{name.replace('_', '-')} must be a finite number, got {text!r}")
+        return value
     except ValueError:
         kind = getattr(tp, "__name__", str(tp))
         raise BarkError(f"--{name.replace('_', '-')} expects {kind}, got {text!r}") from None
@@ -324,7 +358,11 @@ def coerce_value(name: str, value, tp):
         if type(None) in args:
             return None
         raise BarkError(f"{name} cannot be null")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BarkError(f"{name} must be a finite number, got {value}")
     if base is float and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > 2**1023:
+            raise BarkError(f"{name} must be a finite number, got an integer of {value.bit_length()} bits")
         return float(value)
     if typing.get_origin(base) is list and isinstance(value, list):
         return value

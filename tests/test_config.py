@@ -87,3 +87,41 @@ def test_warmup_must_be_shorter_than_run():
 def test_bad_sampling_values(kw, word):
     with pytest.raises(BarkError, match=word):
         SampleConfig(**kw)
+
+
+def test_non_finite_numbers_are_refused_everywhere(tmp_path):
+    """NaN and inf pass ``<=`` checks (a learning rate of inf is "positive"): flags, YAML and
+    dataclasses refuse them, naming the field."""
+    from barkgpt.config import ServeConfig, coerce_value, parse_value
+
+    for text in ("inf", "-inf", "nan", "1e999"):
+        with pytest.raises(BarkError, match="--learning-rate must be a finite number"):
+            parse_value("learning_rate", text, float)
+    for value in (float("inf"), float("nan"), 10**400):
+        with pytest.raises(BarkError, match="learning_rate must be a finite number"):
+            coerce_value("learning_rate", value, float)
+    (tmp_path / "run.yaml").write_text("train:\n  learning_rate: .inf\n")
+    with pytest.raises(BarkError, match="learning_rate must be a finite number"):
+        build_configs(config=str(tmp_path / "run.yaml"))
+    for make, name in ((lambda: TrainConfig(learning_rate=float("nan")), "learning_rate"),
+                       (lambda: TrainConfig(grad_clip=float("inf")), "grad_clip"),
+                       (lambda: GPTConfig(rope_theta=float("nan")), "rope_theta"),
+                       (lambda: SampleConfig(top_p=float("nan")), "top_p"),
+                       (lambda: ServeConfig(shutdown_timeout=float("inf")), "shutdown_timeout")):
+        with pytest.raises(BarkError, match=f"{name} must be a finite number"):
+            make()
+
+
+def test_serve_limits_are_checked():
+    from barkgpt.config import ServeConfig
+
+    for kw, word in ((dict(max_queue=0), "max_queue"), (dict(max_run_params=0), "max_run_params"),
+                     (dict(max_run_memory=0), "max_run_memory")):
+        with pytest.raises(BarkError, match=word):
+            ServeConfig(**kw)
+
+
+@pytest.mark.timeout(10)  # a search over every integer up to n_embd would take minutes (the server builds configs from requests)
+def test_divisor_hint_stays_quick_for_a_huge_prime_width():
+    with pytest.raises(BarkError, match=r"try --n-head 1\b"):
+        GPTConfig(n_embd=2**31 - 1, n_head=6)  # a Mersenne prime: only 1 and itself divide it

@@ -26,7 +26,7 @@ ALLOWED = {
     "optim": {"model", "config", "common"},
     "distributed": {"common"},
     "cli": None,  # anything, inside the subcommand's function
-    **{f"server.{m}": SERVER for m in ("__init__", "protocol", "errors", "scheduler", "web", "app")},
+    **{f"server.{m}": SERVER for m in ("__init__", "protocol", "errors", "scheduler", "security", "web", "app")},
     "export.__init__": set(),
     "export.hf": {"checkpoint", "model", "tokenizer", "config", "common", "generate"},
     "export.gguf": {"export", "checkpoint", "model", "tokenizer", "config", "common", "generate"},

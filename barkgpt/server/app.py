@@ -5,7 +5,10 @@ Routes hand token ids to the :class:`~barkgpt.server.scheduler.Scheduler` (which
 in its own thread) and turn the tokens it streams back into text with
 :class:`~barkgpt.generate.TextDecoder` (incremental UTF-8, stop strings held back). Every error,
 ours or FastAPI's, leaves as OpenAI's ``{"error": {"message", "type", "param", "code"}}``, as
-llama-cpp-python's ``server/errors.py`` does. Nothing happens at import time.
+llama-cpp-python's ``server/errors.py`` does; a core error's text loses its absolute paths on
+the way (:func:`~barkgpt.server.errors.scrub_paths`). Before routing, every request passes the
+checks of :class:`~barkgpt.server.security.Guard` (Host, API key, Origin, Content-Type, body
+size). Nothing happens at import time.
 
 Lifecycle: :func:`run_server` opens the port first and loads the model in a background thread;
 until it is loaded, ``/health`` and every model route answer 503. On SIGTERM (or Ctrl-C) the port
@@ -20,7 +23,6 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import hmac
 import json
 import logging
 import signal
@@ -40,76 +42,16 @@ from barkgpt.config import ServeConfig
 from barkgpt.generate import TextDecoder, TextGenerator
 from barkgpt.server import protocol as P
 from barkgpt.server import web
-from barkgpt.server.errors import ApiError
+from barkgpt.server.errors import ApiError, scrub_paths
 from barkgpt.server.scheduler import QueueFull, SamplingParams, Scheduler, ShuttingDown
+from barkgpt.server.security import Guard
 
 log = logging.getLogger("barkgpt.server")
 
-DRAIN_MAX_BYTES = 64 << 20  # a refused body up to 64 MiB is read and dropped before the 413
 RETRY_AFTER_S = 1  # the Retry-After of a 429 or of a 503 while the model loads
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 SHUTDOWN_GRACE_S = 5.0  # after shutdown_timeout, how long requests get to send their error before uvicorn cancels them
 PUBLIC_PATHS = {"/health", *web.PAGES}  # reachable without the API key (and web.STATIC_PREFIX/...)
-
-
-class _Guard:
-    """ASGI middleware: the API key (constant-time compare) and the body-size cap, before routing."""
-
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
-        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        public = scope["path"] in PUBLIC_PATHS or scope["path"].startswith(web.STATIC_PREFIX)
-        if self.api_key is not None and not public and scope["method"] != "OPTIONS":
-            auth = headers.get("authorization", "")
-            token = auth[7:] if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
-            if not hmac.compare_digest(token.encode(), self.api_key.encode()):
-                err = ApiError(401, "missing or wrong API key; send it as 'Authorization: Bearer KEY'",
-                               "authentication_error", code="invalid_api_key")
-                return await err.response()(scope, receive, send)
-        length = headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.max_body_bytes:
-            await self._drain(receive, int(length))
-            return await self._too_large().response()(scope, receive, send)
-        # Read the body here (at most max_body_bytes), so a chunked body without Content-Length
-        # is capped too, then hand it on; later receive() calls (disconnects) pass through.
-        messages, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client left before sending its body
-            size += len(message.get("body", b""))
-            if size > self.max_body_bytes:
-                if message.get("more_body"):
-                    await self._drain(receive, size)
-                return await self._too_large().response()(scope, receive, send)
-            messages.append(message)
-            if not message.get("more_body"):
-                break
-
-        async def replay():
-            return messages.pop(0) if messages else await receive()
-
-        await self.app(scope, replay, send)
-
-    @staticmethod
-    async def _drain(receive, length: int) -> None:
-        """Read and drop a refused body (up to ``DRAIN_MAX_BYTES``) so the 413 reaches a client
-        that sends its whole body before reading, instead of a connection reset."""
-        if length > DRAIN_MAX_BYTES:
-            return
-        read = 0
-        while read <= DRAIN_MAX_BYTES:
-            message = await receive()
-            read += len(message.get("body", b""))
-            if message["type"] != "http.request" or not message.get("more_body"):
-                return
-
-    def _too_large(self) -> ApiError:
-        return ApiError(413, f"the request body is over {self.max_body_bytes} bytes", code="request_too_large")
 
 
 class ServerMetrics:
@@ -261,7 +203,7 @@ def create_app(generator: TextGenerator | None = None, settings: ServeConfig | N
     """
     settings = settings or ServeConfig()
     host, started = ModelHost(settings), time.time()
-    runs = web.TrainingRuns(settings.runs)
+    runs = web.TrainingRuns(settings.runs, settings.data_root, settings.max_run_params, settings.max_run_memory)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -271,13 +213,14 @@ def create_app(generator: TextGenerator | None = None, settings: ServeConfig | N
         await asyncio.to_thread(runs.close)
         await asyncio.to_thread(host.close)
 
-    app = FastAPI(title="BarkGPT", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="BarkGPT", version="0.1.0", lifespan=lifespan, redoc_url=None)
     app.state.host = host
     if settings.cors_origin:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin, allow_methods=["*"], allow_headers=["*"])
-    app.add_middleware(_Guard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+    public = lambda path: path in PUBLIC_PATHS or path.startswith(web.STATIC_PREFIX)  # noqa: E731
+    app.add_middleware(Guard, settings=settings, public=public)  # before routing (and before CORS)
     sched_count = lambda attr: (lambda: getattr(host.scheduler, attr) if host.scheduler else 0)  # noqa: E731
     metrics = ServerMetrics(sched_count("running"), sched_count("waiting"))
     app.add_middleware(_CountRequests, metrics=metrics)  # added last: runs first, sees 401/413 too
@@ -296,7 +239,12 @@ def create_app(generator: TextGenerator | None = None, settings: ServeConfig | N
 
     @app.exception_handler(BarkError)
     async def _bark_error(request, exc: BarkError):
-        return ApiError(400, str(exc)).response()
+        return ApiError(400, scrub_paths(str(exc), runs.path_labels())).response()
+
+    @app.exception_handler(UnicodeError)
+    async def _unicode_error(request, exc: UnicodeError):  # a lone surrogate that got past the schemas
+        return ApiError(400, "the request holds text that is not valid Unicode (a lone surrogate such as \\ud800?); "
+                             "send valid UTF-8").response()
 
     @app.exception_handler(ShuttingDown)
     async def _shutting_down(request, exc: ShuttingDown):
@@ -364,7 +312,17 @@ def create_app(generator: TextGenerator | None = None, settings: ServeConfig | N
 
     def prepare(body: P.Request, prompts: list[list[int]], gen: TextGenerator, sched: Scheduler) -> list[_Choice]:
         """Check each prompt fits, then submit ``n`` requests per prompt, queued together so the
-        scheduler prefills each prompt once; choices come prompt-major, as OpenAI's."""
+        scheduler prefills each prompt once; choices come prompt-major, as OpenAI's.
+
+        Raises:
+            ApiError: 400 when a prompt does not fit, or when the request needs more queue places
+                (``n`` x prompts) than ``max_queue``: it could never be queued, so a 429 would
+                have clients retry forever; 429 when the queue is full now.
+        """
+        if body.n * len(prompts) > sched.max_queue:
+            raise ApiError(400, f"this request asks for {body.n * len(prompts)} generations (n {body.n} x {len(prompts)} "
+                                f"prompt(s)), more than the {sched.max_queue} this server queues (--max-queue); "
+                                "lower n or send fewer prompts per request", param="n", code="too_many_generations")
         jobs = []
         for ids in prompts:
             base = sampling_for(ids, body.sampling(), gen.block_size)

@@ -25,8 +25,25 @@ MAX_LOGPROBS = 5  # /v1/completions' logprobs, as OpenAI's legacy API
 SEED_RANGE = dict(ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed accepts
 
 
+def check_text(v) -> None:
+    """Refuse a lone UTF-16 surrogate in ``v`` (a string, or a list of strings and text parts):
+    JSON's ``"\\ud800"`` escape makes one, pydantic accepts it, and no tokenizer can encode it.
+
+    Raises:
+        ValueError: naming the problem and the fix (a 400 through the validation handler).
+    """
+    for s in [v] if isinstance(v, str) else v if isinstance(v, list) else []:
+        if isinstance(s, str):
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not "
+                                 "Unicode text; send valid UTF-8") from None
+
+
 def stop_list(v: str | list[str] | None) -> list[str]:
     """``stop`` as a list, checked against the caps."""
+    check_text(v if isinstance(v, (str, list)) else [])
     stops = [v] if isinstance(v, str) else list(v or [])
     if len(stops) > MAX_STOP:
         raise ValueError(f"at most {MAX_STOP} stop strings, got {len(stops)}")
@@ -68,6 +85,12 @@ class Request(BaseModel):
     def _stop_list(cls, v):
         return stop_list(v)
 
+    @field_validator("model", "user")
+    @classmethod
+    def _valid_text(cls, v):
+        check_text(v)
+        return v
+
     @property
     def include_usage(self) -> bool:
         """Whether a stream ends with a usage chunk."""
@@ -108,6 +131,7 @@ class CompletionRequest(Request):
     def _prompt_count(cls, v):
         if isinstance(v, list) and v and not isinstance(v[0], int) and len(v) > MAX_PROMPTS:
             raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(v)}")
+        check_text(v)
         return v
 
     def prompts(self) -> list[str | list[int]]:
@@ -130,6 +154,12 @@ class TextPart(BaseModel):
     type: Literal["text"]
     text: str
 
+    @field_validator("text")
+    @classmethod
+    def _valid_text(cls, v):
+        check_text(v)
+        return v
+
 
 class ChatMessage(BaseModel):
     """A chat message: ``role`` and ``content`` (a string or a list of text parts)."""
@@ -138,6 +168,12 @@ class ChatMessage(BaseModel):
 
     role: str
     content: str | list[TextPart] | None = None
+
+    @field_validator("role", "content")
+    @classmethod
+    def _valid_text(cls, v):
+        check_text(v)
+        return v
 
     def text(self) -> str:
         """The content as one string (text parts joined)."""
@@ -352,6 +388,12 @@ class GenerateRequest(BaseModel):
     def _stop_list(cls, v):
         return stop_list(v)
 
+    @field_validator("prompt")
+    @classmethod
+    def _valid_text(cls, v):
+        check_text(v)
+        return v
+
     def sampling(self) -> dict:
         """Sampling settings in BarkGPT's names (``max_new_tokens``...)."""
         return dict(max_new_tokens=self.max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
@@ -373,6 +415,12 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str
 
+    @field_validator("model", "prompt")
+    @classmethod
+    def _valid_text(cls, v):
+        check_text(v)
+        return v
+
 
 class TokenizeResponse(BaseModel):
     """``POST /tokenize`` response: ids, their count and the context size."""
@@ -389,6 +437,12 @@ class DetokenizeRequest(BaseModel):
 
     model: str | None = None
     tokens: list[int]
+
+    @field_validator("model")
+    @classmethod
+    def _valid_text(cls, v):
+        check_text(v)
+        return v
 
 
 class DetokenizeResponse(BaseModel):

@@ -6,7 +6,10 @@ One ``barkgpt serve`` process (API key ``KEY``) serves a random model with a 102
 whose greedy replies run long at about 4 ms a token, so a reply visibly streams and Stop has
 something to stop. Its ``--runs`` folder holds ``bark-tiny``, a Bark run trained for 60 steps while
 the server starts; the page itself starts a run that fails and one that it then stops.
-Screenshots at 1280 and 375 px wide go to ``tests/artifacts/`` (git-ignored).
+Screenshots at 1280 and 375 px wide go to ``tests/artifacts/`` (git-ignored). The page's
+Content-Security-Policy stays on (so these tests also show the page works under it); it forbids
+``eval``, which Playwright's ``wait_for_function`` uses on a bare expression, so each wait is an
+arrow function.
 """
 
 from __future__ import annotations
@@ -189,7 +192,7 @@ def test_chat_streams_the_greedy_reply(open_page, server):
     assert "API key" in page.locator("#key-message").text_content()
     page.fill("#key-input", KEY)
     page.press("#key-input", "Enter")
-    page.wait_for_function("document.getElementById('info').textContent.startsWith('model slow')")
+    page.wait_for_function("() => document.getElementById('info').textContent.startsWith('model slow')")
     # record the reply's text each time the page changes it
     page.evaluate("""() => {
         window.states = [];
@@ -221,7 +224,7 @@ def test_chat_streams_the_greedy_reply(open_page, server):
 def test_stop_button_ends_a_long_reply(open_page, server):
     page = open_page("/")
     ask(page, "speak", temperature=0, max_tokens=1000)  # alone: 1000 tokens, about 4 s
-    page.wait_for_function("(document.querySelector('.msg.assistant .text') || {}).textContent?.split(' ').length > 20")
+    page.wait_for_function("() => (document.querySelector('.msg.assistant .text') || {}).textContent?.split(' ').length > 20")
     t0 = time.monotonic()
     page.click("#stop")
     text = wait_reply_done(page)
@@ -276,7 +279,7 @@ def chart_count(page, series: str) -> int:
 
 def test_train_page_shows_a_finished_run(open_page):
     page = open_page("/train#bark-tiny")
-    page.wait_for_function("document.getElementById('run-status').textContent === 'finished'")
+    page.wait_for_function("() => document.getElementById('run-status').textContent === 'finished'")
     page.locator("#loss-chart polyline[data-series=train]").wait_for()
     assert chart_count(page, "train") == 12 and chart_count(page, "val") == 2
     assert "train: 12 points" in page.locator("#loss-chart svg").get_attribute("aria-label")
@@ -299,14 +302,22 @@ def start_run(page, name: str, **fields) -> None:
     for field, value in fields.items():
         page.fill(f"[name={field}]", str(value))
     page.click("#start")
-    page.wait_for_function(f"document.getElementById('run-title').textContent === {json.dumps(name)}")
+    page.wait_for_function(f"() => document.getElementById('run-title').textContent === {json.dumps(name)}")
 
 
-def test_a_run_that_fails_shows_why(open_page):
+def test_a_run_that_fails_shows_why(open_page, runs):
     page = open_page("/train")
-    start_run(page, "broken", data="no/such/data")
-    page.wait_for_function("document.getElementById('run-status').textContent === 'failed'")
-    assert "does not exist" in page.locator("#log").text_content()
+    if not page.locator("#run-name-input").is_visible():
+        page.click("#new-run summary")
+    page.fill("#run-name-input", "outside")
+    page.fill("[name=data]", "no/such/data")  # not under the data roots: refused before any process starts
+    page.click("#start")
+    page.wait_for_function("() => document.getElementById('start-error').textContent.includes('data roots')")
+    assert not (runs / "outside").exists()
+    (runs / "empty.txt").write_text("")  # under the runs folder (a data root), but nothing to train on
+    start_run(page, "broken", data="empty.txt")
+    page.wait_for_function("() => document.getElementById('run-status').textContent === 'failed'")
+    assert "is empty" in page.locator("#log").text_content()
     assert not page.locator("#stop-run").is_visible() and not page.locator("#load-run").is_visible()
 
 
@@ -318,10 +329,10 @@ def test_start_and_stop_a_run_from_the_page(open_page, server, runs):
     status, err = send(server + "/v1/runs", json.dumps({"name": "second"}).encode())
     assert status == 409 and "live" in err["error"]["message"]
     # the curve grows while it trains
-    page.wait_for_function("Number(document.querySelector('#loss-chart polyline[data-series=train]')"
+    page.wait_for_function("() => Number(document.querySelector('#loss-chart polyline[data-series=train]')"
                            "?.getAttribute('data-last-x')) >= 30", timeout=60_000)
     first = int(page.locator("#loss-chart polyline[data-series=train]").get_attribute("data-last-x"))
-    page.wait_for_function(f"Number(document.querySelector('#loss-chart polyline[data-series=train]')"
+    page.wait_for_function(f"() => Number(document.querySelector('#loss-chart polyline[data-series=train]')"
                            f".getAttribute('data-last-x')) > {first}")
     assert page.locator("#run-status").text_content() == "training"
     assert page.locator("[data-run=broken] .badge").text_content() == "failed"  # the earlier run still says so
@@ -329,7 +340,7 @@ def test_start_and_stop_a_run_from_the_page(open_page, server, runs):
     assert "ETA" in page.locator("#stats").text_content() and page.locator("#stop-run").is_visible()
     shot(page, "train-live-1280")
     page.click("#stop-run")
-    page.wait_for_function("document.getElementById('run-status').textContent === 'stopped'")
+    page.wait_for_function("() => document.getElementById('run-status').textContent === 'stopped'")
     assert (runs / "live" / "last" / "trainer_state.pt").is_file()  # SIGINT saved last/
     page.locator("#checkpoints >> text=last/").wait_for()
     assert "interrupted: saved" in page.locator("#log").text_content()
@@ -355,7 +366,7 @@ def test_load_a_finished_run_into_the_chat(open_page, server):
     page = open_page("/train#bark-tiny")
     page.click("#load-run")
     page.wait_for_url(server + "/")
-    page.wait_for_function("document.getElementById('info').textContent.startsWith('model bark-tiny')")
+    page.wait_for_function("() => document.getElementById('info').textContent.startsWith('model bark-tiny')")
     ask(page, "speak", temperature=0, max_tokens=8)
     reply = wait_reply_done(page)
     assert reply.split() and set(reply.split()) <= BARKS, reply

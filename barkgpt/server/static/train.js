@@ -157,7 +157,7 @@ async function runAction(button, path, busyText) {
   button.textContent = busyText;
   $("run-error").textContent = "";
   try {
-    return await api(path, { method: "POST" });
+    return await api(path, { method: "POST", body: {} });  // JSON, as every state-changing call must be
   } catch (e) {
     $("run-error").textContent = e.message;
     return null;
