@@ -2,12 +2,14 @@
 
 A checkpoint is a directory, written to a temporary sibling and renamed into place
 (``common.atomic_dir``), so a crash, Ctrl-C or SIGKILL during a save leaves the previous one
-intact. A run folder holds ``last/`` (the latest state, for ``--resume``) and ``best/`` (the
+intact (or, for a kill between the two renames, at ``last.old/``, which :func:`recover_checkpoint`
+restores). A run folder holds ``last/`` (the latest state, for ``--resume``) and ``best/`` (the
 lowest validation loss, for sampling and export).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -56,23 +58,48 @@ def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, info: di
     return path
 
 
+def recover_checkpoint(path: str | Path, repair: bool = False) -> Path | None:
+    """The complete checkpoint folder for ``path``: ``path`` itself, or ``path.old`` when a kill
+    fell between the two renames of a save (:func:`common.atomic_dir`); None when neither is complete.
+
+    The one place that decides whether a checkpoint is there: ``--resume``, :func:`find_checkpoint`
+    (``sample``, ``serve``, ``eval``, exports) and the web page's checkpoint list use it.
+
+    Args:
+        path: a checkpoint folder (``runs/x/last``).
+        repair: rename ``path.old`` back to ``path`` (:func:`common.recover_dir`). Only the run's
+            own trainer does (at ``--resume``): a reader that renamed while a trainer was between
+            its two renames would make the trainer's second rename fail. Readers load ``path.old``
+            as it is; so does a repair whose rename fails (a read-only folder).
+    """
+    path = Path(path)
+    if repair:
+        with contextlib.suppress(OSError):
+            recover_dir(path)
+    for candidate in (path, path.with_name(path.name + ".old")):
+        if (candidate / WEIGHTS_NAME).is_file() and (candidate / CONFIG_NAME).is_file():
+            return candidate
+    return None
+
+
 def find_checkpoint(path: str | Path, prefer: str = "best") -> Path:
     """The checkpoint folder to load for ``path``.
 
     ``path`` may be a checkpoint folder itself, or a run folder holding ``best/`` and/or
-    ``last/`` (``prefer`` picks which comes first).
+    ``last/`` (``prefer`` picks which comes first). A checkpoint caught between the two renames
+    of its save is recovered (:func:`recover_checkpoint`).
 
     Raises:
         BarkError: nothing loadable is there.
     """
     path = Path(path)
-    if not path.exists():
-        raise BarkError(f"{path} does not exist; pass a run folder (e.g. runs/bark) or a checkpoint folder")
     order = [prefer, "last" if prefer == "best" else "best"]
     for candidate in [path, *(path / name for name in order)]:
-        recover_dir(candidate)
-        if (candidate / WEIGHTS_NAME).is_file() and (candidate / CONFIG_NAME).is_file():
-            return candidate
+        found = recover_checkpoint(candidate)
+        if found is not None:
+            return found
+    if not path.exists():
+        raise BarkError(f"{path} does not exist; pass a run folder (e.g. runs/bark) or a checkpoint folder")
     raise BarkError(f"no checkpoint in {path} (expected {WEIGHTS_NAME} and {CONFIG_NAME}, or best/ or last/); train one with barkgpt train")
 
 
@@ -111,6 +138,12 @@ def load_model(path: str | Path, device: str = "cpu", prefer: str = "best") -> t
         state = load_file(str(ckpt / WEIGHTS_NAME))
     except (SafetensorError, OSError, ValueError) as e:
         raise BarkError(f"{ckpt / WEIGHTS_NAME} is corrupt or truncated ({str(e).splitlines()[0][:80]}); use another checkpoint (last/ or best/) or retrain") from None
+    expected = model.state_dict()
+    for name, tensor in state.items():  # load_state_dict's size-mismatch error is a page long
+        if name in expected and tensor.shape != expected[name].shape:
+            raise BarkError(f"{ckpt / WEIGHTS_NAME} does not match its config.json: {name} is {tuple(tensor.shape)} in the "
+                            f"weights but {tuple(expected[name].shape)} for the config's model; the checkpoint is inconsistent, "
+                            f"fix config.json or use another checkpoint")
     missing, unexpected = model.load_state_dict(state, strict=False)
     allowed_missing = {"lm_head.weight"} if model.config.tie_embeddings else set()
     if set(missing) - allowed_missing or unexpected:
@@ -138,8 +171,10 @@ def load_trainer_state(path: str | Path) -> dict:
     """
     file = Path(path) / TRAINER_STATE_NAME
     if not file.is_file():
-        raise BarkError(f"{file} not found: --resume needs a checkpoint written by barkgpt train; drop --resume to start fresh")
+        raise BarkError(f"{file} not found: --resume needs a checkpoint written by barkgpt train; "
+                        f"to start a new run, use another --out-dir")
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise BarkError(f"{file} is corrupt ({type(e).__name__}); delete {Path(path)} to start fresh") from None
+        raise BarkError(f"{file} is corrupt ({type(e).__name__}): this run cannot be resumed; "
+                        f"start a new one with another --out-dir") from None

@@ -128,11 +128,14 @@ def cmd_eval(args) -> None:
 
     r = evaluate_text(args.model, args.data, split=args.split, val_fraction=args.val_fraction, device=args.device,
                       batch_size=args.batch_size)
+    if r["note"]:
+        print(r["note"], file=sys.stderr)
     if args.json:
         print(json.dumps(r))
         return
     unknown = f"; {r['unknown']:,} unknown characters/words scored as <UNK>" if r["unknown"] else ""
-    print(f"{r['split']} split of {r['data']}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.2f}, "
+    cut = f" (val_fraction {r['val_fraction']:g})" if r["val_fraction"] is not None else ""
+    print(f"{r['split']} split{cut} of {r['data']}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.2f}, "
           f"{r['bits_per_byte']:.4f} bits/byte over {r['tokens']:,} tokens ({r['bytes']:,} bytes){unknown}; "
           f"{r['tokens_per_s']:,.0f} tokens/s")
 
@@ -256,6 +259,12 @@ def cmd_serve(args) -> None:
             raise BarkError(f"--api-key-file {cfg.api_key_file} is empty")
     if cfg.runs and Path(cfg.runs).exists() and not Path(cfg.runs).is_dir():
         raise BarkError(f"--runs {cfg.runs} is not a folder; give the folder that holds your run folders (e.g. runs)")
+    for root in cfg.data_root:
+        if not Path(root).is_dir():
+            raise BarkError(f"--data-root {root} is not a folder; give a folder of data that runs started on the page may read")
+    if cfg.runs and not api_key and not _is_loopback(cfg.host):
+        raise BarkError(f"--host {cfg.host} lets other machines reach the server, and --runs lets any of them start "
+                        "training runs: set an API key (--api-key-file FILE or BARKGPT_API_KEY) or bind 127.0.0.1")
     folder = Path(args.model).resolve()
     if not folder.exists():
         raise BarkError(f"--model {args.model} does not exist; give a run folder (runs/x) or a checkpoint folder")
@@ -284,6 +293,18 @@ def cmd_serve(args) -> None:
     print(f"serving {name} at http://{cfg.host}:{cfg.port}/v1 ({auth}), web page at http://{cfg.host}:{cfg.port}/; "
           "loading the model", flush=True)
     run_server(load, cfg)
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the server to this machine (``localhost``, 127.0.0.0/8, ``::1``)."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -326,9 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("eval", help="measure a model: loss, perplexity, bits per byte on a text; or --bark")
     sp.add_argument("--model", required=True, help="a run folder (best/ is used) or checkpoint folder")
-    sp.add_argument("--data", default=None, help="the text to score: a .txt file, a folder of .txt, or a .jsonl with 'text'")
-    sp.add_argument("--split", default="all", choices=["all", "train", "val"], help="score all of it, or the part barkgpt prepare would put in train/val (default all)")
-    sp.add_argument("--val-fraction", type=float, default=0.1, help="the val share used to cut --split (default 0.1, as prepare)")
+    sp.add_argument("--data", default=None, help="the text to score: a .txt file, a folder of .txt, a .jsonl with 'text', or a folder from barkgpt prepare (its tokens)")
+    sp.add_argument("--split", default="all", choices=["all", "train", "val"], help="score all of it, or the part barkgpt prepare put (or would put) in train/val (default all)")
+    sp.add_argument("--val-fraction", type=float, default=None, help="the val share to cut a text's --split at (default: the one prepare used, as the checkpoint records it; else 0.1)")
     sp.add_argument("--batch-size", type=int, default=16, help="windows of block_size tokens per forward pass (default 16)")
     sp.add_argument("--bark", action="store_true", help="instead: the share of sampled replies that follow the Bark chat rule")
     sp.add_argument("--samples", type=int, default=100, help="--bark: commands to sample (default 100)")

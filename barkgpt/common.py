@@ -8,6 +8,7 @@ Nothing here runs at import time; torch is imported inside the functions that ne
 from __future__ import annotations
 
 import contextlib
+import glob
 import math
 import os
 import shutil
@@ -123,8 +124,38 @@ def compile_fn(fn: Callable, device: str, **kwargs) -> Callable:
 def bits_per_byte(nll_nats: float, n_bytes: int) -> float:
     """Bits per byte (the Pile paper, Gao et al. 2020; nanochat's ``bpb``): a total negative
     log-likelihood in nats over the UTF-8 bytes it covers, in bits: ``nll / (n_bytes * ln 2)``;
-    NaN when ``n_bytes`` is 0."""
+    NaN when ``n_bytes`` is 0. Which tokens count: :func:`token_nll_and_bytes`."""
     return nll_nats / (n_bytes * math.log(2)) if n_bytes else float("nan")
+
+
+def token_nll_and_bytes(logits, targets, token_bytes) -> dict:
+    """The sums behind loss and bits per byte for one batch: the one definition that training's
+    ``val_bpb`` and ``barkgpt eval`` share.
+
+    Bits per byte is nanochat's ``evaluate_bpb``: each target token weighs the UTF-8 bytes of the
+    text it decodes to (``token_bytes``); tokens that stand for no bytes (``<EOS>``, chat role
+    tokens, ``<UNK>``) count neither their loss nor bytes, so
+    ``bpb = sum(nats over targets with bytes > 0) / (ln 2 * sum(their bytes))``
+    (:func:`bits_per_byte` of ``nll_bytes`` and ``bytes``). The loss per token counts every
+    target that is not ignored (``-1``), ``<EOS>`` included.
+
+    Args:
+        logits: (B, T, vocab_size) float logits.
+        targets: (B, T) int64 next-token ids; ``-1`` (``IGNORE_INDEX``) entries count for nothing.
+        token_bytes: (vocab_size,) int64 tensor of bytes per token id (``Tokenizer.token_bytes``).
+
+    Returns:
+        ``{"nll": nats summed over all targets, "targets": their count, "nll_bytes": nats summed
+        over the targets with bytes > 0, "bytes": the bytes of those targets}``.
+    """
+    import torch.nn.functional as F
+
+    y = targets.reshape(-1)  # (B*T,)
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y, ignore_index=-1, reduction="none")  # (B*T,), 0 where ignored
+    n_bytes = token_bytes.to(y.device)[y.clamp(min=0)] * (y >= 0)  # (B*T,) bytes per target, 0 where ignored
+    has_bytes = n_bytes > 0
+    return {"nll": nll.sum().item(), "targets": int((y >= 0).sum()),
+            "nll_bytes": nll[has_bytes].sum().item(), "bytes": int(n_bytes.sum())}
 
 
 def seed_everything(seed: int) -> None:
@@ -184,8 +215,9 @@ def atomic_dir(path: str | os.PathLike):
     Yields the temporary directory (a ``Path``) to fill. On success the old ``path`` (if any) is
     renamed aside, the new one renamed in, and the old one deleted: at every instant either the
     complete old directory or the complete new one sits at ``path`` (or at ``path.old`` during
-    the two renames, which :func:`recover_dir` restores). On an exception or a kill, the
-    temporary directory is left behind or removed and ``path`` is untouched.
+    the two renames, which :func:`recover_dir` restores). On an exception the temporary
+    directory is removed; a kill leaves it behind (``.{name}.*.tmp``, for
+    :func:`remove_leftovers`); either way ``path`` is untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -210,11 +242,42 @@ def atomic_dir(path: str | os.PathLike):
 
 
 def recover_dir(path: str | os.PathLike) -> None:
-    """Restore ``path`` from ``path.old`` if a kill fell between the two renames of :func:`atomic_dir`."""
+    """Restore ``path`` from ``path.old`` if a kill fell between the two renames of :func:`atomic_dir`.
+
+    Raises:
+        OSError: the rename failed (a read-only folder, say).
+    """
     path = Path(path)
     old = path.with_name(path.name + ".old")
-    if old.exists() and not path.exists():
+    if old.is_dir() and not old.is_symlink() and not path.exists():
         os.replace(old, path)
+
+
+def remove_leftovers(folder: str | os.PathLike, names: list[str]) -> list[Path]:
+    """Delete what kills left behind in ``folder`` for the entries ``names``.
+
+    That is the temporary siblings of :func:`atomic_dir` and :func:`atomic_write_via`
+    (``.{name}.*.tmp``, files or folders; a checkpoint's is as big as the checkpoint) and a
+    ``{name}.old`` beside a complete ``{name}`` (a kill while :func:`atomic_dir` deleted it).
+    Call it only when nothing else writes those entries (a run's start). Symlinks are unlinked,
+    never followed.
+
+    Returns:
+        The paths removed.
+    """
+    folder = Path(folder)
+    gone = []
+    for name in names:
+        old = folder / f"{name}.old"
+        stale = [*folder.glob(f".{glob.escape(name)}.*.tmp"), *([old] if (folder / name).is_dir() and old.exists() else [])]
+        for p in stale:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+            gone.append(p)
+    return gone
 
 
 def progress(total: int | None = None, desc: str = "", unit: str = "it", **kwargs):

@@ -4,6 +4,18 @@ In nanoGPT's ``train.py`` spirit, with what it leaves to the user done here: exa
 (optimizer, step, data sampler and RNG states in ``last/trainer_state.pt``), atomic
 checkpoints, Ctrl-C that saves, a NaN guard, ``metrics.jsonl`` and a ``loss.png``.
 
+What resume guarantees (on CPU, where the math is deterministic): after any number of SIGINTs
+(Ctrl-C, the page's Stop) at any moments, or SIGKILLs, ``--resume`` logs the same losses, step
+for step, as the run that was never stopped. Each step is a transaction: the sampler and RNG
+states are taken before its batch is drawn, and an interrupt before its update is saved with
+those states and the old step (the step is redone); the update itself (optimizer steps,
+``zero_grad``, the step count and its log line) holds a SIGINT until it is done
+(:class:`DeferredSigint`). An interrupt during an evaluation saves ``last/`` marked
+``eval_pending`` and the resumed run evaluates that step again. An evaluation writes, in order:
+its ``metrics.jsonl`` line, its sample, ``best/`` (when better), ``last/``; so a kill at any
+point leaves ``best/`` holding the model whose val loss ``last/`` records as the best (or a
+better one, which resume then takes as the best).
+
 One loop serves pretraining and fine-tuning: it reads batches from a *batch source*, either
 ``data.TokenWindows`` (random windows of a token file) or ``conversations.ChatRows`` (packed
 conversations whose targets are ``IGNORE_INDEX`` off the assistant's tokens, with segment ids
@@ -19,15 +31,22 @@ import json
 import math
 import os
 import random
+import signal
+import sys
+import threading
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from barkgpt import cpu_attention
-from barkgpt.checkpoint import find_checkpoint, load_model, load_trainer_state, read_checkpoint_config, save_checkpoint
-from barkgpt.common import BarkError, atomic_write_text, bits_per_byte, compile_fn, peak_flops, progress, resolve_device, resolve_dtype
+from barkgpt.checkpoint import (CONFIG_NAME, find_checkpoint, load_model, load_trainer_state, read_checkpoint_config,
+                                recover_checkpoint, save_checkpoint)
+from barkgpt.common import (BarkError, atomic_write_text, atomic_write_via, bits_per_byte, compile_fn, peak_flops, progress,
+                            remove_leftovers, resolve_device, resolve_dtype, token_nll_and_bytes)
 from barkgpt.config import GPTConfig, TrainConfig, config_to_dict, dump_yaml
 from barkgpt.conversations import (IGNORE_INDEX, ChatRows, bark_chat_rows, file_sha256, load_conversations,
                                    split_conversations)
@@ -145,9 +164,9 @@ def estimate_loss(model: GPT, source, cfg: TrainConfig, block_size: int, device:
     """Loss and bits per byte over ``source.eval_batches`` of each split (``eval_iters`` batches
     of ``batch_size``; evenly spaced, the same every time: see ``TokenWindows.eval_batches``).
 
-    Bits per byte is the summed loss over the targets, in nats, divided by ln 2 and by the UTF-8
-    bytes those target tokens stand for (``token_bytes``, from ``Tokenizer.token_bytes``; special
-    tokens count 0 bytes), so it compares across tokenizers.
+    The loss is per target token, ``<EOS>`` included; bits per byte follows the one definition in
+    :func:`common.token_nll_and_bytes` (tokens that stand for no bytes, such as ``<EOS>``, count
+    neither loss nor bytes), the same as ``barkgpt eval``'s.
 
     Returns:
         ``{"train": float, "val": float, "train_bpb": float, "val_bpb": float}``, losses in nats
@@ -155,19 +174,18 @@ def estimate_loss(model: GPT, source, cfg: TrainConfig, block_size: int, device:
     """
     model.eval()
     out = {}
+    byte_counts = torch.as_tensor(token_bytes, dtype=torch.int64, device=device)
     for split in ("train", "val"):
-        nll, n_targets, n_bytes = 0.0, 0, 0
+        nll, n_targets, nll_bytes, n_bytes = 0.0, 0, 0.0, 0
         for batch in source.eval_batches(split, cfg.eval_iters, cfg.batch_size, block_size):
-            y = batch[1]
-            target = y != IGNORE_INDEX
-            count = int(target.sum())
+            x, y, *rest = to_device(batch, device)
             with autocast:
-                loss = model_loss(model, to_device(batch, device))
-            nll += loss.item() * count  # the mean over this batch's targets, back to a sum
-            n_targets += count
-            n_bytes += int(token_bytes[y[target]].sum())
+                logits, _ = model(x, y, SegmentMask(rest[0]) if rest else None)
+            sums = token_nll_and_bytes(logits, y, byte_counts)
+            nll, n_targets = nll + sums["nll"], n_targets + sums["targets"]
+            nll_bytes, n_bytes = nll_bytes + sums["nll_bytes"], n_bytes + sums["bytes"]
         out[split] = nll / max(n_targets, 1)
-        out[f"{split}_bpb"] = bits_per_byte(nll, n_bytes)
+        out[f"{split}_bpb"] = bits_per_byte(nll_bytes, n_bytes)
     model.train()
     return out
 
@@ -205,14 +223,12 @@ def resize_vocab(model: GPT, vocab_size: int) -> GPT:
 
 
 def save_figure(fig, png_path: Path) -> None:
-    """Write a matplotlib figure to ``png_path`` through a temporary file and a rename, then close it."""
+    """Write a matplotlib figure to ``png_path`` atomically (a temporary file, then a rename), then close it."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    tmp = png_path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
+    atomic_write_via(png_path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
-    os.replace(tmp, png_path)
 
 
 def pyplot():
@@ -226,8 +242,34 @@ def pyplot():
 
 
 def read_metrics(metrics_path: Path) -> list[dict]:
-    """The rows of a run's ``metrics.jsonl`` (blank lines skipped)."""
-    return [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    """The rows of a run's ``metrics.jsonl`` (blank lines skipped).
+
+    A torn last line (a kill in the middle of writing it) is dropped with a warning on stderr.
+
+    Raises:
+        BarkError: a line before the last is not a JSON object with a ``step``, naming the file
+            and the line.
+    """
+    lines = metrics_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+    rows = []
+    for k, (i, line) in enumerate(numbered):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not a row with a step")
+        except ValueError:
+            if k == len(numbered) - 1:
+                print(f"warning: {metrics_path} line {i} is torn (a kill while it was written); dropped it", file=sys.stderr)
+                break
+            raise BarkError(f"{metrics_path} line {i} is not a JSON row with a step; fix or delete that line") from None
+        rows.append(row)
+    return rows
+
+
+def rewrite_rows(path: Path, rows: list[dict]) -> None:
+    """Replace a JSON-lines file with ``rows``, atomically."""
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def plot_losses(rows: list[dict], png_path: Path) -> None:
@@ -301,6 +343,82 @@ def _tuples(x):
     return tuple(_tuples(i) for i in x) if isinstance(x, (list, tuple)) else x
 
 
+class DeferredSigint:
+    """SIGINT as ``KeyboardInterrupt``, except inside :meth:`critical`, which holds it until the
+    section is done and raises it then: an update that must not be cut in half (the optimizer
+    steps of every optimizer, ``zero_grad``, the step count) finishes first.
+
+    Used as a context manager around training: it installs its handler on entry and puts the
+    previous one back on exit. Off the main thread (where Python cannot set signal handlers)
+    it does nothing and SIGINT keeps its usual behaviour. :attr:`hold` set True holds every
+    SIGINT from then on (used while the interrupted run saves ``last/``).
+    """
+
+    def __init__(self):
+        self.hold = False  # True: SIGINT only sets `pending`
+        self.pending = False  # a SIGINT arrived while held
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+    def _handle(self, signum, frame):
+        if self.hold:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def critical(self):
+        """Hold SIGINT inside the ``with`` block; a held one is raised when the block ends."""
+        self.hold = True
+        try:
+            yield
+        finally:
+            self.hold = False
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+
+SIGNAL_HOOK_POINTS = ("forward", "update", "eval", "best_saved", "last_saved")
+
+
+def signal_hook_from_env() -> Callable[[str, int], None] | None:
+    """Test-only: ``BARKGPT_TEST_SIGNAL=NAME@point@step`` (e.g. ``INT@update@7``, ``KILL@best_saved@10``)
+    makes training send itself signal ``SIGNAME`` the first time it reaches ``point`` at
+    ``step``, so tests can stop a real process at an exact moment. Points: ``forward`` (the batch
+    is drawn), ``update`` (after the first optimizer's step, before the rest of the update),
+    ``eval`` (an evaluation's losses are computed), ``best_saved``, ``last_saved`` (in an
+    evaluation). Unset (always, outside tests): None.
+
+    Raises:
+        BarkError: the variable is set but malformed.
+    """
+    spec = os.environ.get("BARKGPT_TEST_SIGNAL")
+    if not spec:
+        return None
+    parts = spec.split("@")
+    if len(parts) != 3 or not hasattr(signal, f"SIG{parts[0]}") or parts[1] not in SIGNAL_HOOK_POINTS or not parts[2].isdigit():
+        raise BarkError(f"BARKGPT_TEST_SIGNAL={spec!r} is not NAME@point@step with a point in {SIGNAL_HOOK_POINTS}; unset it")
+    signum, point, at = getattr(signal, f"SIG{parts[0]}"), parts[1], int(parts[2])
+    fired = []
+
+    def hook(where: str, step: int) -> None:
+        if where == point and step == at and not fired:
+            fired.append(True)
+            os.kill(os.getpid(), signum)
+            time.sleep(0.01)  # SIGKILL lands here; a SIGINT's handler runs at the next bytecode
+    return hook
+
+
 def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: bool = False, source=None) -> dict:
     """Train a model and write checkpoints, metrics and plots to ``cfg.out_dir``.
 
@@ -355,10 +473,9 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, ctx, resume: bool, quiet: boo
     state = None
     if resume:
         last = out_dir / "last"
-        try:
-            ckpt = find_checkpoint(last)
-        except BarkError:
-            raise BarkError(f"--resume found no checkpoint in {last}; train without --resume first") from None
+        ckpt = recover_checkpoint(last, repair=True)  # also restores last/ from a kill between a save's two renames
+        if ckpt is None:
+            raise no_checkpoint_error(out_dir)
         model, saved = load_model(ckpt, device)
         saved_cfg = GPTConfig(**saved["model"])
         if model_cfg.vocab_size is None:
@@ -388,6 +505,7 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, ctx, resume: bool, quiet: boo
     optimizers = build_optimizers(raw_model, cfg, device)
     rng = np.random.default_rng(cfg.seed)  # the batch sampler: its state is the data position
     step, best_val, tokens_seen = 0, float("inf"), 0
+    run_id = uuid.uuid4().hex  # ties best/ to the run whose last/ records its val loss
     if state is not None:
         saved_world = state.get("world_size", 1)
         if saved_world != ctx.world_size:
@@ -406,20 +524,26 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, ctx, resume: bool, quiet: boo
         rng.bit_generator.state = state["sampler"]
         set_rng_state(state["rng"])
         step, best_val, tokens_seen = state["step"], state["best_val_loss"], state["tokens_seen"]
+        run_id = state.get("run_id") or run_id
+        best_val = min(best_val, recorded_best(out_dir / "best", run_id))  # a kill between writing best/ and last/
     else:
         torch.manual_seed(cfg.seed + 1)  # dropout stream, independent of the init
+    eval_pending = bool(state and state.get("eval_pending"))  # interrupted in this step's evaluation: redo it
 
-    # ---- write the resolved config before step 0 (rank 0 writes every file)
-    metrics_path = out_dir / "metrics.jsonl"
+    # ---- clean up after kills, write the resolved config before step 0 (rank 0 writes every file)
+    metrics_path, samples_path = out_dir / "metrics.jsonl", out_dir / "samples.jsonl"
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(out_dir, ["last", "best", "config.yaml", "metrics.jsonl", "samples.jsonl", "loss.png", "experts.png"])
         atomic_write_text(out_dir / "config.yaml", dump_yaml(config_to_dict(model_cfg, cfg)))
-        if state is not None and metrics_path.exists():  # drop lines from after the resumed step
-            keep = [l for l in metrics_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-            atomic_write_text(metrics_path, "".join(l + "\n" for l in keep))
-        elif state is None:
+        if state is not None:  # drop rows from after the resumed step (and of the evaluation to redo)
+            for path in (metrics_path, samples_path):
+                if path.exists():
+                    rewrite_rows(path, [r for r in read_metrics(path) if r["step"] < step or r["step"] == step and not (
+                        eval_pending and (path == samples_path or "val_loss" in r))])
+        else:
             atomic_write_text(metrics_path, "")
-            (out_dir / "samples.jsonl").unlink(missing_ok=True)
+            samples_path.unlink(missing_ok=True)
 
     if device == "cpu":
         if cfg.compile:  # like the compile, a one-time build (~15 s) for faster steps
@@ -437,8 +561,14 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, ctx, resume: bool, quiet: boo
               f"{tokens_per_iter:,} tokens/iteration; device {device}{ranks}, dtype {dtype}, optimizer {cfg.optimizer}; "
               f"data {source.describe(block_size)}")
 
-    info = {"data": {k: meta.get(k) for k in ("source", "source_sha256", "tokenizer", "train_tokens", "val_tokens")}}
+    info = {"data": {k: meta.get(k) for k in ("source", "source_sha256", "tokenizer", "train_tokens", "val_tokens", "val_fraction")},
+            "run_id": run_id}
     token_bytes = np.asarray(tokenizer.token_bytes(), dtype=np.int64)
+    hook = signal_hook_from_env() or (lambda point, step: None)
+    # the states at the start of the step in progress (None between steps): an interrupt before
+    # the update saves these with the old step, so the resumed run draws the same batch again
+    snap = None
+    last_is_current = state is not None  # last/ holds exactly the present state (nothing to save on Ctrl-C)
 
     def checkpoint(name: str, last_loss: dict | None = None):
         """Save ``name`` (last/ or best/) from rank 0; under FSDP every rank joins the gather."""
@@ -457,8 +587,10 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, ctx, resume: bool, quiet: boo
             return
         trainer_state = None
         if name == "last":
-            trainer_state = {"optimizer": opt_states, "sampler": rng.bit_generator.state, "rng": rng_state(), "step": step,
-                             "best_val_loss": best_val, "tokens_seen": tokens_seen, "elapsed_s": elapsed, "world_size": ctx.world_size}
+            sampler, rngs = snap if snap is not None else (rng.bit_generator.state, rng_state())
+            trainer_state = {"optimizer": opt_states, "sampler": sampler, "rng": rngs, "step": step,
+                             "best_val_loss": best_val, "tokens_seen": tokens_seen, "elapsed_s": elapsed,
+                             "world_size": ctx.world_size, "run_id": run_id, "eval_pending": eval_pending}
         save_checkpoint(out_dir / name, raw_model, tokenizer, extra, trainer_state, state=full)
 
     def log(row: dict):
@@ -468,17 +600,24 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, ctx, resume: bool, quiet: boo
             f.write(json.dumps(row) + "\n")
 
     def evaluate():
-        nonlocal best_val
+        """Evaluate, then write (in this order, see the module docstring) the val row, the sample,
+        best/ and last/, and the plots."""
+        nonlocal best_val, eval_pending, last_is_current
+        eval_pending = True  # until last/ holds this evaluation's outcome
         # eager model: a compiled one would recompile for eval mode and no_grad, for ~20 forwards
         losses = estimate_loss(raw_model, source, cfg, block_size, device, autocast, token_bytes)
+        hook("eval", step)
         log({"step": step, "val_loss": round(losses["val"], 5), "val_perplexity": round(math.exp(min(losses["val"], 50)), 4),
              "val_bpb": round(losses["val_bpb"], 5), "eval_train_loss": round(losses["train"], 5), "elapsed_s": round(elapsed, 3)})
-        is_best = losses["val"] < best_val
-        best_val = min(best_val, losses["val"])
-        checkpoint("last", losses)
-        if is_best:
-            checkpoint("best", losses)
         write_sample()
+        if losses["val"] < best_val:
+            checkpoint("best", losses)  # before last/ records it as the best
+            hook("best_saved", step)
+            best_val = losses["val"]
+        eval_pending = False
+        checkpoint("last", losses)
+        last_is_current = True
+        hook("last_saved", step)
         if ctx.is_main:
             rows = read_metrics(metrics_path)
             plot_losses(rows, out_dir / "loss.png")
@@ -494,7 +633,7 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, ctx, resume: bool, quiet: boo
         text = tokenizer.decode([t for t in toks if t is not None and t != tokenizer.eos_id])
         if not ctx.is_main:  # every rank samples (an FSDP forward needs them all); rank 0 writes
             return
-        with open(out_dir / "samples.jsonl", "a", encoding="utf-8") as f:
+        with open(samples_path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, "prompt": cfg.sample_prompt, "text": text}) + "\n")
 
     def forward_backward(m, batches):
@@ -526,76 +665,119 @@ def _train(model_cfg: GPTConfig, cfg: TrainConfig, ctx, resume: bool, quiet: boo
     bar = progress(total=cfg.max_iters, desc="train", unit="step", initial=step) if not quiet else None
     t_log, tok_log = time.perf_counter(), 0
     loop_s, step0 = 0.0, step  # time in training steps only (no eval, checkpoints or plots)
-    try:
-        if cfg.init_from != "scratch" and state is None:  # the starting point, for before/after
-            losses = evaluate()
-            t_log = time.perf_counter()
-        while step < cfg.max_iters:
-            t_step = time.perf_counter()
-            lr = get_lr(step, cfg)
-            for opt in optimizers:
-                for group in opt.param_groups:
-                    group["lr"] = lr * group.get("lr_scale", 1.0)
-            batches = [to_device(source.batch("train", cfg.batch_size * ctx.world_size, block_size, rng, rank_rows), device)
-                       for _ in range(cfg.gradient_accumulation_steps)]
-            try:
-                loss = forward_backward(model, batches)
-            except Exception as e:  # noqa: BLE001 - a failed compile falls back to eager, once
-                if model is wrapped or step > step0:
-                    raise
-                print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); training without compile")
-                model = wrapped
-                for opt in optimizers:
-                    opt.zero_grad(set_to_none=True)
-                loss = forward_backward(model, batches)
-            last_loss = all_reduce_mean(loss.item(), ctx)
-            if not math.isfinite(last_loss):
-                raise BarkError(f"the loss became {last_loss} at step {step}; the last good checkpoint in {out_dir / 'last'} is kept. Lower --learning-rate or set --grad-clip 1.0")
-            if cfg.grad_clip > 0:
-                for opt in optimizers:
-                    scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip, foreach=True)
-            for opt in optimizers:
-                scaler.step(opt)
-            scaler.update()
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            step += 1
-            loop_s += time.perf_counter() - t_step
-            tokens_seen += tokens_per_iter
-            tok_log += tokens_per_iter
-            if bar is not None:
-                bar.update(1)
-            if step % cfg.log_interval == 0 or step == cfg.max_iters:
-                now = time.perf_counter()
-                tps = tok_log / max(now - t_log, 1e-9)
-                elapsed = elapsed0 + now - t_start
-                share = expert_share(raw_model)
-                log({"step": step, "train_loss": round(last_loss, 5), "lr": lr, "tokens_per_s": round(tps, 1), "elapsed_s": round(elapsed, 3),
-                     **({"mfu": round(mfu(tps), 4)} if peak else {}), **({"expert_share": share} if share else {})})
-                if bar is not None:
-                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
-                t_log, tok_log = now, 0
-            if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-                elapsed = elapsed0 + time.perf_counter() - t_start
+    with DeferredSigint() as sigint:
+        try:
+            if (cfg.init_from != "scratch" and state is None) or eval_pending:  # the starting point, or a redo
                 losses = evaluate()
+                t_log = time.perf_counter()
+            while step < cfg.max_iters:
+                snap = (rng.bit_generator.state, rng_state())  # before the batch is drawn
+                t_step = time.perf_counter()
+                lr = get_lr(step, cfg)
+                for opt in optimizers:
+                    for group in opt.param_groups:
+                        group["lr"] = lr * group.get("lr_scale", 1.0)
+                batches = [to_device(source.batch("train", cfg.batch_size * ctx.world_size, block_size, rng, rank_rows), device)
+                           for _ in range(cfg.gradient_accumulation_steps)]
+                hook("forward", step)
+                try:
+                    loss = forward_backward(model, batches)
+                except Exception as e:  # noqa: BLE001 - a failed compile falls back to eager, once
+                    if model is wrapped or step > step0:
+                        raise
+                    print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); training without compile")
+                    model = wrapped
+                    for opt in optimizers:
+                        opt.zero_grad(set_to_none=True)
+                    loss = forward_backward(model, batches)
+                last_loss = all_reduce_mean(loss.item(), ctx)
+                if not math.isfinite(last_loss):
+                    raise BarkError(f"the loss became {last_loss} at step {step}; the last good checkpoint in {out_dir / 'last'} is kept. Lower --learning-rate or set --grad-clip 1.0")
+                with sigint.critical():  # the update: all of it, or (before it) none of it
+                    if cfg.grad_clip > 0:
+                        for opt in optimizers:
+                            scaler.unscale_(opt)
+                        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip, foreach=True)
+                    for i, opt in enumerate(optimizers):
+                        scaler.step(opt)
+                        if i == 0:
+                            hook("update", step)
+                    scaler.update()
+                    for opt in optimizers:
+                        opt.zero_grad(set_to_none=True)
+                    step += 1
+                    snap, last_is_current = None, False
+                    eval_pending = step % cfg.eval_interval == 0 or step == cfg.max_iters  # this step's eval is owed
+                    loop_s += time.perf_counter() - t_step
+                    tokens_seen += tokens_per_iter
+                    tok_log += tokens_per_iter
+                    if step % cfg.log_interval == 0 or step == cfg.max_iters:
+                        now = time.perf_counter()
+                        tps = tok_log / max(now - t_log, 1e-9)
+                        elapsed = elapsed0 + now - t_start
+                        share = expert_share(raw_model)
+                        log({"step": step, "train_loss": round(last_loss, 5), "lr": lr, "tokens_per_s": round(tps, 1), "elapsed_s": round(elapsed, 3),
+                             **({"mfu": round(mfu(tps), 4)} if peak else {}), **({"expert_share": share} if share else {})})
+                        t_log, tok_log = now, 0
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
                 if bar is not None:
-                    bar.write(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f} (perplexity {math.exp(losses['val']):.2f})")
-                t_log, tok_log = time.perf_counter(), 0  # keep eval time out of tokens/s
-    except KeyboardInterrupt:
-        interrupted = True
-        checkpoint("last")
-        if not quiet:
-            print(f"\ninterrupted: saved {out_dir / 'last'} at step {step}; continue with --resume")
-    finally:
-        if bar is not None:
-            bar.close()
-        torch.set_flush_denormal(False)  # process-wide state: back to the default for the caller
+                    bar.update(1)
+                if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+                    elapsed = elapsed0 + time.perf_counter() - t_start
+                    losses = evaluate()
+                    if bar is not None:
+                        bar.write(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f} (perplexity {math.exp(losses['val']):.2f})")
+                    t_log, tok_log = time.perf_counter(), 0  # keep eval time out of tokens/s
+        except KeyboardInterrupt:
+            sigint.hold = True  # the save below finishes even if Ctrl-C comes again
+            interrupted = True
+            elapsed = elapsed0 + time.perf_counter() - t_start
+            if not last_is_current:
+                checkpoint("last")
+            if not quiet:
+                redo = "; its evaluation is redone first" if eval_pending else ""
+                print(f"\ninterrupted: saved {out_dir / 'last'} at step {step}{redo}; continue with --resume")
+        finally:
+            sigint.hold = True  # a Ctrl-C from here on finds nothing left to stop
+            if bar is not None:
+                bar.close()
+            torch.set_flush_denormal(False)  # process-wide state: back to the default for the caller
     total = elapsed0 + time.perf_counter() - t_start
     tps = (step - step0) * tokens_per_iter / max(loop_s, 1e-9)
     return {"step": step, "train_loss": last_loss, "val_loss": losses["val"] if losses else None,
             "best_val_loss": best_val, "tokens_per_s": tps, "mfu": mfu(tps),
             "train_seconds": loop_s, "elapsed_s": total, "interrupted": interrupted}
+
+
+def no_checkpoint_error(out_dir: Path) -> BarkError:
+    """The error for ``--resume`` without a ``last/`` checkpoint, whose advice never wipes a run:
+    when ``out_dir`` holds a run's files, training there without ``--resume`` would replace them."""
+    last = out_dir / "last"
+    kept = [name for name in ("best", "metrics.jsonl", "samples.jsonl") if (out_dir / name).exists()]
+    if kept:
+        return BarkError(f"--resume found no checkpoint in {last}, but {out_dir} holds a run ({', '.join(kept)}) that "
+                         f"cannot be resumed; keep it and train into a new --out-dir (--init-from {out_dir / 'best'} "
+                         f"starts from its best model), or delete {out_dir} to start over there")
+    return BarkError(f"--resume found no checkpoint in {last}; drop --resume to start a new run in {out_dir}")
+
+
+def recorded_best(best: Path, run_id: str) -> float:
+    """The val loss in ``best/config.json`` when ``best/`` belongs to run ``run_id``, else inf.
+
+    A kill after ``best/`` is written but before ``last/`` records its val loss leaves ``best/``
+    better than the recorded best; resume takes the lower of the two so that ``best/`` is only
+    ever replaced by a better model.
+    """
+    found = recover_checkpoint(best)
+    if found is None:
+        return float("inf")
+    try:
+        config = json.loads((found / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return float("inf")
+    val = config.get("val_loss") if isinstance(config, dict) and config.get("run_id") == run_id else None
+    return float(val) if isinstance(val, (int, float)) and math.isfinite(val) else float("inf")
 
 
 def finetune(model_path: str | Path, data: str | Path, cfg: TrainConfig, val_fraction: float = 0.1,

@@ -1,4 +1,5 @@
-"""Training: exact resume, atomic checkpoints under SIGKILL, NaN guard, bad input."""
+"""Training: exact resume, atomic checkpoints under SIGKILL, recovery from kills (last.old, leftovers,
+torn metrics lines), SIGINT held through the update, NaN guard, bad input."""
 
 import json
 import os
@@ -143,3 +144,94 @@ def test_ctrl_c_saves_last_and_exits_cleanly(tmp_path, char_data):
     from barkgpt.checkpoint import load_trainer_state
 
     assert load_trainer_state(tmp_path / "run" / "last")["step"] >= 5
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, char_data):
+    """A 10-step run (one evaluation) to copy and then damage as a kill would."""
+    from barkgpt.train import train
+
+    run = tmp_path_factory.mktemp("short") / "run"
+    train(*tiny(run, char_data, max_iters=10), quiet=True)
+    return run
+
+
+def copy_run(short_run, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(short_run, tmp_path / "run"))
+
+
+def test_resume_recovers_last_from_a_kill_between_its_two_renames(tmp_path, char_data, short_run):
+    from barkgpt.train import train
+
+    run = copy_run(short_run, tmp_path)
+    os.replace(run / "last", run / "last.old")  # atomic_dir's state between its two renames
+    result = train(*tiny(run, char_data, max_iters=12), resume=True, quiet=True)
+    assert result["step"] == 12 and (run / "last").is_dir() and not (run / "last.old").exists()
+    assert sorted(losses(run)) == list(range(1, 13))  # the run went on, nothing was wiped
+
+
+def test_resume_without_a_checkpoint_never_advises_wiping_the_run(tmp_path, char_data, short_run):
+    import shutil
+
+    from barkgpt.train import train
+
+    run = copy_run(short_run, tmp_path)
+    shutil.rmtree(run / "last")
+    with pytest.raises(BarkError) as e:
+        train(*tiny(run, char_data), resume=True, quiet=True)
+    message = str(e.value)
+    assert "new --out-dir" in message and "metrics.jsonl" in message and "without --resume" not in message
+    with pytest.raises(BarkError, match="drop --resume to start a new run"):  # nothing there to lose
+        train(*tiny(tmp_path / "empty", char_data), resume=True, quiet=True)
+
+
+def test_start_removes_what_killed_saves_left_behind(tmp_path, char_data, short_run):
+    from barkgpt.train import train
+
+    run = copy_run(short_run, tmp_path)
+    leftovers = [run / ".last.k3j2.tmp", run / ".best.x9.tmp", run / "last.old", run / "best.old"]
+    for d in leftovers:
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"\0" * 1000)
+    (run / ".metrics.jsonl.abc.tmp").write_text("{")
+    (run / ".loss.png.q1.tmp").write_bytes(b"x")
+    keep = [run / "notes.tmp", run / ".my.tmp", run / "last.older"]
+    for f in keep:
+        f.write_text("mine")
+    train(*tiny(run, char_data, max_iters=11), resume=True, quiet=True)
+    assert not [p for p in [*leftovers, run / ".metrics.jsonl.abc.tmp", run / ".loss.png.q1.tmp"] if p.exists()]
+    assert all(f.read_text() == "mine" for f in keep)
+
+
+def test_a_torn_last_metrics_line_is_dropped_a_torn_middle_line_is_named(tmp_path, char_data, short_run, capsys):
+    from barkgpt.train import train
+
+    run = copy_run(short_run, tmp_path)
+    metrics = run / "metrics.jsonl"
+    good = metrics.read_text()
+    metrics.write_text(good + '{"step": 11, "train_lo')  # a kill in the middle of a write
+    train(*tiny(run, char_data, max_iters=12), resume=True, quiet=True)
+    n = good.count("\n") + 1
+    assert f"metrics.jsonl line {n} is torn" in capsys.readouterr().err
+    assert sorted(losses(run)) == list(range(1, 13))
+    metrics.write_text(good.replace("\n", "\n{oops\n", 1))
+    with pytest.raises(BarkError, match=r"metrics.jsonl line 2 is not a JSON row"):
+        train(*tiny(run, char_data, max_iters=13), resume=True, quiet=True)
+
+
+def test_sigint_is_held_through_the_update_and_raised_after_it():
+    from barkgpt.train import DeferredSigint
+
+    done = []
+    with DeferredSigint() as sigint:
+        with pytest.raises(KeyboardInterrupt):
+            with sigint.critical():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.01)
+                done.append("update")  # still runs: the SIGINT waits for the end of the block
+        with pytest.raises(KeyboardInterrupt):  # outside the block it interrupts at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+    assert done == ["update"]
