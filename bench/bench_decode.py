@@ -1,13 +1,28 @@
 """Decode speed at batch 1, side by side: our KV-cache engine (compiled decode step, as ``barkgpt
-sample --compile``, and eager) against naive full recompute, against
-Hugging Face ``generate`` on our exported weights (when transformers is installed), and against
-llama.cpp on our f32 GGUF (when llama-cpp-python is installed).
+sample --compile``, and eager) against naive full recompute, against Hugging Face ``generate`` on
+our exported weights (when transformers is installed), eager with its default dynamic cache
+(``hf_generate``) and with a static cache and a compiled forward
+(``hf_generate_static_compiled``), and against llama.cpp on our f32 GGUF (when llama-cpp-python
+is installed).
+
+The static + compiled path follows HF's "LLM inference optimization" guide (llm_optims.md:
+``cache_implementation="static"`` and ``model.forward = torch.compile(model.forward,
+mode="reduce-overhead", fullgraph=True)``), with one change for the CPU: ``reduce-overhead``
+means CUDA graphs, which a CPU does not have, so the forward is compiled as our decode step is,
+by :func:`barkgpt.common.compile_fn` (inductor's default mode, with its ``cpp_wrapper`` on CPU),
+``fullgraph=True``. Both compiled paths thus get the same compiler settings; HF's own automatic
+compile in ``generate`` is off on CPU (``_valid_auto_compile_criteria``), so the forward is
+compiled by hand.
 
 Uses the shakespeare-bpe model shape (n_layer 4, n_head 4, n_embd 128, block_size 128, vocab
 2048) with random weights (speed does not depend on the values), greedy decoding of
 ``block_size - 1`` tokens from a one-token prompt, alternating the paths over several rounds.
-The warm-up round (where the compile happens) is not timed; ``ours_vs_*`` ratios use the
-compiled engine.
+The warm-up round (where the compiles happen: ``compile_seconds`` ours,
+``hf_static_compile_seconds`` HF's) is not timed; ``ours_vs_*`` ratios use the compiled engine.
+``greedy_tokens_equal_to_ours`` counts, for each other path, how many leading tokens of the
+last round equal the compiled engine's (all ``tokens`` of them when the paths agree); ours,
+eager and naive must agree exactly, the exported paths are reported (a different kernel can flip
+a near-tie of random weights' logits in fp32).
 
     python bench/bench_decode.py [--rounds 3]
 """
@@ -60,9 +75,12 @@ def main() -> None:
         t = time.perf_counter()
         paths["kv_cache_compiled"]()  # warm up: compiles
         compile_s = time.perf_counter() - t
+        warm = {}
         for name, fn in paths.items():
             if name != "kv_cache_compiled":
+                t = time.perf_counter()
                 fn()
+                warm[name] = time.perf_counter() - t
         rows = {name: [] for name in paths}
         for _ in range(a.rounds):
             toks = {}
@@ -71,13 +89,21 @@ def main() -> None:
                 rows[name].append(tps)
             assert toks["kv_cache_compiled"] == toks["kv_cache_eager"] == toks["naive"], "cached and naive greedy decoding disagree"
     summary = {"tokens": n, "torch_threads": torch.get_num_threads(), "compile_seconds": round(compile_s, 1),
-               **{f"{name}_tokens_per_s": round(statistics.median(r), 1) for name, r in rows.items()}}
+               **({"hf_static_compile_seconds": round(warm["hf_generate_static_compiled"], 1)} if "hf_generate_static_compiled" in warm else {}),
+               **{f"{name}_tokens_per_s": round(statistics.median(r), 1) for name, r in rows.items()},
+               "greedy_tokens_equal_to_ours": {name: leading_equal(toks["kv_cache_compiled"], t) for name, t in toks.items()
+                                               if name != "kv_cache_compiled"}}
     ours = summary["kv_cache_compiled_tokens_per_s"]
     for name in paths:
         if name != "kv_cache_compiled":
             summary[f"ours_vs_{name}"] = round(ours / summary[f"{name}_tokens_per_s"], 2)
     print(json.dumps(summary))
     write_results("decode: batch 1, greedy, shakespeare-bpe shape", summary)
+
+
+def leading_equal(a: list[int], b: list[int]) -> int:
+    """How many leading tokens of ``a`` and ``b`` are equal (``len(a)`` when they agree)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def exported_paths(model, n: int, tmp: Path) -> dict:
@@ -89,6 +115,7 @@ def exported_paths(model, n: int, tmp: Path) -> dict:
     import torch
 
     from barkgpt.checkpoint import save_checkpoint
+    from barkgpt.common import compile_fn
     from barkgpt.tokenizer import Tokenizer
     from bench_train import SHARED
 
@@ -103,15 +130,23 @@ def exported_paths(model, n: int, tmp: Path) -> dict:
 
         from barkgpt.export.hf import export_hf
 
-        hf = transformers.AutoModelForCausalLM.from_pretrained(export_hf(tmp / "ckpt", tmp / "hf")).eval()
+        hf_dir = export_hf(tmp / "ckpt", tmp / "hf")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+        # a second copy for the static cache, so that compiling its forward leaves `hf` eager
+        hf_static = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+        hf_static.generation_config.cache_implementation = "static"  # max_cache_len: prompt + max_new_tokens
+        hf_static.forward = compile_fn(hf_static.forward, "cpu", fullgraph=True)
 
-        def hf_generate():
-            t = time.perf_counter()
-            out = hf.generate(torch.tensor([[0]]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                              eos_token_id=None, pad_token_id=0)
-            return n / (time.perf_counter() - t), out[0, 1:].tolist()
+        def hf_path(m):
+            def run():
+                t = time.perf_counter()
+                out = m.generate(torch.tensor([[0]]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)
+                return n / (time.perf_counter() - t), out[0, 1:].tolist()
+            return run
 
-        paths["hf_generate"] = hf_generate
+        paths["hf_generate"] = hf_path(hf)
+        paths["hf_generate_static_compiled"] = hf_path(hf_static)
     if importlib.util.find_spec("llama_cpp") and importlib.util.find_spec("gguf"):
         import numpy as np
         from llama_cpp import Llama
