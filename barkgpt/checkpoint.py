@@ -4,7 +4,9 @@ A checkpoint is a directory, written to a temporary sibling and renamed into pla
 (``common.atomic_dir``), so a crash, Ctrl-C or SIGKILL during a save leaves the previous one
 intact (or, for a kill between the two renames, at ``last.old/``, which :func:`recover_checkpoint`
 restores). A run folder holds ``last/`` (the latest state, for ``--resume``) and ``best/`` (the
-lowest validation loss, for sampling and export).
+lowest validation loss, for sampling and export). ``last/`` also holds the trainer's state
+(:class:`TrainState`: step, best val loss, sampler and RNG states, optimizer states) that
+``--resume`` continues from exactly.
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import random
+import uuid
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from barkgpt.common import BarkError, atomic_dir, recover_dir
@@ -26,8 +31,92 @@ CONFIG_NAME = "config.json"
 TRAINER_STATE_NAME = "trainer_state.pt"
 
 
+def rng_state() -> dict:
+    """The Python, NumPy (global, with its position in the key) and torch (CPU) RNG states, for
+    exact resume; plain lists and numbers that ``torch.load(weights_only=True)`` reads."""
+    _, key, pos, has_gauss, cached_gaussian = np.random.get_state()
+    numpy = {"key": key.tolist(), "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+    return {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` captured (after a ``torch.save``/``load`` round trip).
+    An older run's NumPy state (the key alone) restarts at the key's end, as it was saved."""
+    random.setstate(_tuples(state["python"]))
+    numpy = state["numpy"] if isinstance(state["numpy"], dict) else {"key": state["numpy"], "pos": 624}
+    np.random.set_state(("MT19937", np.array(numpy["key"], dtype=np.uint32), numpy["pos"], numpy.get("has_gauss", 0),
+                         numpy.get("cached_gaussian", 0.0)))
+    torch.set_rng_state(state["torch"])
+
+
+def _tuples(x):
+    """Lists back to tuples (what ``random.setstate`` wants after a round trip)."""
+    return tuple(_tuples(i) for i in x) if isinstance(x, (list, tuple)) else x
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Where a training run stands between two steps: what ``--resume`` needs to go on exactly as
+    if it had never stopped. :func:`save_checkpoint` writes its :meth:`to_dict` as
+    ``last/trainer_state.pt``; :meth:`load` reads it back.
+
+    The sampler and RNG states are taken at the start of a step, before its batch is drawn, so a
+    run interrupted inside a step saves them with the old ``step`` and redoes that step.
+    """
+
+    step: int = 0  # optimizer updates done
+    best_val_loss: float = float("inf")  # lowest val loss so far (nats per token); best/ holds that model
+    tokens_seen: int = 0  # training tokens consumed, all ranks together
+    elapsed_s: float = 0.0  # wall clock seconds of the run, across resumes
+    run_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)  # ties best/ to this run's last/
+    eval_pending: bool = False  # interrupted in this step's evaluation: the resumed run redoes it
+    world_size: int = 1  # processes that trained it (the batch stream depends on it)
+    sampler: dict | None = None  # the batch sampler's ``np.random.Generator.bit_generator.state``
+    rng: dict | None = None  # :func:`rng_state` (Python, NumPy, torch)
+    optimizer: list | None = None  # one ``state_dict()`` per optimizer (full states under FSDP)
+
+    def to_dict(self) -> dict:
+        """The state as plain containers and tensors, what ``torch.load(weights_only=True)`` reads
+        (shallow: the optimizer states' tensors are not copied)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict, name: str = "trainer state") -> TrainState:
+        """The state from :meth:`to_dict`'s dict; keys a run of an older version did not write
+        take their defaults (a single optimizer's state becomes a one-item list).
+
+        Args:
+            d: the dict.
+            name: what it was read from, for the error (``.../last/trainer_state.pt``).
+
+        Raises:
+            BarkError: not a dict with a ``step``, or keys this version does not know.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names) if isinstance(d, dict) else []
+        if not isinstance(d, dict) or "step" not in d or unknown:
+            problem = f"has unknown keys {', '.join(unknown)}" if unknown else "holds no step"
+            raise BarkError(f"{name} {problem}: it was written by another barkgpt version (or is damaged) and "
+                            f"cannot be resumed; start a new run with another --out-dir")
+        d = dict(d)
+        if d.get("optimizer") is not None and not isinstance(d["optimizer"], list):
+            d["optimizer"] = [d["optimizer"]]
+        if not d.get("run_id"):
+            d.pop("run_id", None)
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainState:
+        """The state in checkpoint folder ``path`` (:func:`load_trainer_state`).
+
+        Raises:
+            BarkError: as :func:`load_trainer_state` and :meth:`from_dict`.
+        """
+        return cls.from_dict(load_trainer_state(path), str(Path(path) / TRAINER_STATE_NAME))
+
+
 def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, info: dict | None = None,
-                    trainer_state: dict | None = None, state: dict | None = None) -> Path:
+                    trainer_state: TrainState | dict | None = None, state: dict | None = None) -> Path:
     """Write a checkpoint folder atomically.
 
     Args:
@@ -35,7 +124,8 @@ def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, info: di
         model: the (uncompiled) model; tied ``lm_head.weight`` is stored once, as ``transformer.wte.weight``.
         tokenizer: saved beside the weights (``tokenizer.json``, ``tokenizer_config.json``).
         info: extra JSON-able facts for ``config.json`` (step, val_loss, tokens_seen, data...).
-        trainer_state: optimizer state, step and RNG states for ``--resume`` (``trainer_state.pt``).
+        trainer_state: the :class:`TrainState` (or a plain dict) for ``--resume``, written as
+            ``trainer_state.pt``; None writes none (``best/``).
         state: the weights to write instead of ``model.state_dict()`` (FSDP's gathered full
             state: ``model`` then only supplies the config).
 
@@ -54,7 +144,8 @@ def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, info: di
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         tokenizer.save(tmp)
         if trainer_state is not None:
-            torch.save(trainer_state, tmp / TRAINER_STATE_NAME)
+            as_dict = trainer_state.to_dict() if isinstance(trainer_state, TrainState) else trainer_state
+            torch.save(as_dict, tmp / TRAINER_STATE_NAME)
     return path
 
 
@@ -99,7 +190,7 @@ def find_checkpoint(path: str | Path, prefer: str = "best") -> Path:
         if found is not None:
             return found
     if not path.exists():
-        raise BarkError(f"{path} does not exist; pass a run folder (e.g. runs/bark) or a checkpoint folder")
+        raise BarkError(f"{path} does not exist; pass a run folder (e.g. runs/shakespeare-char) or a checkpoint folder")
     raise BarkError(f"no checkpoint in {path} (expected {WEIGHTS_NAME} and {CONFIG_NAME}, or best/ or last/); train one with barkgpt train")
 
 
@@ -164,7 +255,8 @@ def load_checkpoint(path: str | Path, device: str = "cpu", prefer: str = "best")
 
 
 def load_trainer_state(path: str | Path) -> dict:
-    """Read ``trainer_state.pt`` (optimizer, step, RNG states) with ``weights_only=True``.
+    """Read ``trainer_state.pt`` (optimizer, step, RNG states) with ``weights_only=True``, as the
+    dict :meth:`TrainState.to_dict` wrote (:meth:`TrainState.load` makes it a ``TrainState``).
 
     Raises:
         BarkError: the file is missing or unreadable.

@@ -21,6 +21,13 @@ One loop serves pretraining and fine-tuning: it reads batches from a *batch sour
 conversations whose targets are ``IGNORE_INDEX`` off the assistant's tokens, with segment ids
 that :class:`SegmentMask` turns into per-conversation attention). :func:`finetune` is that loop
 started from a checkpoint on chat data.
+
+How it reads: :func:`train` builds a :class:`Trainer` and runs it. The trainer's state between
+steps (step, best val loss, tokens seen, run id, ``eval_pending``, and at a save the sampler, RNG
+and optimizer states) is one :class:`~barkgpt.checkpoint.TrainState`, saved in ``last/`` and
+restored on resume; each step of the loop is a short method (:meth:`Trainer.train_step`,
+:meth:`~Trainer.update`, :meth:`~Trainer.evaluate`, :meth:`~Trainer.save`). ``metrics.jsonl``
+and the plots are :mod:`barkgpt.runlog`'s, which the web page reads with the same parser.
 """
 
 from __future__ import annotations
@@ -30,12 +37,9 @@ import dataclasses
 import json
 import math
 import os
-import random
 import signal
-import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,18 +47,18 @@ import numpy as np
 import torch
 
 from barkgpt import cpu_attention
-from barkgpt.checkpoint import (CONFIG_NAME, find_checkpoint, load_model, load_trainer_state, read_checkpoint_config,
-                                recover_checkpoint, save_checkpoint)
-from barkgpt.common import (BarkError, atomic_write_text, atomic_write_via, bits_per_byte, compile_fn, peak_flops, progress,
-                            remove_leftovers, resolve_device, resolve_dtype, token_nll_and_bytes)
+from barkgpt.checkpoint import (CONFIG_NAME, TrainState, find_checkpoint, load_model, read_checkpoint_config,
+                                recover_checkpoint, rng_state, save_checkpoint, set_rng_state)
+from barkgpt.common import (BarkError, atomic_write_text, bits_per_byte, compile_fn, peak_flops, progress, remove_leftovers,
+                            resolve_device, resolve_dtype, token_nll_and_bytes)
 from barkgpt.config import GPTConfig, TrainConfig, config_to_dict, dump_yaml
-from barkgpt.conversations import (IGNORE_INDEX, ChatRows, bark_chat_rows, file_sha256, load_conversations,
-                                   split_conversations)
-from barkgpt.data import TokenWindows, prepare_bark, prepare_dataset
+from barkgpt.conversations import IGNORE_INDEX, ChatRows, file_sha256, load_conversations, split_conversations
+from barkgpt.data import BUILTIN_DATASETS, TokenWindows, builtin_dataset, prepare_dataset
 from barkgpt.distributed import all_reduce_mean, full_model_state, setup, teardown, wrap_model
 from barkgpt.engine import Engine
 from barkgpt.model import GPT
 from barkgpt.optim import build_optimizers
+from barkgpt.runlog import METRICS_NAME, SAMPLES_NAME, append_row, plot_run, read_rows, rewrite_rows
 from barkgpt.tokenizer import Tokenizer
 
 # Fine-tuning starts from a trained model on a small chat set: fewer, gentler steps than
@@ -76,37 +80,45 @@ def get_lr(it: int, cfg: TrainConfig) -> float:
 
 
 def resolve_data(cfg: TrainConfig) -> Path:
-    """The prepared data folder for ``cfg.data``, preparing it into ``out_dir/data`` if needed.
+    """The prepared data folder for ``cfg.data`` (a path), preparing it into ``out_dir/data`` if needed.
+
+    Built-in generated datasets (names, not paths) are :func:`open_source`'s; this takes paths.
 
     Raises:
         BarkError: no ``--data`` given, or a path that does not exist.
     """
     if cfg.data is None:
-        raise BarkError("no training data: pass --data DIR (from barkgpt prepare), a .txt/.jsonl file, or use --preset bark")
+        raise BarkError("no training data: pass --data DIR (from barkgpt prepare), a .txt/.jsonl file, "
+                        "or use a preset (barkgpt train --preset NAME)")
     target = Path(cfg.out_dir) / "data"
-    if cfg.data == "bark":
-        if not (target / "meta.json").is_file():
-            prepare_bark(target)
-        return target
     src = Path(cfg.data)
     if (src / "meta.json").is_file():
         return src
     if not src.exists():
-        raise BarkError(f"--data {src} does not exist; prepare data with barkgpt prepare --input FILE --out DIR")
+        names = ", ".join(sorted(BUILTIN_DATASETS)) or "none registered"
+        raise BarkError(f"--data {src} does not exist; prepare data with barkgpt prepare --input FILE --out DIR, pass a "
+                        f".txt/.jsonl file, or name a built-in generated dataset ({names}; in Python, import the module "
+                        f"that registers it first)")
     if not (target / "meta.json").is_file():
         prepare_dataset(src, target, tokenizer=cfg.tokenizer, vocab_size=cfg.tokenizer_vocab_size)
     return target
 
 
 def open_source(cfg: TrainConfig):
-    """The batch source for ``cfg.data``: the generated Bark chat set for ``bark-chat``, else the
-    prepared token files (:func:`resolve_data`).
+    """The batch source for ``cfg.data``: a built-in generated dataset's (``data.builtin_dataset``,
+    the hook that edge modules fill on import), else the prepared token files
+    (:func:`resolve_data`).
+
+    A builder gets ``out_dir/data`` and ``cfg.seed``; a folder it returns is opened as
+    ``TokenWindows``, any other value is the batch source itself.
 
     Raises:
-        BarkError: as :func:`resolve_data`.
+        BarkError: as :func:`resolve_data`, or as the builder raises.
     """
-    if cfg.data == "bark-chat":
-        return bark_chat_rows(seed=cfg.seed)
+    builder = builtin_dataset(cfg.data)
+    if builder is not None:
+        made = builder(Path(cfg.out_dir) / "data", cfg.seed)
+        return TokenWindows(made) if isinstance(made, (str, Path)) else made
     return TokenWindows(resolve_data(cfg))
 
 
@@ -222,101 +234,6 @@ def resize_vocab(model: GPT, vocab_size: int) -> GPT:
     return bigger.train(model.training)
 
 
-def save_figure(fig, png_path: Path) -> None:
-    """Write a matplotlib figure to ``png_path`` atomically (a temporary file, then a rename), then close it."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    atomic_write_via(png_path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
-
-
-def pyplot():
-    """matplotlib's ``pyplot`` on the file-only Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def read_metrics(metrics_path: Path) -> list[dict]:
-    """The rows of a run's ``metrics.jsonl`` (blank lines skipped).
-
-    A torn last line (a kill in the middle of writing it) is dropped with a warning on stderr.
-
-    Raises:
-        BarkError: a line before the last is not a JSON object with a ``step``, naming the file
-            and the line.
-    """
-    lines = metrics_path.read_text(encoding="utf-8", errors="replace").splitlines()
-    numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
-    rows = []
-    for k, (i, line) in enumerate(numbered):
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-                raise ValueError("not a row with a step")
-        except ValueError:
-            if k == len(numbered) - 1:
-                print(f"warning: {metrics_path} line {i} is torn (a kill while it was written); dropped it", file=sys.stderr)
-                break
-            raise BarkError(f"{metrics_path} line {i} is not a JSON row with a step; fix or delete that line") from None
-        rows.append(row)
-    return rows
-
-
-def rewrite_rows(path: Path, rows: list[dict]) -> None:
-    """Replace a JSON-lines file with ``rows``, atomically."""
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def plot_losses(rows: list[dict], png_path: Path) -> None:
-    """Draw train and val loss (and learning rate) from ``metrics.jsonl`` rows into ``loss.png``
-    (titled with the run folder's name)."""
-    plt = pyplot()
-    train = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    lr = [(r["step"], r["lr"]) for r in rows if "lr" in r]
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="val loss", lw=1.5)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    if lr:
-        ax2 = ax.twinx()
-        ax2.plot(*zip(*lr), color="gray", alpha=0.4, lw=1, label="learning rate")
-        ax2.set_ylabel("learning rate")
-    ax.legend(loc="upper right")
-    ax.set_title(f"{png_path.parent.name}")
-    save_figure(fig, png_path)
-
-
-def plot_experts(rows: list[dict], png_path: Path) -> None:
-    """Draw each expert's share of the routed tokens over training (Mixture-of-Experts runs),
-    from the ``expert_share`` entries of ``metrics.jsonl`` rows, into ``experts.png``."""
-    plt = pyplot()
-    rows = [r for r in rows if "expert_share" in r]
-    if not rows:
-        return
-    steps = [r["step"] for r in rows]
-    shares = np.array([r["expert_share"] for r in rows])  # (n_logs, n_expert)
-    fig, ax = plt.subplots(figsize=(8, 3.5), dpi=100)
-    for e in range(shares.shape[1]):
-        ax.plot(steps, shares[:, e], lw=1, label=f"expert {e}")
-    ax.axhline(1 / shares.shape[1], color="gray", ls="--", lw=1, label="balanced")
-    ax.set_xlabel("step")
-    ax.set_ylabel("share of routed tokens")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8)
-    ax.set_title(f"{png_path.parent.name}: expert load")
-    save_figure(fig, png_path)
-
-
 def expert_share(model: GPT) -> list[float] | None:
     """Each expert's share of the token assignments in the last forward, over all layers; None
     for a dense model."""
@@ -324,23 +241,6 @@ def expert_share(model: GPT) -> list[float] | None:
         return None
     counts = sum(b.mlp.expert_tokens.float() for b in model.transformer.h)
     return [round(x, 4) for x in (counts / counts.sum()).tolist()]
-
-
-def rng_state() -> dict:
-    """Python, NumPy (global) and torch RNG states, for exact resume."""
-    return {"python": random.getstate(), "numpy": np.random.get_state()[1].tolist(), "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore what :func:`rng_state` captured."""
-    random.setstate(_tuples(state["python"]))
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
-    torch.set_rng_state(state["torch"])
-
-
-def _tuples(x):
-    """Lists back to tuples (what ``random.setstate`` wants after a round trip)."""
-    return tuple(_tuples(i) for i in x) if isinstance(x, (list, tuple)) else x
 
 
 class DeferredSigint:
@@ -453,7 +353,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: b
     """
     ctx = setup(resolve_device(cfg.device), cfg.fsdp)
     try:
-        result = _train(model_cfg, cfg, ctx, resume, quiet or not ctx.is_main, source)
+        result = Trainer(model_cfg, cfg, ctx, resume, quiet or not ctx.is_main, source).run()
     except BaseException:
         teardown(ctx, wait=False)
         raise
@@ -461,293 +361,410 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: b
     return result
 
 
-def _train(model_cfg: GPTConfig, cfg: TrainConfig, ctx, resume: bool, quiet: bool, source) -> dict:
-    """:func:`train`'s body, on one rank (``ctx``: :class:`barkgpt.distributed.DistContext`)."""
-    out_dir = Path(cfg.out_dir)
-    device = ctx.device
-    dtype = resolve_dtype(cfg.dtype, device)
-    source = source if source is not None else open_source(cfg)
-    tokenizer, meta = source.tokenizer, source.meta
+def build_model(model_cfg: GPTConfig, cfg: TrainConfig, tokenizer: Tokenizer, device: str, resume_from: Path | None) -> GPT:
+    """The model to train, on ``device`` in train mode: the one in ``resume_from`` (a recovered
+    ``last/``), else the one at ``cfg.init_from`` (its embeddings grown to the tokenizer's
+    vocabulary, :func:`resize_vocab`), else a fresh one initialised with seed ``cfg.seed``.
 
-    # ---- the model: fresh, from a checkpoint (fine-tuning), or resumed
-    state = None
-    if resume:
-        last = out_dir / "last"
-        ckpt = recover_checkpoint(last, repair=True)  # also restores last/ from a kill between a save's two renames
-        if ckpt is None:
-            raise no_checkpoint_error(out_dir)
-        model, saved = load_model(ckpt, device)
-        saved_cfg = GPTConfig(**saved["model"])
+    Raises:
+        BarkError: on resume, a checkpoint whose model differs from ``model_cfg`` (naming the
+            fields); a ``vocab_size`` below the tokenizer's; as :func:`checkpoint.load_model`.
+    """
+    if resume_from is not None:
+        model, saved = load_model(resume_from, device)
+        saved_shape = dataclasses.asdict(GPTConfig(**saved["model"]))
         if model_cfg.vocab_size is None:
-            model_cfg = dataclasses.replace(model_cfg, vocab_size=saved_cfg.vocab_size)
-        if dataclasses.asdict(saved_cfg) != dataclasses.asdict(model_cfg):
-            diff = [k for k, v in dataclasses.asdict(model_cfg).items() if dataclasses.asdict(saved_cfg)[k] != v]
-            raise BarkError(f"--resume: the checkpoint in {last} has a different model ({', '.join(f'{k}={dataclasses.asdict(saved_cfg)[k]}' for k in diff)}); use the same model flags or a new --out-dir")
-        state = load_trainer_state(ckpt)
+            model_cfg = dataclasses.replace(model_cfg, vocab_size=saved_shape["vocab_size"])
+        diff = [k for k, v in dataclasses.asdict(model_cfg).items() if saved_shape[k] != v]
+        if diff:
+            raise BarkError(f"--resume: the checkpoint in {resume_from.parent / 'last'} has a different model "
+                            f"({', '.join(f'{k}={saved_shape[k]}' for k in diff)}); use the same model flags or a new --out-dir")
     elif cfg.init_from != "scratch":
-        model, saved = load_model(cfg.init_from, device)
+        model, _ = load_model(cfg.init_from, device)
         if model.config.vocab_size < tokenizer.vocab_size:  # fine-tuning added tokens (chat roles)
             model = resize_vocab(model, tokenizer.vocab_size)
-        model_cfg = model.config
     else:
         if model_cfg.vocab_size is None:
             model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
         torch.manual_seed(cfg.seed)
         model = GPT(model_cfg).to(device)
-    if model_cfg.vocab_size < tokenizer.vocab_size:
-        raise BarkError(f"vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}; drop --vocab-size to use the tokenizer's")
-    block_size = model_cfg.block_size
-    source.check(block_size)
-    model.train()
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise BarkError(f"vocab_size {model.config.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}; "
+                        f"drop --vocab-size to use the tokenizer's")
+    return model.train()
 
-    raw_model = model
-    model = wrapped = wrap_model(model, ctx)  # DDP, or FSDP2 sharding raw_model in place
-    optimizers = build_optimizers(raw_model, cfg, device)
-    rng = np.random.default_rng(cfg.seed)  # the batch sampler: its state is the data position
-    step, best_val, tokens_seen = 0, float("inf"), 0
-    run_id = uuid.uuid4().hex  # ties best/ to the run whose last/ records its val loss
-    if state is not None:
-        saved_world = state.get("world_size", 1)
-        if saved_world != ctx.world_size:
-            raise BarkError(f"--resume: {out_dir / 'last'} was written by {saved_world} process(es) and this run has "
-                            f"{ctx.world_size}; resume with --nproc {saved_world} (the batch stream depends on it)")
-        saved_opt = state["optimizer"] if isinstance(state["optimizer"], list) else [state["optimizer"]]
-        if len(saved_opt) != len(optimizers):
-            raise BarkError(f"--resume: {out_dir / 'last'} was trained with another --optimizer; resume with the same one")
-        for opt, opt_state in zip(optimizers, saved_opt):
+
+def set_lr(optimizers: list, lr: float) -> None:
+    """Set every parameter group's learning rate to ``lr`` times its ``lr_scale`` (default 1)."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+class Trainer:
+    """One rank's training run: the model, its optimizers and batch source, and the
+    :class:`~barkgpt.checkpoint.TrainState` that every method reads and advances.
+
+    Built by :func:`train`; :meth:`run` trains to ``cfg.max_iters``. The pieces, in the order a
+    step goes through them: :meth:`train_step` (draw the batches, :meth:`forward_backward`),
+    :meth:`update` (under :meth:`DeferredSigint.critical`), :meth:`log_train`, and every
+    ``eval_interval`` steps :meth:`evaluate` (:meth:`write_sample`, :meth:`save` of ``best/``
+    and ``last/``, the plots). See the module docstring for what makes resume exact.
+
+    Attributes:
+        state: the run's :class:`TrainState` (step, best val loss, tokens seen, run id...).
+        snap: the sampler and RNG states taken at the start of the step in progress (None
+            between steps): an interrupt before the update saves these with the old step, so
+            the resumed run draws the same batch again.
+        last_is_current: ``last/`` holds exactly the present state (nothing to save on Ctrl-C).
+    """
+
+    def __init__(self, model_cfg: GPTConfig, cfg: TrainConfig, ctx, resume: bool, quiet: bool, source):
+        self.cfg, self.ctx, self.quiet = cfg, ctx, quiet
+        self.out_dir, self.device = Path(cfg.out_dir), ctx.device
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.source = source if source is not None else open_source(cfg)
+        self.tokenizer = self.source.tokenizer
+        last = resume_checkpoint(self.out_dir) if resume else None
+        self.raw_model = build_model(model_cfg, cfg, self.tokenizer, self.device, last)
+        self.model_cfg = self.raw_model.config
+        self.block_size = self.model_cfg.block_size
+        self.source.check(self.block_size)
+        self.model = self.wrapped = wrap_model(self.raw_model, ctx)  # DDP, or FSDP2 sharding raw_model in place
+        self.optimizers = build_optimizers(self.raw_model, cfg, self.device)
+        self.rng = np.random.default_rng(cfg.seed)  # the batch sampler: its state is the data position
+        self.resumed = last is not None
+        self.state = self.restore(TrainState.load(last)) if last is not None else TrainState(world_size=ctx.world_size)
+        if last is None:
+            torch.manual_seed(cfg.seed + 1)  # dropout stream, independent of the init
+        self.metrics_path, self.samples_path = self.out_dir / METRICS_NAME, self.out_dir / SAMPLES_NAME
+        if ctx.is_main:
+            self.prepare_out_dir()
+        self.setup_runtime()
+        self.info = {"data": {k: self.source.meta.get(k) for k in ("source", "source_sha256", "tokenizer", "train_tokens",
+                                                                   "val_tokens", "val_fraction")},
+                     "run_id": self.state.run_id}
+        self.token_bytes = np.asarray(self.tokenizer.token_bytes(), dtype=np.int64)
+        self.hook = signal_hook_from_env() or (lambda point, step: None)
+        self.snap, self.last_is_current = None, self.resumed
+        self.losses, self.last_loss, self.sigint, self.bar = None, float("nan"), None, None
+        # every rank draws the whole global batch (one data stream for any world size) and reads its rows
+        self.rank_rows = slice(ctx.rank * cfg.batch_size, (ctx.rank + 1) * cfg.batch_size) if ctx.enabled else slice(None)
+
+    # ---- setup: resume, the run folder, compile and autocast
+
+    def restore(self, state: TrainState) -> TrainState:
+        """Load a resumed run's optimizer, sampler and RNG states; returns ``state`` with its best
+        val loss lowered to ``best/``'s when a kill fell between writing ``best/`` and ``last/``.
+
+        Raises:
+            BarkError: another world size or another optimizer than the saved run's.
+        """
+        last, ctx = self.out_dir / "last", self.ctx
+        if state.world_size != ctx.world_size:
+            raise BarkError(f"--resume: {last} was written by {state.world_size} process(es) and this run has "
+                            f"{ctx.world_size}; resume with --nproc {state.world_size} (the batch stream depends on it)")
+        if len(state.optimizer or []) != len(self.optimizers):
+            raise BarkError(f"--resume: {last} was trained with another --optimizer; resume with the same one")
+        for opt, opt_state in zip(self.optimizers, state.optimizer):
             if ctx.fsdp:
                 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-                set_optimizer_state_dict(model, opt, opt_state, options=StateDictOptions(full_state_dict=True))
+                set_optimizer_state_dict(self.model, opt, opt_state, options=StateDictOptions(full_state_dict=True))
             else:
                 opt.load_state_dict(opt_state)
-        rng.bit_generator.state = state["sampler"]
-        set_rng_state(state["rng"])
-        step, best_val, tokens_seen = state["step"], state["best_val_loss"], state["tokens_seen"]
-        run_id = state.get("run_id") or run_id
-        best_val = min(best_val, recorded_best(out_dir / "best", run_id))  # a kill between writing best/ and last/
-    else:
-        torch.manual_seed(cfg.seed + 1)  # dropout stream, independent of the init
-    eval_pending = bool(state and state.get("eval_pending"))  # interrupted in this step's evaluation: redo it
+        self.rng.bit_generator.state = state.sampler
+        set_rng_state(state.rng)
+        state.best_val_loss = min(state.best_val_loss, recorded_best(self.out_dir / "best", state.run_id))
+        state.optimizer = state.sampler = state.rng = None  # loaded; save() takes them fresh
+        return state
 
-    # ---- clean up after kills, write the resolved config before step 0 (rank 0 writes every file)
-    metrics_path, samples_path = out_dir / "metrics.jsonl", out_dir / "samples.jsonl"
-    if ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        remove_leftovers(out_dir, ["last", "best", "config.yaml", "metrics.jsonl", "samples.jsonl", "loss.png", "experts.png"])
-        atomic_write_text(out_dir / "config.yaml", dump_yaml(config_to_dict(model_cfg, cfg)))
-        if state is not None:  # drop rows from after the resumed step (and of the evaluation to redo)
-            for path in (metrics_path, samples_path):
-                if path.exists():
-                    rewrite_rows(path, [r for r in read_metrics(path) if r["step"] < step or r["step"] == step and not (
-                        eval_pending and (path == samples_path or "val_loss" in r))])
-        else:
-            atomic_write_text(metrics_path, "")
-            samples_path.unlink(missing_ok=True)
+    def prepare_out_dir(self) -> None:
+        """(Rank 0) Clean up after kills, write the resolved ``config.yaml`` before step 0, and
+        start the logs: empty for a new run; for a resumed one, without the rows from after its
+        step (and those of the evaluation it redoes)."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(self.out_dir, ["last", "best", "config.yaml", METRICS_NAME, SAMPLES_NAME, "loss.png", "experts.png"])
+        atomic_write_text(self.out_dir / "config.yaml", dump_yaml(config_to_dict(self.model_cfg, self.cfg)))
+        if not self.resumed:
+            atomic_write_text(self.metrics_path, "")
+            self.samples_path.unlink(missing_ok=True)
+            return
+        step, redo = self.state.step, self.state.eval_pending
+        for path in (self.metrics_path, self.samples_path):
+            if path.exists():
+                rewrite_rows(path, [r for r in read_rows(path) if r["step"] < step or r["step"] == step and not (
+                    redo and (path == self.samples_path or "val_loss" in r))])
 
-    if device == "cpu":
-        if cfg.compile:  # like the compile, a one-time build (~15 s) for faster steps
-            cpu_attention.load(quiet=quiet)  # the short-context attention kernel
-        torch.set_flush_denormal(True)  # denormal floats in grads/optimizer state are ~100x slower on x86 (reset on return)
-    if cfg.compile:
-        model = compile_fn(model, device)
-    autocast = torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype)) if dtype != "float32" else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler(enabled=dtype == "float16")
-    tokens_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps * block_size * ctx.world_size
-    if not quiet:
-        ranks = f" x {ctx.world_size} ranks ({'FSDP' if ctx.fsdp else 'DDP'})" if ctx.enabled else ""
-        print(f"model: {model_cfg.family}, {raw_model.num_params() / 1e6:.2f}M parameters, "
-              f"{raw_model.flops_per_token() / 1e6:.1f} MFLOPs/token, head_dim {model_cfg.head_dim}; "
-              f"{tokens_per_iter:,} tokens/iteration; device {device}{ranks}, dtype {dtype}, optimizer {cfg.optimizer}; "
-              f"data {source.describe(block_size)}")
+    def setup_runtime(self) -> None:
+        """The CPU kernel and denormal setting, ``torch.compile``, autocast and the loss scaler;
+        then the start banner (model size, tokens per iteration, device, data)."""
+        cfg, ctx, device = self.cfg, self.ctx, self.device
+        if device == "cpu":
+            if cfg.compile:  # like the compile, a one-time build (~15 s) for faster steps
+                cpu_attention.load(quiet=self.quiet)  # the short-context attention kernel
+            torch.set_flush_denormal(True)  # denormal floats in grads/optimizer state are ~100x slower on x86 (reset on return)
+        if cfg.compile:
+            self.model = compile_fn(self.model, device)
+        self.autocast = (torch.autocast(device.split(":")[0], dtype=getattr(torch, self.dtype)) if self.dtype != "float32"
+                         else contextlib.nullcontext())
+        self.scaler = torch.amp.GradScaler(enabled=self.dtype == "float16")
+        self.tokens_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps * self.block_size * ctx.world_size
+        self.flops_per_token, self.peak = self.raw_model.flops_per_token(), peak_flops(device)
+        if not self.quiet:
+            ranks = f" x {ctx.world_size} ranks ({'FSDP' if ctx.fsdp else 'DDP'})" if ctx.enabled else ""
+            print(f"model: {self.model_cfg.family}, {self.raw_model.num_params() / 1e6:.2f}M parameters, "
+                  f"{self.flops_per_token / 1e6:.1f} MFLOPs/token, head_dim {self.model_cfg.head_dim}; "
+                  f"{self.tokens_per_iter:,} tokens/iteration; device {device}{ranks}, dtype {self.dtype}, "
+                  f"optimizer {cfg.optimizer}; data {self.source.describe(self.block_size)}")
 
-    info = {"data": {k: meta.get(k) for k in ("source", "source_sha256", "tokenizer", "train_tokens", "val_tokens", "val_fraction")},
-            "run_id": run_id}
-    token_bytes = np.asarray(tokenizer.token_bytes(), dtype=np.int64)
-    hook = signal_hook_from_env() or (lambda point, step: None)
-    # the states at the start of the step in progress (None between steps): an interrupt before
-    # the update saves these with the old step, so the resumed run draws the same batch again
-    snap = None
-    last_is_current = state is not None  # last/ holds exactly the present state (nothing to save on Ctrl-C)
+    # ---- the loop
 
-    def checkpoint(name: str, last_loss: dict | None = None):
-        """Save ``name`` (last/ or best/) from rank 0; under FSDP every rank joins the gather."""
-        extra = {**info, "step": step, "tokens_seen": tokens_seen, **({"val_loss": last_loss["val"]} if last_loss else {})}
-        full = full_model_state(model, ctx) if ctx.fsdp else None  # a gather: every rank takes part
-        opt_states = None
-        if name == "last":
+    def run(self) -> dict:
+        """Train from ``state.step`` to ``cfg.max_iters``; a SIGINT saves ``last/`` and returns.
+
+        Returns:
+            :func:`train`'s summary dict.
+        """
+        cfg, st = self.cfg, self.state
+        self.t_start = self.t_log = time.perf_counter()
+        self.elapsed0 = st.elapsed_s  # wall clock of the runs before a resume
+        self.tok_log, self.loop_s, self.step0 = 0, 0.0, st.step  # loop_s: time in training steps only
+        self.bar = progress(total=cfg.max_iters, desc="train", unit="step", initial=st.step) if not self.quiet else None
+        interrupted = False
+        with DeferredSigint() as self.sigint:
+            try:
+                if (cfg.init_from != "scratch" and not self.resumed) or st.eval_pending:  # the starting point, or a redo
+                    self.evaluate()
+                    self.t_log = time.perf_counter()
+                while st.step < cfg.max_iters:
+                    self.train_step()
+            except KeyboardInterrupt:
+                self.sigint.hold = True  # the save below finishes even if Ctrl-C comes again
+                interrupted = True
+                self.save_interrupted()
+            finally:
+                self.sigint.hold = True  # a Ctrl-C from here on finds nothing left to stop
+                if self.bar is not None:
+                    self.bar.close()
+                torch.set_flush_denormal(False)  # process-wide state: back to the default for the caller
+        return self.summary(interrupted)
+
+    def eval_due(self) -> bool:
+        """Whether the step just done is evaluated (every ``eval_interval`` steps, and the last)."""
+        return self.state.step % self.cfg.eval_interval == 0 or self.state.step == self.cfg.max_iters
+
+    def train_step(self) -> None:
+        """One step, as a transaction: take the sampler and RNG states, draw the batches,
+        accumulate the gradients, then :meth:`update` with SIGINT held; evaluate when due.
+
+        Raises:
+            BarkError: the loss is not finite (``last/`` keeps the last good state).
+            KeyboardInterrupt: a SIGINT outside the update.
+        """
+        cfg, st = self.cfg, self.state
+        self.snap = (self.rng.bit_generator.state, rng_state())  # before the batch is drawn
+        t_step = time.perf_counter()
+        lr = get_lr(st.step, cfg)
+        set_lr(self.optimizers, lr)
+        rows = cfg.batch_size * self.ctx.world_size
+        batches = [to_device(self.source.batch("train", rows, self.block_size, self.rng, self.rank_rows), self.device)
+                   for _ in range(cfg.gradient_accumulation_steps)]
+        self.hook("forward", st.step)
+        loss = self.forward_backward_or_uncompile(batches)
+        self.last_loss = all_reduce_mean(loss.item(), self.ctx)
+        if not math.isfinite(self.last_loss):
+            raise BarkError(f"the loss became {self.last_loss} at step {st.step}; the last good checkpoint in "
+                            f"{self.out_dir / 'last'} is kept. Lower --learning-rate or set --grad-clip 1.0")
+        with self.sigint.critical():  # the update: all of it, or (before it) none of it
+            self.update(lr, t_step)
+        if self.bar is not None:
+            self.bar.update(1)
+        if self.eval_due():
+            st.elapsed_s = self.elapsed0 + time.perf_counter() - self.t_start
+            losses = self.evaluate()
+            if self.bar is not None:
+                self.bar.write(f"step {st.step}: train {losses['train']:.4f}, val {losses['val']:.4f} "
+                               f"(perplexity {math.exp(losses['val']):.2f})")
+            self.t_log, self.tok_log = time.perf_counter(), 0  # keep eval time out of tokens/s
+
+    def forward_backward_or_uncompile(self, batches: list[tuple]) -> torch.Tensor:
+        """:meth:`forward_backward` on the compiled model; if the compile fails at the run's
+        first step, once more on the eager model, which the run keeps from then on."""
+        try:
+            return self.forward_backward(self.model, batches)
+        except Exception as e:  # noqa: BLE001 - a failed compile falls back to eager, once
+            if self.model is self.wrapped or self.state.step > self.step0:
+                raise
+            print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); training without compile")
+            self.model = self.wrapped
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+            return self.forward_backward(self.model, batches)
+
+    def forward_backward(self, model, batches: list[tuple]) -> torch.Tensor:
+        """Accumulate gradients over the micro-batches (each a tuple of (B, T) tensors); returns
+        the last micro-batch's loss (a scalar tensor, nats per target token).
+
+        Across ranks, gradients are synchronized on the last micro-batch only (DDP's ``no_sync``,
+        FSDP2's ``set_requires_gradient_sync``)."""
+        ctx = self.ctx
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
             if ctx.fsdp:
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+                self.raw_model.set_requires_gradient_sync(last)
+            with self.wrapped.no_sync() if ctx.enabled and not ctx.fsdp and not last else contextlib.nullcontext():
+                with self.autocast:
+                    loss = model_loss(model, batch)
+                self.scaler.scale(loss / len(batches)).backward()
+        return loss
 
-                opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-                opt_states = [get_optimizer_state_dict(model, o, options=opts) for o in optimizers]
-            else:
-                opt_states = [o.state_dict() for o in optimizers]
+    def update(self, lr: float, t_step: float) -> None:
+        """The update, which SIGINT does not cut in half: clip, step every optimizer, zero the
+        gradients, count the step (and its tokens), and write its log line when due."""
+        cfg, st = self.cfg, self.state
+        if cfg.grad_clip > 0:
+            for opt in self.optimizers:
+                self.scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip, foreach=True)
+        for i, opt in enumerate(self.optimizers):
+            self.scaler.step(opt)
+            if i == 0:
+                self.hook("update", st.step)
+        self.scaler.update()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        st.step += 1
+        self.snap, self.last_is_current = None, False
+        st.eval_pending = self.eval_due()  # this step's evaluation is owed
+        self.loop_s += time.perf_counter() - t_step
+        st.tokens_seen += self.tokens_per_iter
+        self.tok_log += self.tokens_per_iter
+        if st.step % cfg.log_interval == 0 or st.step == cfg.max_iters:
+            self.log_train(lr)
+
+    def log_train(self, lr: float) -> None:
+        """Write a train row (loss, learning rate, tokens/s since the last row, MFU, expert
+        shares) to ``metrics.jsonl`` and the progress bar."""
+        st, now = self.state, time.perf_counter()
+        tps = self.tok_log / max(now - self.t_log, 1e-9)
+        st.elapsed_s = self.elapsed0 + now - self.t_start
+        share = expert_share(self.raw_model)
+        self.log({"step": st.step, "train_loss": round(self.last_loss, 5), "lr": lr, "tokens_per_s": round(tps, 1),
+                  "elapsed_s": round(st.elapsed_s, 3), **({"mfu": round(self.mfu(tps), 4)} if self.peak else {}),
+                  **({"expert_share": share} if share else {})})
+        self.t_log, self.tok_log = now, 0
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+
+    def mfu(self, tokens_per_s: float) -> float | None:
+        """Model FLOPs utilization of all ranks together; None off known GPUs."""
+        return self.flops_per_token * tokens_per_s / (self.peak * self.ctx.world_size) if self.peak else None
+
+    # ---- evaluation, samples, checkpoints, logs
+
+    def evaluate(self) -> dict:
+        """Evaluate, then write (in this order, see the module docstring) the val row, the
+        sample, ``best/`` (when better) and ``last/``, and the plots.
+
+        Returns:
+            :func:`estimate_loss`'s dict.
+        """
+        st = self.state
+        st.eval_pending = True  # until last/ holds this evaluation's outcome
+        # eager model: a compiled one would recompile for eval mode and no_grad, for ~20 forwards
+        losses = estimate_loss(self.raw_model, self.source, self.cfg, self.block_size, self.device, self.autocast,
+                               self.token_bytes)
+        self.hook("eval", st.step)
+        self.log({"step": st.step, "val_loss": round(losses["val"], 5), "val_perplexity": round(math.exp(min(losses["val"], 50)), 4),
+                  "val_bpb": round(losses["val_bpb"], 5), "eval_train_loss": round(losses["train"], 5),
+                  "elapsed_s": round(st.elapsed_s, 3)})
+        self.write_sample()
+        if losses["val"] < st.best_val_loss:
+            self.save("best", losses)  # before last/ records it as the best
+            self.hook("best_saved", st.step)
+            st.best_val_loss = losses["val"]
+        st.eval_pending = False
+        self.save("last", losses)
+        self.last_is_current = True
+        self.hook("last_saved", st.step)
+        if self.ctx.is_main:
+            plot_run(self.out_dir)
+        self.losses = losses
+        return losses
+
+    def write_sample(self) -> None:
+        """Sample one document (or reply to ``cfg.sample_prompt``), at most 64 tokens, seeded by
+        the step; rank 0 appends it to ``samples.jsonl``."""
+        tok, step = self.tokenizer, self.state.step
+        ids = (tok.encode(self.cfg.sample_prompt) if self.cfg.sample_prompt else [tok.eos_id])[-self.block_size:]
+        toks = [s[0] for s in Engine(self.raw_model).generate(ids, max_new_tokens=min(64, self.block_size), temperature=0.8,
+                                                               top_k=50, seed=step, stop_ids=[tok.eos_id])]
+        self.raw_model.train()
+        text = tok.decode([t for t in toks if t is not None and t != tok.eos_id])
+        if self.ctx.is_main:  # every rank samples (an FSDP forward needs them all); rank 0 writes
+            append_row(self.samples_path, {"step": step, "prompt": self.cfg.sample_prompt, "text": text})
+
+    def save(self, name: str, losses: dict | None = None) -> None:
+        """Save checkpoint ``name`` (``last`` with the trainer state, or ``best``) from rank 0;
+        under FSDP every rank joins the gather of the weights (and optimizer states)."""
+        ctx, st = self.ctx, self.state
+        extra = {**self.info, "step": st.step, "tokens_seen": st.tokens_seen, **({"val_loss": losses["val"]} if losses else {})}
+        full = full_model_state(self.model, ctx) if ctx.fsdp else None  # a gather: every rank takes part
+        opt_states = self.optimizer_states() if name == "last" else None
         if not ctx.is_main:
             return
         trainer_state = None
         if name == "last":
-            sampler, rngs = snap if snap is not None else (rng.bit_generator.state, rng_state())
-            trainer_state = {"optimizer": opt_states, "sampler": sampler, "rng": rngs, "step": step,
-                             "best_val_loss": best_val, "tokens_seen": tokens_seen, "elapsed_s": elapsed,
-                             "world_size": ctx.world_size, "run_id": run_id, "eval_pending": eval_pending}
-        save_checkpoint(out_dir / name, raw_model, tokenizer, extra, trainer_state, state=full)
+            sampler, rngs = self.snap if self.snap is not None else (self.rng.bit_generator.state, rng_state())
+            trainer_state = dataclasses.replace(st, sampler=sampler, rng=rngs, optimizer=opt_states, world_size=ctx.world_size)
+        save_checkpoint(self.out_dir / name, self.raw_model, self.tokenizer, extra, trainer_state, state=full)
 
-    def log(row: dict):
-        if not ctx.is_main:
-            return
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+    def optimizer_states(self) -> list[dict]:
+        """Each optimizer's ``state_dict()`` (under FSDP, the full states, gathered to the CPU)."""
+        if not self.ctx.fsdp:
+            return [o.state_dict() for o in self.optimizers]
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    def evaluate():
-        """Evaluate, then write (in this order, see the module docstring) the val row, the sample,
-        best/ and last/, and the plots."""
-        nonlocal best_val, eval_pending, last_is_current
-        eval_pending = True  # until last/ holds this evaluation's outcome
-        # eager model: a compiled one would recompile for eval mode and no_grad, for ~20 forwards
-        losses = estimate_loss(raw_model, source, cfg, block_size, device, autocast, token_bytes)
-        hook("eval", step)
-        log({"step": step, "val_loss": round(losses["val"], 5), "val_perplexity": round(math.exp(min(losses["val"], 50)), 4),
-             "val_bpb": round(losses["val_bpb"], 5), "eval_train_loss": round(losses["train"], 5), "elapsed_s": round(elapsed, 3)})
-        write_sample()
-        if losses["val"] < best_val:
-            checkpoint("best", losses)  # before last/ records it as the best
-            hook("best_saved", step)
-            best_val = losses["val"]
-        eval_pending = False
-        checkpoint("last", losses)
-        last_is_current = True
-        hook("last_saved", step)
-        if ctx.is_main:
-            rows = read_metrics(metrics_path)
-            plot_losses(rows, out_dir / "loss.png")
-            plot_experts(rows, out_dir / "experts.png")
-        return losses
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return [get_optimizer_state_dict(self.model, o, options=opts) for o in self.optimizers]
 
-    def write_sample():
-        ids = tokenizer.encode(cfg.sample_prompt) if cfg.sample_prompt else [tokenizer.eos_id]
-        ids = ids[-block_size:]
-        toks = [s[0] for s in Engine(raw_model).generate(ids, max_new_tokens=min(64, block_size), temperature=0.8, top_k=50,
-                                                          seed=step, stop_ids=[tokenizer.eos_id])]  # one document or reply
-        raw_model.train()
-        text = tokenizer.decode([t for t in toks if t is not None and t != tokenizer.eos_id])
-        if not ctx.is_main:  # every rank samples (an FSDP forward needs them all); rank 0 writes
-            return
-        with open(samples_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, "prompt": cfg.sample_prompt, "text": text}) + "\n")
+    def log(self, row: dict) -> None:
+        """Append ``row`` to ``metrics.jsonl`` (rank 0 only)."""
+        if self.ctx.is_main:
+            append_row(self.metrics_path, row)
 
-    def forward_backward(m, batches):
-        """Accumulate gradients over the micro-batches; returns the last micro-batch's loss.
+    def save_interrupted(self) -> None:
+        """After a SIGINT: save ``last/`` unless it already holds this state, and say how to go on."""
+        st = self.state
+        st.elapsed_s = self.elapsed0 + time.perf_counter() - self.t_start
+        if not self.last_is_current:
+            self.save("last")
+        if not self.quiet:
+            redo = "; its evaluation is redone first" if st.eval_pending else ""
+            print(f"\ninterrupted: saved {self.out_dir / 'last'} at step {st.step}{redo}; continue with --resume")
 
-        Across ranks, gradients are synchronized on the last micro-batch only (DDP's ``no_sync``,
-        FSDP2's ``set_requires_gradient_sync``)."""
-        for i, batch in enumerate(batches):
-            last = i == len(batches) - 1
-            if ctx.fsdp:
-                raw_model.set_requires_gradient_sync(last)
-            with wrapped.no_sync() if ctx.enabled and not ctx.fsdp and not last else contextlib.nullcontext():
-                with autocast:
-                    loss = model_loss(m, batch)
-                scaler.scale(loss / len(batches)).backward()
-        return loss
+    def summary(self, interrupted: bool) -> dict:
+        """:func:`train`'s summary dict (see there)."""
+        st = self.state
+        total = self.elapsed0 + time.perf_counter() - self.t_start
+        tps = (st.step - self.step0) * self.tokens_per_iter / max(self.loop_s, 1e-9)
+        return {"step": st.step, "train_loss": self.last_loss, "val_loss": self.losses["val"] if self.losses else None,
+                "best_val_loss": st.best_val_loss, "tokens_per_s": tps, "mfu": self.mfu(tps),
+                "train_seconds": self.loop_s, "elapsed_s": total, "interrupted": interrupted}
 
-    flops_per_token, peak = raw_model.flops_per_token(), peak_flops(device)
-    # every rank draws the whole global batch (one data stream for any world size) and reads its rows
-    rank_rows = slice(ctx.rank * cfg.batch_size, (ctx.rank + 1) * cfg.batch_size) if ctx.enabled else slice(None)
 
-    def mfu(tokens_per_s: float) -> float | None:
-        """Model FLOPs utilization of all ranks together; None off known GPUs."""
-        return flops_per_token * tokens_per_s / (peak * ctx.world_size) if peak else None
-    t_start = time.perf_counter()
-    elapsed0 = state.get("elapsed_s", 0.0) if state else 0.0  # wall clock of the runs before a resume
-    elapsed = elapsed0
-    losses, interrupted, last_loss = None, False, float("nan")
-    bar = progress(total=cfg.max_iters, desc="train", unit="step", initial=step) if not quiet else None
-    t_log, tok_log = time.perf_counter(), 0
-    loop_s, step0 = 0.0, step  # time in training steps only (no eval, checkpoints or plots)
-    with DeferredSigint() as sigint:
-        try:
-            if (cfg.init_from != "scratch" and state is None) or eval_pending:  # the starting point, or a redo
-                losses = evaluate()
-                t_log = time.perf_counter()
-            while step < cfg.max_iters:
-                snap = (rng.bit_generator.state, rng_state())  # before the batch is drawn
-                t_step = time.perf_counter()
-                lr = get_lr(step, cfg)
-                for opt in optimizers:
-                    for group in opt.param_groups:
-                        group["lr"] = lr * group.get("lr_scale", 1.0)
-                batches = [to_device(source.batch("train", cfg.batch_size * ctx.world_size, block_size, rng, rank_rows), device)
-                           for _ in range(cfg.gradient_accumulation_steps)]
-                hook("forward", step)
-                try:
-                    loss = forward_backward(model, batches)
-                except Exception as e:  # noqa: BLE001 - a failed compile falls back to eager, once
-                    if model is wrapped or step > step0:
-                        raise
-                    print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); training without compile")
-                    model = wrapped
-                    for opt in optimizers:
-                        opt.zero_grad(set_to_none=True)
-                    loss = forward_backward(model, batches)
-                last_loss = all_reduce_mean(loss.item(), ctx)
-                if not math.isfinite(last_loss):
-                    raise BarkError(f"the loss became {last_loss} at step {step}; the last good checkpoint in {out_dir / 'last'} is kept. Lower --learning-rate or set --grad-clip 1.0")
-                with sigint.critical():  # the update: all of it, or (before it) none of it
-                    if cfg.grad_clip > 0:
-                        for opt in optimizers:
-                            scaler.unscale_(opt)
-                        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip, foreach=True)
-                    for i, opt in enumerate(optimizers):
-                        scaler.step(opt)
-                        if i == 0:
-                            hook("update", step)
-                    scaler.update()
-                    for opt in optimizers:
-                        opt.zero_grad(set_to_none=True)
-                    step += 1
-                    snap, last_is_current = None, False
-                    eval_pending = step % cfg.eval_interval == 0 or step == cfg.max_iters  # this step's eval is owed
-                    loop_s += time.perf_counter() - t_step
-                    tokens_seen += tokens_per_iter
-                    tok_log += tokens_per_iter
-                    if step % cfg.log_interval == 0 or step == cfg.max_iters:
-                        now = time.perf_counter()
-                        tps = tok_log / max(now - t_log, 1e-9)
-                        elapsed = elapsed0 + now - t_start
-                        share = expert_share(raw_model)
-                        log({"step": step, "train_loss": round(last_loss, 5), "lr": lr, "tokens_per_s": round(tps, 1), "elapsed_s": round(elapsed, 3),
-                             **({"mfu": round(mfu(tps), 4)} if peak else {}), **({"expert_share": share} if share else {})})
-                        t_log, tok_log = now, 0
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
-                if bar is not None:
-                    bar.update(1)
-                if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-                    elapsed = elapsed0 + time.perf_counter() - t_start
-                    losses = evaluate()
-                    if bar is not None:
-                        bar.write(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f} (perplexity {math.exp(losses['val']):.2f})")
-                    t_log, tok_log = time.perf_counter(), 0  # keep eval time out of tokens/s
-        except KeyboardInterrupt:
-            sigint.hold = True  # the save below finishes even if Ctrl-C comes again
-            interrupted = True
-            elapsed = elapsed0 + time.perf_counter() - t_start
-            if not last_is_current:
-                checkpoint("last")
-            if not quiet:
-                redo = "; its evaluation is redone first" if eval_pending else ""
-                print(f"\ninterrupted: saved {out_dir / 'last'} at step {step}{redo}; continue with --resume")
-        finally:
-            sigint.hold = True  # a Ctrl-C from here on finds nothing left to stop
-            if bar is not None:
-                bar.close()
-            torch.set_flush_denormal(False)  # process-wide state: back to the default for the caller
-    total = elapsed0 + time.perf_counter() - t_start
-    tps = (step - step0) * tokens_per_iter / max(loop_s, 1e-9)
-    return {"step": step, "train_loss": last_loss, "val_loss": losses["val"] if losses else None,
-            "best_val_loss": best_val, "tokens_per_s": tps, "mfu": mfu(tps),
-            "train_seconds": loop_s, "elapsed_s": total, "interrupted": interrupted}
+def resume_checkpoint(out_dir: Path) -> Path:
+    """The ``last/`` checkpoint to resume in ``out_dir``, restored first from a kill between a
+    save's two renames (:func:`checkpoint.recover_checkpoint` with ``repair``).
+
+    Raises:
+        BarkError: there is none (:func:`no_checkpoint_error`).
+    """
+    found = recover_checkpoint(out_dir / "last", repair=True)
+    if found is None:
+        raise no_checkpoint_error(out_dir)
+    return found
 
 
 def no_checkpoint_error(out_dir: Path) -> BarkError:

@@ -25,7 +25,7 @@ def saved(tmp_path):
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=1, n_head=2, n_kv_head=1, n_embd=16))
-    save_checkpoint(tmp_path / "run" / "last", model, Tokenizer.bark(), {"step": 3})
+    save_checkpoint(tmp_path / "run" / "last", model, Tokenizer.from_words(["<PAD>", "<EOS>", "<BOS>", "<UNK>", *"abcdefg"]), {"step": 3})
     return tmp_path / "run", model
 
 
@@ -82,3 +82,61 @@ def test_the_page_lists_a_checkpoint_left_at_last_old(saved):
     infos = checkpoint_infos(run, run.parent.resolve())
     assert [(c["name"], c["step"]) for c in infos] == [("last", 3)]
     assert not (run / "last").exists()  # listed as it is, nothing renamed
+
+
+def test_train_state_round_trips_through_last_and_restores_the_random_streams(tmp_path):
+    """What --resume reads back is what the trainer saved: every field, and RNG states that make
+    Python, NumPy and torch draw the same numbers again."""
+    import random
+
+    import numpy as np
+
+    from barkgpt.checkpoint import TrainState, rng_state, save_checkpoint, set_rng_state
+
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=1, n_head=2, n_kv_head=1, n_embd=16))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.zeros(1, 4, dtype=torch.int64), torch.zeros(1, 4, dtype=torch.int64))[1].backward()
+    opt.step()
+    sampler = np.random.default_rng(5)
+    state = TrainState(step=7, best_val_loss=1.25, tokens_seen=448, elapsed_s=3.5, eval_pending=True, world_size=1,
+                       sampler=sampler.bit_generator.state, rng=rng_state(), optimizer=[opt.state_dict()])
+    want = (random.random(), np.random.rand(), torch.rand(1).item(), sampler.integers(1 << 30))
+    tok = Tokenizer.from_words(["<PAD>", "<EOS>", "<BOS>", "<UNK>", *"abcdefg"])
+    save_checkpoint(tmp_path / "last", model, tok, {"step": 7}, state)
+    back = TrainState.load(tmp_path / "last")
+    assert (back.step, back.best_val_loss, back.tokens_seen, back.elapsed_s, back.run_id, back.eval_pending) == (
+        7, 1.25, 448, 3.5, state.run_id, True)
+    assert torch.equal(back.optimizer[0]["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    set_rng_state(back.rng)
+    resumed = np.random.default_rng()
+    resumed.bit_generator.state = back.sampler
+    assert (random.random(), np.random.rand(), torch.rand(1).item(), resumed.integers(1 << 30)) == want
+
+
+def test_train_state_reads_an_older_runs_dict_and_refuses_unknown_keys():
+    from barkgpt.checkpoint import TrainState
+
+    old = TrainState.from_dict({"step": 3, "best_val_loss": 2.0, "tokens_seen": 96, "optimizer": {"state": {}},
+                                "sampler": None, "rng": None, "run_id": None})
+    assert old.optimizer == [{"state": {}}] and old.world_size == 1 and not old.eval_pending and len(old.run_id) == 32
+    with pytest.raises(BarkError, match="^trainer state has unknown keys scheduler: .* another --out-dir$") as e:
+        TrainState.from_dict({"step": 3, "scheduler": {}})
+    assert "\n" not in str(e.value)
+    with pytest.raises(BarkError, match="holds no step"):
+        TrainState.from_dict({"best_val_loss": 1.0})
+
+
+def test_an_older_runs_numpy_state_the_key_alone_still_restores():
+    import random
+
+    import numpy as np
+
+    from barkgpt.checkpoint import rng_state, set_rng_state
+
+    state = rng_state()
+    np.random.seed(3)
+    key = np.random.get_state()[1].tolist()  # a fresh seed's position is the key's end (624)
+    want = np.random.rand()
+    set_rng_state({**state, "numpy": key})
+    assert np.random.rand() == want and random.getstate() == state["python"]

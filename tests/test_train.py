@@ -100,7 +100,7 @@ from barkgpt.checkpoint import save_checkpoint
 from barkgpt.config import GPTConfig
 from barkgpt.model import GPT
 from barkgpt.tokenizer import Tokenizer
-tok = Tokenizer.bark()
+tok = Tokenizer.from_words(["<PAD>", "<EOS>", "<BOS>", "<UNK>", *"abcdefg"])
 model = GPT(GPTConfig(vocab_size=11, block_size=32, n_layer=4, n_head=4, n_embd=256))
 print("ready", flush=True)
 i = 0
