@@ -13,8 +13,9 @@
   of ``block_size`` tokens by best-fit decreasing. Each row carries segment ids, so training
   attends only within a conversation and restarts positions at each one (``train.SegmentMask``):
   a packed row gives the same loss as its conversations run one by one.
-- **Bark chat**: the synthetic multi-turn set of the ``bark-chat`` preset, and the rule its
-  replies follow (:func:`follows_bark_rule`).
+
+Conversations generated in code reach training as a :class:`ChatRows` built from a list of
+message lists, through the dataset hook (``data.register_dataset``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from barkgpt.common import BarkError
-from barkgpt.tokenizer import BARK_COMMANDS, BARK_OTHER_WORDS, Tokenizer
+from barkgpt.tokenizer import Tokenizer
 
 IGNORE_INDEX = -1  # targets GPT.forward's cross-entropy skips (its ignore_index)
 ROLES = ("system", "user", "assistant")
@@ -335,83 +336,3 @@ def file_sha256(path: str | Path) -> str:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
-
-
-# ---- Bark chat ------------------------------------------------------------------------------
-# The user's command picks the bark: speak -> woof/arf (1 to 6), growl -> grrr (1 to 4),
-# sit -> a single arf, play -> many ruffs (3 to 8), and any other message -> "ruff?".
-# A command is the whole message: "sit down" or "Speak" is "any other message".
-
-BARK_STYLES = {"speak": ("woof", "arf"), "growl": ("grrr",), "sit": ("arf",), "play": ("ruff",)}
-BARK_COUNTS = {"speak": (1, 6), "growl": (1, 4), "sit": (1, 1), "play": (3, 8)}
-CONFUSED = "ruff?"
-
-
-def bark_reply(command: str, rng: random.Random) -> str:
-    """A reply that follows the Bark chat rule for ``command`` (random within the rule)."""
-    if command not in BARK_STYLES:
-        return CONFUSED
-    lo, hi = BARK_COUNTS[command]
-    return " ".join(rng.choice(BARK_STYLES[command]) for _ in range(rng.randint(lo, hi)))
-
-
-def follows_bark_rule(command: str, reply: str) -> bool:
-    """Whether ``reply`` is an allowed answer to ``command`` under the Bark chat rule.
-
-    The reply's words must all be the command's barks, as many as the rule allows (speak 1-6 of
-    woof/arf, growl 1-4 grrr, sit exactly one arf, play 3-8 ruff); any message that is not exactly
-    one of the four commands must get exactly ``ruff?``.
-    """
-    words = reply.split()
-    if command not in BARK_STYLES:
-        return words == [CONFUSED]
-    lo, hi = BARK_COUNTS[command]
-    return lo <= len(words) <= hi and all(w in BARK_STYLES[command] for w in words)
-
-
-def sample_bark_command(rng: random.Random) -> str:
-    """A user message: 60% one of the four commands, else another word in the vocabulary, a
-    made-up word (which encodes to ``<UNK>``), or 2 to 3 words that may include commands."""
-    u = rng.random()
-    if u < 0.6:
-        return rng.choice(BARK_COMMANDS)
-    if u < 0.75:
-        return rng.choice(BARK_OTHER_WORDS)
-    if u < 0.85:
-        return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 7)))
-    return " ".join(rng.choice(BARK_COMMANDS + BARK_OTHER_WORDS) for _ in range(rng.randint(2, 3)))
-
-
-def bark_chat_conversations(n: int, seed: int, max_turns: int = 4) -> list[list[dict]]:
-    """``n`` Bark chat conversations of 1 to ``max_turns`` user/assistant exchanges each.
-
-    Deterministic for a given ``seed`` (``random.Random``). Every reply follows the rule of
-    :func:`follows_bark_rule` for its own turn's command; earlier turns do not matter.
-
-    Returns:
-        ``[[{"role": "user", "content": "speak"}, {"role": "assistant", "content": "woof arf"}, ...], ...]``.
-    """
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        messages = []
-        for _ in range(rng.randint(1, max_turns)):
-            command = sample_bark_command(rng)
-            messages += [{"role": "user", "content": command}, {"role": "assistant", "content": bark_reply(command, rng)}]
-        out.append(messages)
-    return out
-
-
-def bark_chat_rows(n_conversations: int = 10000, val_fraction: float = 0.1, seed: int = 1337) -> ChatRows:
-    """The ``bark-chat`` preset's data: generated conversations with the Bark chat tokenizer.
-
-    The last ``val_fraction`` of the conversations (at least one) are the val split.
-
-    Nothing is checked here: when the val split takes every conversation (always so with fewer
-    than 2) the train split is empty, and the returned :class:`ChatRows` raises ``BarkError`` (no
-    assistant tokens) when that split is first packed (``check``, ``rows``, ``batch``).
-    """
-    convs = bark_chat_conversations(n_conversations, seed)
-    n_val = max(1, round(n_conversations * val_fraction))
-    meta = {"source": "bark-chat", "source_sha256": hashlib.sha256(json.dumps(convs).encode()).hexdigest()}
-    return ChatRows(Tokenizer.bark_chat(), {"train": convs[:-n_val], "val": convs[-n_val:]}, meta)

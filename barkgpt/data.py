@@ -9,6 +9,12 @@ Preparation streams: the input is read a few hundred KiB at a time, cut only whe
 kind would split the text differently, encoded in parallel batches and appended to the ``.bin``
 files, so memory stays flat whatever the corpus size. Validation data is the tail of the input
 (by bytes, cut at a line boundary), and the tokenizer is trained on the training part only.
+
+Built-in generated datasets (the hook): a name that ``--data`` or a preset's ``data:`` takes
+instead of a path maps, in :data:`BUILTIN_DATASETS`, to a function that builds the data. A module
+that generates a corpus (a toy dataset, a plugin) fills the table on import with
+:func:`register_dataset`; ``train.open_source`` and the server's run form look names up with
+:func:`builtin_dataset`. The core names no entry of the table.
 """
 
 from __future__ import annotations
@@ -19,15 +25,14 @@ import hashlib
 import itertools
 import json
 import os
-import random
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from barkgpt.common import BarkError, atomic_write_text, progress
-from barkgpt.tokenizer import BARKS, UNK, Tokenizer
+from barkgpt.tokenizer import UNK, Tokenizer
 
 CHUNK_BYTES = 1 << 17  # bytes of text read at a time (128 KiB)
 BATCH_BYTES = 1 << 22  # text encoded per encode_batch call (4 MiB, ~32 chunks, one per thread)
@@ -45,6 +50,42 @@ SPLITS = ("train", "val")
 # regex uses, so this is on the safe side.
 _SAFE_CUT = re.compile(r"\S(?=[\t-\r ])")
 MAX_CARRY = 1 << 23  # text without such a place is cut anyway after 8 Mi characters
+
+# builder(out, seed) -> a prepared data folder (a Path) or a batch source (TokenWindows' interface).
+DatasetBuilder = Callable[[Path, int], object]
+BUILTIN_DATASETS: dict[str, DatasetBuilder] = {}  # name -> builder, filled by register_dataset
+DATASET_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # a plain name: never a path, never '.' or '..'
+
+
+# ---- built-in generated datasets (the hook) -------------------------------------------------
+
+
+def register_dataset(name: str, builder: DatasetBuilder) -> None:
+    """Make ``name`` a built-in generated dataset: ``--data NAME`` then trains on ``builder``'s data.
+
+    ``builder(out, seed)`` gets the run's ``out_dir/data`` folder (a ``Path``, which it may write)
+    and ``TrainConfig.seed``, and returns either a prepared data folder (a ``Path``, e.g. from
+    :func:`prepare_documents`; it is opened with :class:`TokenWindows`) or a batch source with
+    that interface (``conversations.ChatRows``). A registered name wins over a path of the same
+    name. Registering the same function again (a module imported twice) is harmless.
+
+    Raises:
+        BarkError: ``name`` is not a plain lower-case name (letters, digits, ``-``, ``_``; no
+            path), or is already registered to another builder.
+    """
+    if not isinstance(name, str) or not DATASET_NAME.fullmatch(name):
+        raise BarkError(f"dataset name {name!r} is not a plain name; use lower-case letters, digits, '-' and '_'")
+    old = BUILTIN_DATASETS.get(name)
+    same = old is not None and (old.__module__, old.__qualname__) == (builder.__module__, builder.__qualname__)
+    if old is not None and not same:
+        raise BarkError(f"dataset {name!r} is already registered by {old.__module__}; pick another name")
+    BUILTIN_DATASETS[name] = builder
+
+
+def builtin_dataset(name: str | None) -> DatasetBuilder | None:
+    """The builder registered for ``name`` (see :func:`register_dataset`), or None for any other
+    value (a path, or None)."""
+    return BUILTIN_DATASETS.get(name) if isinstance(name, str) else None
 
 
 def prepare_dataset(input: str | Path, out: str | Path, tokenizer: str = "bpe", vocab_size: int | None = None,
@@ -123,52 +164,44 @@ def prepare_dataset(input: str | Path, out: str | Path, tokenizer: str = "bpe", 
     return meta
 
 
-def bark_documents(n_docs: int, seed: int) -> Iterator[str]:
-    """Yield ``n_docs`` Bark chat documents such as ``"User: speak Assistant: woof arf <EOS>"``.
+def prepare_documents(docs: Sequence[str], out: str | Path, tokenizer: Tokenizer, source: str,
+                      val_fraction: float = 0.1, add_eos: bool = True) -> dict:
+    """Write generated documents with a fixed tokenizer into a prepared data folder ``out``.
 
-    Each has 1 to 10 barks drawn uniformly from ``woof arf ruff grrr``. Only ``random.random()``
-    is used, whose sequence for a given seed Python guarantees across versions, so the
-    documents are the same everywhere for the same ``seed``.
-    """
-    rng = random.Random(seed)
-    for _ in range(n_docs):
-        n = 1 + int(rng.random() * 10)
-        barks = " ".join(BARKS[int(rng.random() * len(BARKS))] for _ in range(n))
-        yield f"User: speak Assistant: {barks} <EOS>"
+    For corpora built in code (see :func:`register_dataset`). The last
+    ``round(len(docs) * val_fraction)`` documents (at least 1) form the validation split.
+    ``source_sha256`` hashes the documents, each followed by a newline.
 
-
-def prepare_bark(out: str | Path, n_docs: int = 20000, val_fraction: float = 0.1, seed: int = 1337) -> dict:
-    """Write the Bark toy dataset (:func:`bark_documents`) with the Bark tokenizer into ``out``.
-
-    The last ``round(n_docs * val_fraction)`` documents (at least 1) form the validation split.
-    The documents already end in ``<EOS>``, so no extra EOS is added. ``source_sha256`` hashes
-    the documents, each followed by a newline.
+    Args:
+        docs: the documents, in order.
+        out: the folder to write ``train.bin``, ``val.bin``, ``meta.json`` and the tokenizer into.
+        tokenizer: encodes the documents (saved with them).
+        source: the ``source`` recorded in ``meta.json`` (the dataset's name).
+        add_eos: append an EOS id after each document; False when they already end in ``<EOS>``.
 
     Returns:
-        The meta dict, as :func:`prepare_dataset` (``source`` is ``"bark"``).
+        The meta dict, as :func:`prepare_dataset`.
 
     Raises:
-        BarkError: ``val_fraction`` outside (0, 0.5] or fewer than 2 documents.
+        BarkError: ``val_fraction`` outside (0, 0.5], fewer than 2 documents, or a split with
+            fewer than 2 tokens.
     """
     _check_val_fraction(val_fraction)
-    if n_docs < 2:
-        raise BarkError(f"n_docs {n_docs} is too few to split into train and val; use at least 2")
-    n_val = max(1, round(n_docs * val_fraction))
-    tok = Tokenizer.bark()
-    docs = bark_documents(n_docs, seed)
+    if len(docs) < 2:
+        raise BarkError(f"{len(docs)} document(s) of {source} are too few to split into train and val; use at least 2")
+    n_val = max(1, round(len(docs) * val_fraction))
     hasher = hashlib.sha256()
 
-    def pieces(n: int) -> Iterator[tuple[str, bool]]:
-        for _ in range(n):
-            doc = next(docs)
+    def pieces(part: Sequence[str]) -> Iterator[tuple[str, bool]]:
+        for doc in part:
             hasher.update(doc.encode("utf-8") + b"\n")
             yield doc, True
 
     out = Path(out)
-    counts = _write_splits(out, tok, pieces(n_docs - n_val), pieces(n_val), add_eos=False, source="bark",
+    counts = _write_splits(out, tokenizer, pieces(docs[:-n_val]), pieces(docs[-n_val:]), add_eos=add_eos, source=source,
                            val_fraction=val_fraction)
-    meta = _meta(tok, counts, "bark", hasher.hexdigest(), val_fraction)
-    tok.save(out)
+    meta = _meta(tokenizer, counts, source, hasher.hexdigest(), val_fraction)
+    tokenizer.save(out)
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     return meta
 
@@ -259,7 +292,7 @@ class TokenWindows:
     packed chat data.
 
     Args:
-        data_dir: a folder written by :func:`prepare_dataset` or :func:`prepare_bark`.
+        data_dir: a folder written by :func:`prepare_dataset` or :func:`prepare_documents`.
 
     Raises:
         BarkError: the folder is not prepared (see :func:`read_meta`, :func:`load_split`).

@@ -1,4 +1,4 @@
-"""Evaluation: loss, perplexity and bits per byte of a model on a text, and the Bark chat check.
+"""Evaluation: loss, perplexity and bits per byte of a model on a text.
 
 Bits per byte compares models across tokenizers. Its one definition, shared with training's
 ``val_bpb``, is :func:`barkgpt.common.token_nll_and_bytes` (nanochat's ``evaluate_bpb``): the
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from pathlib import Path
 
@@ -27,9 +26,8 @@ import torch
 
 from barkgpt.checkpoint import find_checkpoint, load_checkpoint
 from barkgpt.common import BarkError, bits_per_byte, resolve_device, token_nll_and_bytes
-from barkgpt.conversations import IGNORE_INDEX, bark_chat_conversations, follows_bark_rule, sample_bark_command
+from barkgpt.conversations import IGNORE_INDEX
 from barkgpt.data import load_split, read_documents, read_meta
-from barkgpt.generate import TextGenerator
 from barkgpt.model import GPT
 from barkgpt.tokenizer import Tokenizer
 
@@ -201,35 +199,3 @@ def evaluate_text(model_path: str | Path, data: str | Path, split: str = "all", 
             "loss": loss, "perplexity": math.exp(min(loss, 700)), "bits_per_byte": bits_per_byte(r["nll_bytes"], r["bytes"]),
             "tokens": r["tokens"], "bytes": r["bytes"], "unknown": r["unknown"],
             "tokens_per_s": r["tokens"] / max(r["seconds"], 1e-9), "seconds": r["seconds"]}
-
-
-def bark_eval(gen: TextGenerator, n: int = 100, seed: int = 0, temperature: float = 1.0) -> dict:
-    """The share of sampled replies that follow the Bark chat rule (``conversations.follows_bark_rule``).
-
-    Each of the ``n`` cases is a conversation of 0 to 2 earlier exchanges (correct ones, from the
-    training generator) and a command drawn as the training data draws them; the model's reply is
-    sampled at ``temperature`` with the given seed and must follow the rule for the last command
-    and end with ``<EOS>`` within 16 tokens.
-
-    Returns:
-        ``{"samples": n, "passed": int, "share": float, "failures": [{"command", "reply", "finish_reason"}, ...]}``.
-
-    Raises:
-        BarkError: ``n`` < 1.
-    """
-    if n < 1:
-        raise BarkError(f"the number of samples must be at least 1, got {n}")
-    rng = random.Random(seed)
-    history_pool = bark_chat_conversations(n, seed + 1, max_turns=2)
-    passed, failures = 0, []
-    for i in range(n):
-        history = history_pool[i][:2 * rng.randint(0, len(history_pool[i]) // 2)]
-        command = sample_bark_command(rng)
-        prompt = gen.chat_prompt([*history, {"role": "user", "content": command}])
-        reply = gen.complete(prompt, truncate=True, max_new_tokens=16, temperature=temperature, seed=seed + i)[0]
-        if reply.finish_reason == "stop" and follows_bark_rule(command, reply.text):
-            passed += 1
-        else:
-            failures.append({"command": command, "reply": reply.text.strip(), "finish_reason": reply.finish_reason})
-    return {"samples": n, "passed": passed, "share": passed / n, "failures": failures}
-

@@ -5,8 +5,8 @@ Three kinds share one :class:`Tokenizer` class and one file format:
 - ``bpe``: GPT-2's byte-level BPE (Radford et al. 2019; the GPT-2 pre-tokenizer regex, then BPE
   over the 256 byte symbols), so every string encodes and none maps to ``<UNK>``.
 - ``char``: one token per distinct character, as nanoGPT's ``shakespeare_char/prepare.py``.
-- ``word``: one token per whitespace-separated word; ``Tokenizer.bark()`` is the fixed 11-token
-  Bark vocabulary the quick-start model speaks.
+- ``word``: one token per whitespace-separated word, trained or over a fixed vocabulary
+  (:meth:`Tokenizer.from_words`).
 
 A tokenizer is a folder with ``tokenizer.json`` (the ``tokenizers`` library's own file, which
 ``transformers.PreTrainedTokenizerFast`` also loads) and ``tokenizer_config.json`` (kind, special
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import codecs
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
@@ -32,14 +32,6 @@ PAD, EOS, BOS, UNK = "<PAD>", "<EOS>", "<BOS>", "<UNK>"
 SPECIAL_TOKENS = (PAD, EOS, BOS, UNK)  # ids 0..3, in this order, in every trained tokenizer
 BPE_MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # the byte alphabet plus the specials
 MIN_VOCAB = len(SPECIAL_TOKENS) + 1  # char/word: the specials plus at least one real token
-BARK_VOCAB = (PAD, EOS, "woof", "arf", "ruff", "grrr", "User:", "Assistant:", "speak", BOS, UNK)
-BARKS = ("woof", "arf", "ruff", "grrr")
-# Bark chat (the bark-chat preset): the user's one-word command picks the style of bark; any
-# other message gets "ruff?". Words outside this vocabulary map to <UNK>.
-BARK_COMMANDS = ("speak", "growl", "sit", "play")
-BARK_OTHER_WORDS = ("fetch", "stay", "roll", "down", "come", "paw", "heel", "shake", "hello", "treat",
-                    "walk", "bath", "good", "dog", "please", "now")
-BARK_CHAT_VOCAB = (*SPECIAL_TOKENS, "User:", "Assistant:", *BARKS, "ruff?", *BARK_COMMANDS, *BARK_OTHER_WORDS)
 # Role markers that fine-tuning adds to a tokenizer that lacks them (see Tokenizer.with_chat_tokens):
 # special tokens cannot be forged by text in a message, and mark turns in one token each.
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -47,9 +39,10 @@ CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 # Chat templates are Jinja, rendered the way transformers' apply_chat_template does (sandboxed,
 # trim_blocks, lstrip_blocks, with `messages`, `add_generation_prompt`, `bos_token`, `eos_token`
 # and `raise_exception`), so an exported tokenizer chats the same in transformers.
-# Bark: "User: {c} " / "Assistant: {c} <EOS> " / prompt "Assistant:". The Bark vocabulary has no
-# system role, so system messages are skipped rather than turned into <UNK> tokens.
-BARK_CHAT_TEMPLATE = (
+# word: "User: {c} " / "Assistant: {c} <EOS> " / prompt "Assistant:", words apart by spaces. A
+# small fixed word vocabulary has no words for a system role, so system messages are skipped
+# rather than turned into <UNK> tokens.
+WORD_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'user' -%}"
     "{{ 'User: ' + message['content'] + ' ' }}"
@@ -148,7 +141,7 @@ class IncrementalDecoder:
 class Tokenizer:
     """A trained tokenizer: text <-> token ids, special tokens, chat template, save/load.
 
-    Build one with :meth:`train`, :meth:`bark` or :meth:`load`, not the constructor.
+    Build one with :meth:`train`, :meth:`from_words` or :meth:`load`, not the constructor.
 
     Attributes:
         kind: ``"bpe"``, ``"char"`` or ``"word"``.
@@ -233,31 +226,36 @@ class Tokenizer:
         return cls(tk, kind)
 
     @classmethod
-    def bark(cls) -> Tokenizer:
-        """The fixed Bark vocabulary (word kind, vocab_size 11).
+    def from_words(cls, vocab: Sequence[str], chat_template: str | None = None) -> Tokenizer:
+        """A word tokenizer over a fixed vocabulary: token id = position in ``vocab``.
 
-        Ids: 0 ``<PAD>``, 1 ``<EOS>``, 2 ``woof``, 3 ``arf``, 4 ``ruff``, 5 ``grrr``, 6 ``User:``,
-        7 ``Assistant:``, 8 ``speak``, 9 ``<BOS>``, 10 ``<UNK>``. Chat template: ``User: {c} ``,
-        ``Assistant: {c} <EOS> ``, generation prompt ``Assistant:``.
+        For generated corpora whose words are known in advance (a toy dataset, a plugin's). Text
+        splits on whitespace; a word not in ``vocab`` encodes to ``<UNK>``.
+
+        Args:
+            vocab: the tokens, each a non-empty string without whitespace, no repeats; it must
+                hold the four special tokens ``<PAD> <EOS> <BOS> <UNK>`` (anywhere).
+            chat_template: Jinja chat template; None gives the word kind's ``WORD_CHAT_TEMPLATE``.
+
+        Raises:
+            BarkError: a special token missing, a repeated token, or an empty one or one with
+                whitespace.
         """
-        return cls._fixed_words(BARK_VOCAB)
-
-    @classmethod
-    def bark_chat(cls) -> Tokenizer:
-        """The fixed Bark chat vocabulary (word kind, ``BARK_CHAT_VOCAB``, 31 tokens) with Bark's chat
-        template: the specials (ids 0..3), ``User:``, ``Assistant:``, the barks, ``ruff?``, the four
-        commands and a few other words. Any other word encodes to ``<UNK>``.
-        """
-        return cls._fixed_words(BARK_CHAT_VOCAB)
-
-    @classmethod
-    def _fixed_words(cls, vocab: tuple[str, ...]) -> Tokenizer:
-        """A word tokenizer over a fixed ``vocab`` (id = position) with Bark's chat template."""
+        vocab = list(vocab)
+        missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+        if missing:
+            raise BarkError(f"the word vocabulary lacks the special token(s) {', '.join(missing)}; add them to it")
+        if len(set(vocab)) != len(vocab):
+            twice = sorted({t for t in vocab if vocab.count(t) > 1})
+            raise BarkError(f"the word vocabulary repeats {', '.join(map(repr, twice))}; list each token once")
+        bad = [t for t in vocab if not isinstance(t, str) or not t or t != "".join(t.split())]
+        if bad:
+            raise BarkError(f"word tokens must be non-empty text without whitespace; got {bad[0]!r}")
         tk = HFTokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token=UNK))
         tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
         # Tokens already in the vocabulary keep their ids when registered as special.
         tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-        return cls(tk, "word", BARK_CHAT_TEMPLATE)
+        return cls(tk, "word", chat_template)
 
     def with_chat_tokens(self) -> tuple[Tokenizer, int]:
         """This tokenizer with the chat role tokens ``<|system|> <|user|> <|assistant|>``, for fine-tuning.
@@ -428,7 +426,7 @@ class Tokenizer:
         return json.loads(self._tk.to_str())
 
     def token_to_id(self, token: str) -> int | None:
-        """The id of one token (e.g. ``"<EOS>"``, ``"woof"``), or None if it is not in the vocabulary."""
+        """The id of one token (e.g. ``"<EOS>"``, ``"the"``), or None if it is not in the vocabulary."""
         return self._tk.token_to_id(token)
 
     def id_to_token(self, token_id: int) -> str | None:
@@ -459,8 +457,8 @@ class Tokenizer:
             add_generation_prompt: end with ``"Assistant:"`` so the model writes the reply.
 
         Returns:
-            The text, e.g. ``"User: speak Assistant:"`` for Bark and ``[{"role": "user",
-            "content": "speak"}]``. Encode it with :meth:`encode`.
+            The text, e.g. ``"User: hello Assistant:"`` for a word tokenizer and ``[{"role":
+            "user", "content": "hello"}]``. Encode it with :meth:`encode`.
 
         Raises:
             BarkError: a message is not a dict with string ``role`` and ``content``, a role the
@@ -485,7 +483,7 @@ class Tokenizer:
 
         Each role's prefix and suffix are learned by rendering a one-message probe conversation, so
         this works for any template that renders a message as prefix + content + suffix. A trailing
-        generation prompt is dropped. A role the template leaves out (Bark's ``system``) is never
+        generation prompt is dropped. A role the template leaves out (the word template's ``system``) is never
         returned. Turn boundaries are chosen left to right with backtracking, so content that looks
         like a boundary (``"\\nAssistant: "`` inside a message, with the plain-text template) parses
         back whenever some split of the text parses at all; the role-token template is unambiguous.
@@ -606,8 +604,8 @@ def _infer_kind(tk: HFTokenizer) -> str:
 
 
 def _default_template(kind: str) -> str:
-    """The chat template of a kind: Bark's for word tokenizers, the line-per-turn one otherwise."""
-    return BARK_CHAT_TEMPLATE if kind == "word" else CHAT_TEMPLATE
+    """The chat template of a kind: words apart by spaces for word tokenizers, else a line per turn."""
+    return WORD_CHAT_TEMPLATE if kind == "word" else CHAT_TEMPLATE
 
 
 def _jinja_env():

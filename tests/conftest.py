@@ -12,6 +12,10 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 os.environ.setdefault("BARKGPT_PROGRESS", "")  # keep progress bars out of test logs
 
+# Register the Bark toy's generated datasets ("bark", "bark-chat") for tests that train on them
+# in-process, as the CLI does before `train` (barkgpt.bark is an edge the core never imports).
+import barkgpt.bark  # noqa: E402, F401
+
 
 @pytest.fixture
 def tiny_config():

@@ -1,5 +1,5 @@
 """Chat data: reading both JSONL formats, group splits, the chat template round trip, assistant
-masks, packing, and the Bark chat rule."""
+masks and packing."""
 
 import json
 import random
@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 
 from barkgpt.common import BarkError
-from barkgpt.conversations import (IGNORE_INDEX, bark_chat_conversations, encode_conversation, follows_bark_rule,
-                                   load_conversations, pack_conversations, pack_rows, split_conversations)
-from barkgpt.tokenizer import CHAT_TOKENS, Tokenizer
+from barkgpt.conversations import (IGNORE_INDEX, encode_conversation, load_conversations, pack_conversations, pack_rows,
+                                   split_conversations)
+from barkgpt.tokenizer import CHAT_TOKENS, SPECIAL_TOKENS, Tokenizer
+
+# A fixed word vocabulary with the word chat template ("User: ... Assistant: ... <EOS>").
+WORDS = Tokenizer.from_words((*SPECIAL_TOKENS, "User:", "Assistant:", "hi", "yo", "go"))
 
 
 def write_jsonl(path, rows):
@@ -69,10 +72,9 @@ def test_chat_template_round_trips_on_real_conversations(shared_data, chat_tok, 
     plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "line one\nline two"},
              {"role": "assistant", "content": "Sure.\nUser: not a turn"}]
     assert tiny_tokenizer.parse_chat(tiny_tokenizer.apply_chat_template(plain, add_generation_prompt=False)) == plain
-    bark = Tokenizer.bark_chat()
-    talk = [{"role": "user", "content": "speak"}, {"role": "assistant", "content": "woof arf"},
-            {"role": "user", "content": "sit"}]
-    assert bark.parse_chat(bark.apply_chat_template(talk)) == talk
+    talk = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo yo"},
+            {"role": "user", "content": "go"}]
+    assert WORDS.parse_chat(WORDS.apply_chat_template(talk)) == talk
     with pytest.raises(BarkError, match="cannot parse"):
         chat_tok.parse_chat("no roles here")
 
@@ -89,10 +91,9 @@ def test_assistant_mask_covers_exactly_the_replies_and_their_eos(chat_tok):
     assert prompt == "<|system|>Be brief.<EOS><|user|>Café? 🐶<EOS><|assistant|><|user|>Bye<EOS><|assistant|>"
 
 
-def test_assistant_mask_with_bark_and_char_templates():
-    bark = Tokenizer.bark_chat()
-    ids, mask = encode_conversation(bark, [{"role": "user", "content": "play"}, {"role": "assistant", "content": "ruff ruff ruff"}])
-    assert [bark.id_to_token(i) for i, m in zip(ids, mask) if m] == ["ruff", "ruff", "ruff", "<EOS>"]
+def test_assistant_mask_with_word_and_char_templates():
+    ids, mask = encode_conversation(WORDS, [{"role": "user", "content": "go"}, {"role": "assistant", "content": "yo yo hi"}])
+    assert [WORDS.id_to_token(i) for i, m in zip(ids, mask) if m] == ["yo", "yo", "hi", "<EOS>"]
     char = Tokenizer.train("char", ["User: hi\nAssistant: yo\n"])
     ids, mask = encode_conversation(char, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
     assert char.decode([i for i, m in zip(ids, mask) if m]) == " yo<EOS>"
@@ -133,20 +134,3 @@ def test_with_chat_tokens_appends_ids_and_is_idempotent(tiny_tokenizer, chat_tok
     again, added = Tokenizer.load(tmp_path).with_chat_tokens()
     assert added == 0 and again.vocab_size == 303 and again.chat_template == chat_tok.chat_template
     assert json.loads((tmp_path / "tokenizer_config.json").read_text())["additional_special_tokens"] == list(CHAT_TOKENS)
-
-
-def test_bark_rule_and_generated_conversations():
-    assert follows_bark_rule("speak", "woof arf woof")
-    assert follows_bark_rule("sit", "arf") and not follows_bark_rule("sit", "arf arf")
-    assert follows_bark_rule("play", "ruff ruff ruff") and not follows_bark_rule("play", "ruff ruff")
-    assert follows_bark_rule("growl", "grrr") and not follows_bark_rule("growl", "woof")
-    assert follows_bark_rule("fetch", "ruff?") and follows_bark_rule("sit down", "ruff?")
-    assert not follows_bark_rule("hello", "woof") and not follows_bark_rule("speak", "ruff?")
-    convs = bark_chat_conversations(500, seed=3)
-    assert convs == bark_chat_conversations(500, seed=3)
-    assert any(len(c) > 2 for c in convs)  # multi-turn
-    for messages in convs:
-        for user, reply in zip(messages[::2], messages[1::2]):
-            assert follows_bark_rule(user["content"], reply["content"])
-    unknown = Tokenizer.bark_chat().unk_id
-    assert any(unknown in Tokenizer.bark_chat().encode(m["content"]) for c in convs for m in c[::2])

@@ -1,9 +1,8 @@
 """Tests for barkgpt.data: preparing .txt / folder / .jsonl input, errors, determinism, the
-real tiny Shakespeare, Bark documents and get_batch."""
+real tiny Shakespeare, generated documents, the built-in dataset hook and get_batch."""
 
 import hashlib
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,8 @@ import pytest
 
 from barkgpt import data
 from barkgpt.common import BarkError
-from barkgpt.data import bark_documents, get_batch, load_split, prepare_bark, prepare_dataset, read_meta
+from barkgpt.data import (builtin_dataset, get_batch, load_split, prepare_dataset, prepare_documents, read_meta,
+                          register_dataset)
 from barkgpt.tokenizer import Tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -212,25 +212,53 @@ def test_tokenizer_from_reuses_tokenizer_and_counts_unknowns(text_file, tmp_path
         prepare_dataset(tmp_path / "other.txt", tmp_path / "third", tokenizer_from=tmp_path / "nowhere")
 
 
-def test_bark_documents_format_and_determinism():
-    docs = list(bark_documents(500, seed=7))
-    pattern = re.compile(r"User: speak Assistant:( (woof|arf|ruff|grrr)){1,10} <EOS>")
-    assert all(pattern.fullmatch(d) for d in docs)
-    assert {len(d.split()) - 4 for d in docs} == set(range(1, 11))  # every length 1..10 occurs
-    assert docs == list(bark_documents(500, seed=7))
-    assert docs != list(bark_documents(500, seed=8))
+def test_prepare_documents_splits_and_hashes_generated_documents(tmp_path):
+    docs = [f"User: hello Assistant: {' '.join(['a'] * (1 + i % 3))} <EOS>" for i in range(20)]
+    tok = Tokenizer.from_words(("<PAD>", "<EOS>", "<BOS>", "<UNK>", "User:", "Assistant:", "hello", "a"))
+    meta = prepare_documents(docs, tmp_path / "gen", tok, "gen", val_fraction=0.1, add_eos=False)
+    assert read_meta(tmp_path / "gen") == meta and meta["source"] == "gen" and meta["tokenizer"] == "word"
+    assert meta["source_sha256"] == hashlib.sha256("".join(d + "\n" for d in docs).encode()).hexdigest()
+    back = Tokenizer.load(tmp_path / "gen")
+    assert back.decode(tokens(tmp_path / "gen", "train")) == " ".join(docs[:18])  # no EOS added twice
+    assert back.decode(tokens(tmp_path / "gen", "val")) == " ".join(docs[18:])
+    plain = prepare_documents(["a a", "a"], tmp_path / "eos", tok, "gen", val_fraction=0.5)  # add_eos by default
+    assert tokens(tmp_path / "eos", "train") == [7, 7, 1] and plain["val_tokens"] == 2
+    with pytest.raises(BarkError, match="too few to split"):
+        prepare_documents(["a"], tmp_path / "one", tok, "gen")
+    with pytest.raises(BarkError, match="val_fraction 0.7"):
+        prepare_documents(docs, tmp_path / "bad", tok, "gen", val_fraction=0.7)
 
 
-def test_prepare_bark(tmp_path):
-    meta = prepare_bark(tmp_path / "bark", n_docs=100, seed=3)
-    tok = Tokenizer.load(tmp_path / "bark")
-    assert tok.vocab_size == 11 and meta["tokenizer"] == "word" and meta["source"] == "bark"
-    train, val = tokens(tmp_path / "bark", "train"), tokens(tmp_path / "bark", "val")
-    docs = list(bark_documents(100, seed=3))
-    assert tok.decode(train) == " ".join(docs[:90])  # one EOS per document, none doubled
-    assert tok.decode(val) == " ".join(docs[90:])
-    assert tok.unk_id not in train + val
-    assert prepare_bark(tmp_path / "again", n_docs=100, seed=3) == meta
+@pytest.fixture
+def registry(monkeypatch):
+    """The built-in dataset table, restored after the test (the tests register throwaway names)."""
+    monkeypatch.setattr(data, "BUILTIN_DATASETS", dict(data.BUILTIN_DATASETS))
+    return data.BUILTIN_DATASETS
+
+
+def make_folder(out, seed):
+    return out
+
+
+def test_register_dataset_makes_a_name_a_builtin(registry):
+    assert builtin_dataset("toy-set") is None and builtin_dataset(None) is None
+    register_dataset("toy-set", make_folder)
+    assert builtin_dataset("toy-set") is make_folder and registry["toy-set"] is make_folder
+    register_dataset("toy-set", make_folder)  # a module imported twice registers the same function again
+
+
+@pytest.mark.parametrize("name", ["../up", "runs/x", "/abs", ".hidden", "Toy", "", "a b", "x" * 65, None])
+def test_register_dataset_refuses_names_that_could_be_paths(registry, name):
+    with pytest.raises(BarkError, match="not a plain name"):
+        register_dataset(name, make_folder)
+    assert name not in registry
+
+
+def test_register_dataset_refuses_a_second_builder_for_a_name(registry):
+    register_dataset("toy-set", make_folder)
+    with pytest.raises(BarkError, match="already registered by"):
+        register_dataset("toy-set", lambda out, seed: out)
+    assert registry["toy-set"] is make_folder
 
 
 def test_get_batch_shapes_and_shift(tmp_path):

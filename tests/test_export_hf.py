@@ -46,8 +46,10 @@ def randomize(model: GPT, seed: int = 0) -> GPT:
 @pytest.fixture(scope="module")
 def tokenizers_by_kind(tiny_text):
     """One trained tokenizer per kind; the word one is Bark's fixed vocabulary."""
+    from barkgpt.bark import bark_tokenizer
+
     return {"bpe": Tokenizer.train("bpe", [tiny_text], 320), "char": Tokenizer.train("char", [tiny_text]),
-            "word": Tokenizer.bark()}
+            "word": bark_tokenizer()}
 
 
 def make_checkpoint(tmp_path, family: str, tokenizer: Tokenizer, tie: bool = True) -> tuple:

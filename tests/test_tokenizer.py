@@ -1,4 +1,4 @@
-"""Tests for barkgpt.tokenizer: round trips, special tokens, the Bark vocabulary, save/load,
+"""Tests for barkgpt.tokenizer: round trips, special tokens, fixed word vocabularies, save/load,
 streaming decode and chat templates. Tokenizers are trained in-process on a few KB of text."""
 
 import json
@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from barkgpt.common import BarkError
-from barkgpt.tokenizer import BARK_VOCAB, SPECIAL_TOKENS, Tokenizer
+from barkgpt.tokenizer import SPECIAL_TOKENS, WORD_CHAT_TEMPLATE, Tokenizer
 
 CORPUS = (
     "The quick brown fox jumps over the lazy dog. The dog sleeps; the fox runs away.\n"
@@ -16,6 +16,9 @@ CORPUS = (
     "Ünïcödé wörds, naïve café, 東京は日本の首都です。 Привет, мир! 😀🐶 woof!\n"
     "    indented line\twith\ttabs\r\nand a Windows line ending.\n"
 ) * 20  # about 6 KB
+
+# A fixed word vocabulary (Tokenizer.from_words): ids are positions, the specials anywhere.
+FIXED = ("<PAD>", "<EOS>", "a", "b", "User:", "Assistant:", "hello", "<BOS>", "<UNK>")
 
 # Text rich in multi-byte characters, for round trips and streaming.
 UNICODE_TEXT = st.text(st.characters(codec="utf-8"), max_size=60) | st.text(
@@ -84,9 +87,9 @@ def test_decode_skips_special_tokens_and_out_of_range_ids(bpe):
 
 # ---- special tokens -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["bpe", "char", "word", "bark"])
+@pytest.mark.parametrize("kind", ["bpe", "char", "word", "fixed"])
 def test_special_tokens_in_text_encode_to_their_ids(kind, bpe, char, word):
-    tok = {"bpe": bpe, "char": char, "word": word, "bark": Tokenizer.bark()}[kind]
+    tok = {"bpe": bpe, "char": char, "word": word, "fixed": Tokenizer.from_words(FIXED)}[kind]
     for name, i in zip(SPECIAL_TOKENS, (tok.pad_id, tok.eos_id, tok.bos_id, tok.unk_id), strict=True):
         assert tok.encode(name) == [i]
         assert tok.token_to_id(name) == i
@@ -136,28 +139,39 @@ def test_word_and_char_with_no_text_raise():
         Tokenizer.train("word", ["  \n "])
 
 
-# ---- Bark -----------------------------------------------------------------------------------
+# ---- fixed word vocabularies ----------------------------------------------------------------
 
-def test_bark_vocab_ids_are_fixed():
-    tok = Tokenizer.bark()
-    assert tok.kind == "word"
-    assert tok.vocab_size == 11
-    assert [tok.id_to_token(i) for i in range(11)] == list(BARK_VOCAB)
-    assert BARK_VOCAB == ("<PAD>", "<EOS>", "woof", "arf", "ruff", "grrr", "User:", "Assistant:", "speak", "<BOS>", "<UNK>")
-    assert (tok.pad_id, tok.eos_id, tok.bos_id, tok.unk_id) == (0, 1, 9, 10)
-    assert tok.encode("User: speak Assistant: woof arf <EOS>") == [6, 8, 7, 2, 3, 1]
-    assert tok.encode("meow") == [10]
-    assert tok.id_to_token(11) is None
+def test_from_words_ids_are_positions():
+    tok = Tokenizer.from_words(FIXED)
+    assert tok.kind == "word" and tok.vocab_size == len(FIXED)
+    assert [tok.id_to_token(i) for i in range(len(FIXED))] == list(FIXED)
+    assert (tok.pad_id, tok.eos_id, tok.bos_id, tok.unk_id) == (0, 1, 7, 8)
+    assert tok.encode("User: hello Assistant: a b <EOS>") == [4, 6, 5, 2, 3, 1]
+    assert tok.encode("zebra") == [8] and tok.count_unknown("zebra a") == 1
+    assert tok.id_to_token(len(FIXED)) is None
+    assert tok.chat_template == WORD_CHAT_TEMPLATE
+    assert Tokenizer.from_words(FIXED, chat_template="{{ 'x' }}").apply_chat_template([]) == "x"
 
 
-def test_bark_chat_template():
-    tok = Tokenizer.bark()
-    assert tok.apply_chat_template([{"role": "user", "content": "speak"}]) == "User: speak Assistant:"
-    convo = [{"role": "system", "content": "be a dog"}, {"role": "user", "content": "speak"},
-             {"role": "assistant", "content": "woof arf"}, {"role": "user", "content": "speak"}]
+@pytest.mark.parametrize("vocab, problem", [
+    (("<PAD>", "<EOS>", "<BOS>", "a"), "lacks the special token"),
+    ((*SPECIAL_TOKENS, "a", "a"), "repeats 'a'"),
+    ((*SPECIAL_TOKENS, "a b"), "without whitespace"),
+    ((*SPECIAL_TOKENS, ""), "without whitespace"),
+])
+def test_from_words_rejects_a_bad_vocabulary(vocab, problem):
+    with pytest.raises(BarkError, match=problem):
+        Tokenizer.from_words(vocab)
+
+
+def test_word_chat_template():
+    tok = Tokenizer.from_words(FIXED)
+    assert tok.apply_chat_template([{"role": "user", "content": "hello"}]) == "User: hello Assistant:"
+    convo = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"},
+             {"role": "assistant", "content": "a b"}, {"role": "user", "content": "hello"}]
     text = tok.apply_chat_template(convo)
-    assert text == "User: speak Assistant: woof arf <EOS> User: speak Assistant:"  # system skipped
-    assert tok.apply_chat_template(convo[:3], add_generation_prompt=False) == "User: speak Assistant: woof arf <EOS> "
+    assert text == "User: hello Assistant: a b <EOS> User: hello Assistant:"  # system skipped
+    assert tok.apply_chat_template(convo[:3], add_generation_prompt=False) == "User: hello Assistant: a b <EOS> "
     assert tok.unk_id not in tok.encode(text)
 
 
@@ -177,9 +191,9 @@ def test_chat_template_rejects_bad_messages(bpe):
 
 # ---- save / load ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["bpe", "char", "word", "bark"])
+@pytest.mark.parametrize("kind", ["bpe", "char", "word", "fixed"])
 def test_save_load_gives_identical_encodings_and_config(kind, bpe, char, word, tmp_path):
-    tok = {"bpe": bpe, "char": char, "word": word, "bark": Tokenizer.bark()}[kind]
+    tok = {"bpe": bpe, "char": char, "word": word, "fixed": Tokenizer.from_words(FIXED)}[kind]
     tok.model_max_length = 128
     try:
         tok.save(tmp_path)
@@ -208,7 +222,7 @@ def test_load_missing_or_corrupt_raises(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(BarkError, match="corrupt"):
         Tokenizer.load(tmp_path)
-    Tokenizer.bark().save(tmp_path)
+    Tokenizer.from_words(FIXED).save(tmp_path)
     (tmp_path / "tokenizer_config.json").write_text("[1, 2")
     with pytest.raises(BarkError, match="not valid JSON"):
         Tokenizer.load(tmp_path)
@@ -249,9 +263,9 @@ def test_streaming_decode_equals_decode_for_any_ids(bpe, ids, skip):
     assert "".join(stream(bpe, ids, skip)) == bpe.decode(ids, skip_special_tokens=skip)
 
 
-@pytest.mark.parametrize("kind", ["char", "word", "bark"])
+@pytest.mark.parametrize("kind", ["char", "word", "fixed"])
 def test_streaming_decode_char_and_word(kind, char, word):
-    tok = {"char": char, "word": word, "bark": Tokenizer.bark()}[kind]
+    tok = {"char": char, "word": word, "fixed": Tokenizer.from_words(FIXED)}[kind]
     ids = tok.encode("a b <EOS> zebra c\n") + [tok.bos_id, 10**6]
     for skip in (False, True):
         assert "".join(stream(tok, ids, skip)) == tok.decode(ids, skip_special_tokens=skip)

@@ -299,7 +299,8 @@ def export_hf(model_path: str | Path, out: str | Path, force: bool = False, samp
 
 def model_card(model: GPT, tokenizer: Tokenizer, info: dict, source: Path, sample: bool = True) -> str:
     """A ``README.md`` for an export: data source and hash, steps, tokens seen, val loss, a sample
-    (64 tokens at temperature 0.8, seed 0), and how to load it."""
+    (64 tokens at temperature 0.8, seed 0, from an empty prompt: a new document after ``<EOS>``,
+    which suits every tokenizer kind and vocabulary), and how to load it."""
     c, data = model.config, info.get("data") or {}
     arch = hf_architecture(c)
     val = info.get("val_loss")
@@ -321,15 +322,14 @@ def model_card(model: GPT, tokenizer: Tokenizer, info: dict, source: Path, sampl
     if sample:
         from barkgpt.generate import TextGenerator
 
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": "speak"}]) if tokenizer.kind == "word" else ""
-        text = TextGenerator(model, tokenizer).generate(prompt, max_new_tokens=64, temperature=0.8, seed=0)
-        lines += ["## Sample", "", f"Prompt {prompt!r}, 64 tokens at temperature 0.8:", "", "```", prompt + text, "```", ""]
+        text = TextGenerator(model, tokenizer).generate("", max_new_tokens=64, temperature=0.8, seed=0)
+        lines += ["## Sample", "", "A new document (empty prompt), 64 tokens at temperature 0.8:", "", "```", text, "```", ""]
     lines += [
         "## Use", "", "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "tok = AutoTokenizer.from_pretrained('PATH')",
         "model = AutoModelForCausalLM.from_pretrained('PATH')",
-        "ids = tok(\"" + ("User: speak Assistant:" if tokenizer.kind == "word" else "Once upon a time") + "\", return_tensors='pt').input_ids",
+        "ids = tok(tok.eos_token, return_tensors='pt').input_ids  # a new document; or your prompt",
         "print(tok.decode(model.generate(ids, max_new_tokens=40, do_sample=True)[0]))",
         "```", "",
         "Or serve it: `vllm serve PATH`, or convert with `barkgpt export gguf` for llama.cpp.", "",

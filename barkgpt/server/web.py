@@ -47,9 +47,11 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field, field_validator
 
+from barkgpt import runlog
 from barkgpt.checkpoint import CONFIG_NAME, WEIGHTS_NAME, recover_checkpoint
 from barkgpt.common import BarkError
 from barkgpt.config import GPTConfig, TrainConfig, build_configs, coerce_value, field_types, preset_names, preset_path
+from barkgpt.data import builtin_dataset
 from barkgpt.generate import load_generator
 from barkgpt.server import protocol as P
 from barkgpt.server.errors import ApiError
@@ -67,7 +69,6 @@ LOG_TAIL_LINES = 30  # lines of train.log in a run's detail
 ACTIVE_S = 60.0  # a run not started here whose metrics changed this recently is "active"
 STOP_TIMEOUT_S = 30.0  # at server shutdown, how long a training child gets to save last/ after SIGINT
 PARSED_FILES_CACHED = 256  # parsed run files kept (about 5 a run), so polling re-parses only changed ones
-BUILTIN_DATA = ("bark", "bark-chat")  # data names that are generated corpora, not paths
 MAX_OVERRIDE_INT = 2**31 - 1  # the largest integer an override may hold
 DEFAULT_VOCAB = 2048  # the vocabulary a size estimate assumes when the data does not say (barkgpt prepare's bpe default)
 SECRET_ENV = ("BARKGPT_API_KEY",)  # environment variables a training child does not inherit
@@ -187,7 +188,7 @@ class TrainingRuns:
         out = self._summary(path, rows, config, checkpoints)
         out["metrics"] = thin_rows(rows, MAX_METRIC_ROWS)
         out["config"] = config
-        out["samples"] = read_jsonl(path / "samples.jsonl", self.root)[-SAMPLES_SHOWN:]
+        out["samples"] = read_jsonl(path / runlog.SAMPLES_NAME, self.root)[-SAMPLES_SHOWN:]
         out["checkpoints"] = checkpoints
         out["log"] = tail(path / "train.log", LOG_TAIL_LINES, self.root)
         return out
@@ -217,7 +218,7 @@ class TrainingRuns:
         eta = None
         if status in ("training", "active") and max_iters and step:
             eta = round(max(0, max_iters - step) * elapsed / step, 1)
-        mtimes = [p.lstat().st_mtime for p in (path, path / "metrics.jsonl") if os.path.lexists(p)]
+        mtimes = [p.lstat().st_mtime for p in (path, path / runlog.METRICS_NAME) if os.path.lexists(p)]
         return {"name": path.name, "status": status, "step": step, "max_iters": max_iters,
                 "train_loss": last.get("train_loss"), "val_loss": val_rows[-1]["val_loss"] if val_rows else None,
                 "best_val_loss": min((r["val_loss"] for r in val_rows), default=None), "lr": last.get("lr"),
@@ -240,7 +241,7 @@ class TrainingRuns:
             return "failed"
         if max_iters and step >= max_iters:
             return "finished"
-        metrics = path / "metrics.jsonl"
+        metrics = path / runlog.METRICS_NAME
         if not ours and metrics.exists() and time.time() - metrics.stat().st_mtime < ACTIVE_S:
             return "active"
         return "stopped"
@@ -277,7 +278,7 @@ class TrainingRuns:
         if train_cfg.data is None:
             raise ApiError(400, f"the preset '{req.preset}' names no data; give data (a folder from barkgpt prepare "
                                 "or a text file)", param="overrides.data", code="missing_data")
-        if train_cfg.data not in BUILTIN_DATA:
+        if builtin_dataset(train_cfg.data) is None:  # a registered generated corpus is a name, not a path
             data = resolve_data(train_cfg.data, self.data_roots)
             if data is None:
                 raise ApiError(400, f"data '{train_cfg.data}' is not a file or folder under the server's data roots "
@@ -394,24 +395,13 @@ def _parsed_file(kind: str, path: Path, parse: Callable[[Path], T]) -> T:
 
 
 def _parse_jsonl(path: Path) -> list[dict]:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return []
-    rows = []
-    for line in text.splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
+    """A log file's rows as :func:`runlog.read_rows` reads a file being appended (not strict)."""
+    return runlog.read_rows(path, strict=False)
 
 
 def _parse_metrics(path: Path) -> list[dict]:
-    return [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
-            for row in _parse_jsonl(path)]
+    """``metrics.jsonl`` rows with non-finite numbers as None (:func:`runlog.finite_or_none`)."""
+    return [runlog.finite_or_none(row) for row in runlog.read_rows(path, strict=False)]
 
 
 def _readable(path: Path, root: Path | None) -> bool:
@@ -421,7 +411,8 @@ def _readable(path: Path, root: Path | None) -> bool:
 
 
 def read_jsonl(path: Path, root: Path | None = None) -> list[dict]:
-    """The JSON objects of a ``.jsonl`` file; a line being written (not valid JSON yet) is skipped.
+    """The rows (JSON objects with a ``step``) of a run's ``.jsonl`` log; a line being written
+    (not valid JSON yet) is skipped.
     With ``root``, a file that resolves outside it reads as missing (no rows)."""
     if not _readable(path, root):
         return []
@@ -431,9 +422,9 @@ def read_jsonl(path: Path, root: Path | None = None) -> list[dict]:
 def read_metrics(path: Path, root: Path | None = None) -> list[dict]:
     """A run's ``metrics.jsonl`` rows, with non-finite numbers (a diverged loss) as None; with
     ``root``, none when the file resolves outside it."""
-    if not _readable(path / "metrics.jsonl", root):
+    if not _readable(path / runlog.METRICS_NAME, root):
         return []
-    return [dict(row) for row in _parsed_file("metrics", path / "metrics.jsonl", _parse_metrics)]
+    return [dict(row) for row in _parsed_file("metrics", path / runlog.METRICS_NAME, _parse_metrics)]
 
 
 def thin_rows(rows: list[dict], limit: int) -> list[dict]:
@@ -652,7 +643,7 @@ def add_routes(app: FastAPI, host, runs: TrainingRuns) -> None:
         device = str(next(gen.model.parameters()).device)
         async with load_lock:  # the folder checked above, resolved: nothing else is read
             new = await asyncio.to_thread(load_generator, (path / checkpoints[0]["name"]).resolve(), device)
-            host.attach(new, name)
+            await asyncio.to_thread(host.attach, new, name)  # compiles the decode step: off the event loop
         return {"model": name, "max_model_len": new.block_size}
 
 

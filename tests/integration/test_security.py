@@ -37,13 +37,13 @@ def tiny_model(tmp_path_factory) -> Path:
     """A random 1-layer model with the Bark tokenizer and a 32-token context."""
     import torch
 
+    from barkgpt.bark import bark_tokenizer
     from barkgpt.checkpoint import save_checkpoint
     from barkgpt.config import GPTConfig
     from barkgpt.model import GPT
-    from barkgpt.tokenizer import Tokenizer
 
     torch.manual_seed(0)
-    tok = Tokenizer.bark()
+    tok = bark_tokenizer()
     out = tmp_path_factory.mktemp("model") / "tiny"
     save_checkpoint(out, GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16, vocab_size=tok.vocab_size)), tok)
     return out
