@@ -14,7 +14,7 @@ import sys
 
 from barkgpt import __version__
 from barkgpt.common import BarkError
-from barkgpt.config import GPTConfig, SampleConfig, ServeConfig, TrainConfig, field_help, field_types, parse_value
+from barkgpt.config import GPTConfig, SamplingParams, ServeConfig, TrainConfig, field_help, field_types, parse_value
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
@@ -46,6 +46,13 @@ def collect_overrides(args: argparse.Namespace, cls) -> dict:
     return out
 
 
+def load_builtin_datasets() -> None:
+    """Import the modules that register built-in generated datasets (``data.register_dataset``):
+    the Bark toy's ``bark`` and ``bark-chat``. Verbs that read ``--data`` or a preset's data call
+    this first; it loads ``tokenizers`` and numpy, never torch."""
+    import barkgpt.bark  # noqa: F401 - registers its datasets on import
+
+
 def cmd_prepare(args) -> None:
     """`barkgpt prepare`: tokenize a corpus into a data folder (see data.prepare_dataset)."""
     from barkgpt.data import prepare_dataset
@@ -66,6 +73,7 @@ def cmd_train(args) -> None:
     if args.print_config:
         print(dump_yaml(config_to_dict(model_cfg, train_cfg)), end="")
         return
+    load_builtin_datasets()
     if args.nproc != 1 and "WORLD_SIZE" not in os.environ:  # start torchrun, which runs this verb on each rank
         from barkgpt.common import resolve_device
         from barkgpt.distributed import check_nproc, launch
@@ -111,7 +119,7 @@ def cmd_eval(args) -> None:
     import json
 
     if args.bark:
-        from barkgpt.evaluate import bark_eval
+        from barkgpt.bark import bark_eval
         from barkgpt.generate import load_generator
 
         r = bark_eval(load_generator(args.model, device=args.device), n=args.samples, seed=args.seed)
@@ -167,9 +175,10 @@ def cmd_import(args) -> None:
 
 
 def sampling_kwargs(args) -> dict:
-    """SampleConfig fields given on the command line, validated."""
-    kw = collect_overrides(args, SampleConfig)
-    SampleConfig(**kw)  # validate early: one clear line for a bad value
+    """SamplingParams fields given on the command line, validated."""
+    kw = collect_overrides(args, SamplingParams)
+    kw.pop("logprobs", None)  # a server setting: the CLI prints text
+    SamplingParams(**kw)  # validate early: one clear line for a bad value
     return kw
 
 
@@ -270,6 +279,7 @@ def cmd_serve(args) -> None:
         raise BarkError(f"--model {args.model} does not exist; give a run folder (runs/x) or a checkpoint folder")
     name = cfg.model_name or (folder.parent.name if folder.name in ("best", "last") else folder.name)
     cfg = dataclasses.replace(cfg, model_name=name, api_key=api_key, api_key_file=None)
+    load_builtin_datasets()  # runs started from the page may name them as data
     try:
         from barkgpt.server.app import run_server
     except ImportError as e:
@@ -387,13 +397,15 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--one-line", action="store_true", help="with --num-samples: print each sample on one line, ending in <EOS> when the model stopped")
         else:
             sp.add_argument("--system", default="", help="a system message")
-        add_dataclass_args(sp, SampleConfig)
+        add_dataclass_args(sp, SamplingParams, skip=("logprobs",))
         sp.set_defaults(func=func)
 
     sp = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     sp.add_argument("--model", required=True, help="a run folder (runs/x) or checkpoint folder")
     sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     add_dataclass_args(sp, ServeConfig)
+    sp.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_const", const="false",
+                    help="prefill every prompt in full (same as --prefix-cache false)")
     sp.set_defaults(func=cmd_serve)
     return p
 

@@ -109,7 +109,7 @@ class TrainConfig:
         BarkError: contradictory settings (warmup longer than the run, min_lr above learning_rate, Muon with FSDP...).
     """
 
-    data: str | None = None  # prepared data folder (barkgpt prepare), a .txt/.jsonl/folder to prepare into out_dir/data, 'bark' for the generated Bark corpus, or 'bark-chat' for generated Bark conversations
+    data: str | None = None  # prepared data folder (barkgpt prepare), a .txt/.jsonl/folder to prepare into out_dir/data, or the name of a built-in generated dataset (the toy presets' data; data.BUILTIN_DATASETS)
     tokenizer: str = "bpe"  # tokenizer kind when --data is raw text: bpe, char or word
     tokenizer_vocab_size: int | None = None  # vocabulary size to train when --data is raw text (bpe default 2048)
     out_dir: str = "runs/default"  # where config.yaml, metrics.jsonl, loss.png, last/ and best/ go
@@ -170,12 +170,19 @@ class TrainConfig:
 
 
 @dataclass
-class SampleConfig:
-    """Generation settings (``barkgpt sample``/``chat`` and the Python API).
+class SamplingParams:
+    """How one generation samples: the only place sampling settings and their defaults live.
+
+    ``barkgpt sample``/``chat`` flags (one per field), ``barkgpt.load(...).generate(**fields)``,
+    the OpenAI request schemas (``server/protocol.py`` maps their names onto these) and
+    :class:`~barkgpt.engine.Engine` all meet here, and ``__post_init__`` is the one validation.
+    The engine applies the settings as logits processors in this order: repetition, presence and
+    frequency penalties, then temperature, top-k, top-p, min-p (HF's and vLLM's order).
 
     Raises:
-        BarkError: temperature < 0, top_p outside (0, 1], top_k < 0, min_p outside [0, 1),
-            repetition_penalty <= 0, max_new_tokens < 1 or num_samples < 1.
+        BarkError: temperature < 0, top_k < 0, top_p outside (0, 1], min_p outside [0, 1),
+            repetition_penalty <= 0, presence/frequency_penalty outside [-2, 2], max_new_tokens < 1,
+            num_samples < 1, logprobs < 0, a seed outside [-2**63, 2**64), or a NaN/inf anywhere.
     """
 
     max_new_tokens: int = 200  # tokens to generate per sample
@@ -184,17 +191,44 @@ class SampleConfig:
     top_p: float = 1.0  # nucleus sampling: keep the smallest set with this much probability (1: off)
     min_p: float = 0.0  # drop tokens below min_p times the top probability (0: off)
     repetition_penalty: float = 1.0  # CTRL-style penalty on tokens already in the context (1: off)
-    seed: int | None = None  # seed for sampling (None: random)
+    presence_penalty: float = 0.0  # OpenAI's: subtract this once from each token generated so far, in [-2, 2] (0: off)
+    frequency_penalty: float = 0.0  # OpenAI's: subtract this times its count from each token generated so far, in [-2, 2] (0: off)
+    seed: int | None = None  # seed for sampling (None: random); sample j of num_samples uses seed + j
     stop: list[str] = field(default_factory=list)  # stop strings; the text ends before them
     num_samples: int = 1  # samples generated together in one batch
+    logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the k most likely tokens
 
     def __post_init__(self):
         check_finite(self)
-        check_sampling(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
+        if not self.temperature >= 0:
+            raise BarkError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise BarkError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise BarkError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise BarkError(f"min_p must be in [0, 1), got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            raise BarkError(f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise BarkError(f"{name} must be in [-2, 2] (0 turns it off), got {getattr(self, name)}")
         if self.max_new_tokens < 1:
             raise BarkError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.num_samples < 1:
             raise BarkError(f"num_samples must be at least 1, got {self.num_samples}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise BarkError(f"logprobs must be >= 0 (or None for none), got {self.logprobs}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise BarkError(f"seed must be in [-2**63, 2**64), got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        """True at temperature 0: the argmax, no random draw."""
+        return self.temperature == 0
+
+
+SampleConfig = SamplingParams  # the old name, kept for callers that still use it
 
 
 @dataclass
@@ -219,6 +253,8 @@ class ServeConfig:
     model_name: str | None = None  # the model id in /v1/models (None: the run folder's name)
     max_batch_size: int = 16  # requests decoded together in one batch
     threads: int | None = None  # torch threads for the model (None: env OMP_NUM_THREADS, else all cores but one, left to the HTTP event loop)
+    compile: bool = True  # torch.compile the decode step before /health turns 200 (~3x tokens/s at batch 1 on CPU; eager, with one warning, where no C++ compiler works)
+    prefix_cache: bool = True  # reuse the KV entries of earlier prompts and replies that a new prompt starts with (--no-prefix-cache: off)
     max_queue: int = 256  # requests waiting for a batch row; more get 429 (one request needing more rows than this gets 400)
     max_body_bytes: int = 1 << 20  # request bodies larger than this get 413
     cors_origin: list[str] = field(default_factory=list)  # allow browser calls from this origin (repeatable; none: CORS off)
@@ -251,24 +287,6 @@ class ServeConfig:
             raise BarkError(f"max_run_params must be at least 1, got {self.max_run_params}")
         if self.max_run_memory is not None and self.max_run_memory < 1:
             raise BarkError(f"max_run_memory must be at least 1 byte, got {self.max_run_memory}")
-
-
-def check_sampling(temperature: float, top_k: int, top_p: float, min_p: float = 0.0, repetition_penalty: float = 1.0) -> None:
-    """Validate sampling parameters.
-
-    Raises:
-        BarkError: naming the bad value and the valid range.
-    """
-    if not (temperature >= 0 and math.isfinite(temperature)):
-        raise BarkError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    if top_k < 0:
-        raise BarkError(f"top_k must be >= 0 (0 turns it off), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise BarkError(f"top_p must be in (0, 1], got {top_p}")
-    if not 0 <= min_p < 1:
-        raise BarkError(f"min_p must be in [0, 1), got {min_p}")
-    if not repetition_penalty > 0:
-        raise BarkError(f"repetition_penalty must be > 0 (1 turns it off), got {repetition_penalty}")
 
 
 def _divisor_near(n: int, want: int) -> int:
@@ -380,7 +398,7 @@ def unknown_key_error(key: str, valid: typing.Iterable[str], where: str) -> Bark
 
 
 def preset_names() -> list[str]:
-    """The sorted names of the presets in the package's ``configs/`` folder (``bark``, ...)."""
+    """The sorted names of the presets in the package's ``configs/`` folder (``shakespeare-char``, ...)."""
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
@@ -435,7 +453,7 @@ def build_configs(preset: str | None = None, config: str | None = None, override
     """Resolve defaults, then a preset or config file, then flag overrides, into checked configs.
 
     Args:
-        preset: name of a YAML file in ``barkgpt/configs`` (``bark``, ``shakespeare-char``...).
+        preset: name of a YAML file in ``barkgpt/configs`` (``shakespeare-char``, ``tinystories``...).
         config: path to a run YAML (applied after the preset).
         overrides: field name -> already-typed value, from command-line flags (last word).
 

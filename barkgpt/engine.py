@@ -1,19 +1,25 @@
-"""Fast generation on token ids: a KV cache, a pure sampling function and the decode loop.
+"""One engine for every decode: KV caches, a prefix cache, logits processors, and the Engine
+(prefill, one decode step for a batch of rows at their own positions, sampling).
 
 The engine knows nothing about tokenization (as nanochat's ``engine.py``); ``generate.py``
-wraps it with a tokenizer, stop strings and streaming text. ``GPT.generate`` (full recompute)
-is the reference this engine is tested against.
+wraps it with a tokenizer, stop strings and streaming text, and the server's scheduler only
+queues requests and streams their tokens (vLLM's split). Sampling settings are one
+:class:`~barkgpt.config.SamplingParams`, applied as a list of logits processors
+(:data:`LOGITS_PROCESSORS`). ``GPT.generate`` (full recompute) is the reference this engine is
+tested against.
 """
 
 from __future__ import annotations
 
+import collections
 import sys
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from barkgpt.common import BarkError, compile_fn
+from barkgpt.config import SamplingParams
 from barkgpt.model import GPT
 
 
@@ -152,15 +158,19 @@ class KVCache:
 
 
 class StaticKVCache:
-    """A KV cache with every shape fixed, for a compiled decode step (as HF's ``StaticCache``).
+    """A read-only KV cache with every shape fixed, for a compiled decode step (as HF's
+    ``StaticCache``).
 
     Positions live in a (B,) int64 tensor instead of Python ints, and attention always spans all
     ``max_len`` slots under a (B, 1, T, max_len) mask, so one compiled graph serves every
-    position: nothing the graph reads changes shape between steps.
+    position: nothing the graph reads changes shape between steps. The cache tensors are not
+    written: each layer attends over them with its new key/value put in by ``torch.where``, and
+    the new entries are collected in ``new_k``/``new_v`` for the caller to write back, because
+    a compiled graph that mutates its inputs copies them whole on every call (a full cache per
+    step at batch 16).
 
     Args:
-        k, v: (n_layer, B, n_kv_head, max_len, head_dim), e.g. a prefilled :class:`KVCache`'s;
-            written in place.
+        k, v: (n_layer, B, n_kv_head, max_len, head_dim), e.g. a prefilled :class:`KVCache`'s.
         pos: (B,) int64, how many positions each row holds; advanced in place.
     """
 
@@ -168,6 +178,8 @@ class StaticKVCache:
         self.k, self.v, self.pos = k, v, pos
         self.max_len = k.size(3)
         self._p = None  # (B, T) positions of the tokens in flight
+        self.new_k: list[torch.Tensor] = []  # per layer: (B, n_kv_head, T, hs)
+        self.new_v: list[torch.Tensor] = []
 
     def positions(self, T: int) -> torch.Tensor:
         """(B, T) positions of the next ``T`` tokens of each row."""
@@ -179,10 +191,13 @@ class StaticKVCache:
         return row_causal_mask(self._p, self.max_len)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write keys/values (B, n_kv_head, T, hs) at each row's positions; return all slots
-        (B, n_kv_head, max_len, hs)."""
-        scatter_rows(self.k[layer], self.v[layer], self._p, k, v)
-        return self.k[layer], self.v[layer]
+        """All slots (B, n_kv_head, max_len, hs) with the new keys/values (B, n_kv_head, 1, hs) at
+        each row's position; records the new ones (one token per row: a decode step)."""
+        assert k.size(2) == 1, "StaticKVCache serves decode steps of one token per row"
+        self.new_k.append(k)
+        self.new_v.append(v)
+        hit = (torch.arange(self.max_len, device=k.device).view(1, 1, -1, 1) == self._p.view(-1, 1, 1, 1))  # (B, 1, max_len, 1)
+        return torch.where(hit, k, self.k[layer]), torch.where(hit, v, self.v[layer])
 
     def advance(self, T: int) -> None:
         """Count ``T`` more tokens in every row."""
@@ -229,49 +244,6 @@ def apply_presence_frequency_penalty(logits: torch.Tensor, generated: torch.Tens
     return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
 
 
-def sampling_probs(logits: torch.Tensor, temperature: float | Sequence[float] = 1.0, top_k: int | Sequence[int] = 0,
-                   top_p: float | Sequence[float] = 1.0, min_p: float | Sequence[float] = 0.0) -> torch.Tensor:
-    """The distribution to sample the next token from, after temperature and filters.
-
-    Filters apply to temperature-scaled logits, in HF's order: top-k, then top-p (nucleus,
-    Holtzman et al. 2019: the smallest set whose probability reaches ``top_p``, always keeping
-    the most likely token), then min-p (Nguyen et al. 2024: drop tokens below ``min_p`` times the
-    top probability). Each setting is one number for every row or B numbers (a list, tuple or
-    1-D tensor), one per row, so a batch of requests with different settings is filtered in one
-    pass. Which filters run is decided from the settings on the host, without a device sync.
-
-    Args:
-        logits: (B, V) float.
-        temperature: > 0 (greedy rows are the caller's: take the argmax instead).
-        top_k: keep the k most likely tokens; 0 keeps all.
-        top_p: in (0, 1]; 1 keeps all.
-        min_p: in [0, 1); 0 keeps all.
-
-    Returns:
-        (B, V) float32 probabilities, each row summing to 1; filtered tokens are exactly 0.
-    """
-    V = logits.size(-1)
-    rows = lambda x: x.tolist() if isinstance(x, torch.Tensor) else list(x) if isinstance(x, (list, tuple)) else [x]
-    col = lambda xs, dtype: torch.tensor(xs, dtype=dtype, device=logits.device).view(-1, 1)  # (B or 1, 1)
-    temps, ks, ps, ms = rows(temperature), rows(top_k), rows(top_p), rows(min_p)
-    logits = logits.float() / (temps[0] if len(temps) == 1 else col(temps, torch.float32))
-    use_k, use_p, use_m = any(0 < k < V for k in ks), any(p < 1.0 for p in ps), any(m > 0.0 for m in ms)
-    if use_k or use_p or use_m:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
-        remove = torch.zeros_like(sorted_logits, dtype=torch.bool)
-        if use_k:
-            rank = torch.arange(V, device=logits.device).view(1, V)
-            remove |= rank >= col([k if k > 0 else V for k in ks], torch.long)
-        probs = F.softmax(sorted_logits.masked_fill(remove, float("-inf")), dim=-1)
-        if use_p:  # drop a token once the mass before it already reaches top_p
-            remove |= (probs.cumsum(dim=-1) - probs) >= col(ps, torch.float32)
-        if use_m:
-            remove |= probs < col(ms, torch.float32) * probs[:, :1]
-        remove[:, 0] = False  # the most likely token always survives
-        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits.masked_fill(remove, float("-inf")))
-    return F.softmax(logits, dim=-1)
-
-
 def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse transform sampling (Devroye 1986, ch. 2): row b takes the first token whose cumulative probability exceeds
     ``u[b]`` times the row's total. With ``u`` uniform in [0, 1) that is a draw from ``probs``
@@ -288,28 +260,6 @@ def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     cdf = probs.cumsum(dim=-1)  # (B, V), non-decreasing
     target = u.view(-1, 1).to(cdf.dtype) * cdf[:, -1:]  # (B, 1), below the row's total
     return torch.searchsorted(cdf, target, right=True).view(-1).clamp_max(probs.size(-1) - 1)
-
-
-def sample_next_token(logits: torch.Tensor, rng: torch.Generator | None = None, temperature: float = 1.0,
-                      top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
-    """Pick the next token of each row from its logits. A pure function of its arguments.
-
-    Greedy (argmax) at temperature 0; else one uniform number per row from ``rng`` and
-    :func:`sample_from_probs` over :func:`sampling_probs`.
-
-    Args:
-        logits: (B, V) float.
-        rng: the ``torch.Generator`` to sample with (None: torch's global one).
-        temperature: 0 means argmax (greedy).
-        top_k, top_p, min_p: see :func:`sampling_probs`.
-
-    Returns:
-        (B,) int64 token ids.
-    """
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = sampling_probs(logits, temperature, top_k, top_p, min_p)
-    return sample_from_probs(probs, torch.rand(logits.size(0), generator=rng, device=logits.device))
 
 
 def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -332,59 +282,473 @@ def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[
     return logp.gather(1, chosen.view(-1, 1)).squeeze(1), top_logprob, top_ids
 
 
+# ---- rows and logits processors ------------------------------------------------------------------
+
+class Row:
+    """One sequence being generated: its prompt, the tokens generated so far, its settings, its
+    own seeded ``torch.Generator`` and its logits hooks.
+
+    A row draws its random numbers from its own generator, one per sampled token, so its tokens
+    do not depend on the other rows of a batch (up to float rounding of batched matmuls).
+
+    Args:
+        prompt: token ids.
+        params: how it samples (:class:`~barkgpt.config.SamplingParams`).
+        seed: seeds the generator (None: ``params.seed``; both None: nondeterministic). Any int in
+            [-2**63, 2**64); others wrap modulo 2**64.
+        processors: per-row logits hooks, each ``fn(row, logits) -> logits`` on this row's (V,)
+            float logits; they run after the penalties and before temperature, which is where
+            constrained decoding masks the tokens a grammar forbids (``-inf``).
+        device: where the generator draws.
+    """
+
+    def __init__(self, prompt: Sequence[int], params: SamplingParams, seed: int | None = None,
+                 processors: Sequence[Callable] = (), device="cpu"):
+        self.prompt, self.params = list(prompt), params
+        self.generated: list[int] = []
+        self.processors = list(processors)
+        self.rng = torch.Generator(device=device)
+        seed = params.seed if seed is None else seed
+        if seed is None:
+            self.rng.seed()
+        else:
+            self.rng.manual_seed(seed % 2**64)  # manual_seed reads a negative seed the same way
+
+    @property
+    def ids(self) -> list[int]:
+        """Prompt and generated token ids."""
+        return self.prompt + self.generated
+
+
+def _column(values: list, dtype, device) -> torch.Tensor:
+    """(B, 1) tensor of one value per row."""
+    return torch.tensor(values, dtype=dtype, device=device).view(-1, 1)
+
+
+def _unsort(remove_sorted: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """A (B, V) mask in sorted order back to vocabulary order."""
+    return torch.zeros_like(remove_sorted).scatter_(1, order, remove_sorted)
+
+
+def penalize_repetition(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
+    """Logits processor: :func:`apply_repetition_penalty` over each row's prompt and generated
+    tokens, for the rows whose ``repetition_penalty`` is not 1. (B, V) -> (B, V)."""
+    todo = [b for b, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
+    if not todo:
+        return logits
+    logits = logits.clone()
+    for b in todo:  # rare, and each row has its own history: row by row
+        history = torch.tensor([rows[b].ids], dtype=torch.long, device=logits.device)  # (1, L)
+        logits[b:b + 1] = apply_repetition_penalty(logits[b:b + 1], history, rows[b].params.repetition_penalty)
+    return logits
+
+
+def penalize_presence_frequency(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
+    """Logits processor: :func:`apply_presence_frequency_penalty` over each row's generated
+    tokens, for the rows that set either penalty. (B, V) -> (B, V)."""
+    todo = [b for b, r in enumerate(rows) if r.params.presence_penalty or r.params.frequency_penalty]
+    if not todo:
+        return logits
+    logits = logits.clone()
+    for b in todo:
+        p = rows[b].params
+        generated = torch.tensor([rows[b].generated], dtype=torch.long, device=logits.device)  # (1, L)
+        logits[b:b + 1] = apply_presence_frequency_penalty(logits[b:b + 1], generated, p.presence_penalty, p.frequency_penalty)
+    return logits
+
+
+def apply_row_hooks(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
+    """Logits processor: each row's own ``processors`` (see :class:`Row`), in order. (B, V) -> (B, V)."""
+    todo = [b for b, r in enumerate(rows) if r.processors]
+    if not todo:
+        return logits
+    logits = logits.clone()
+    for b in todo:
+        for fn in rows[b].processors:
+            logits[b] = fn(rows[b], logits[b])
+    return logits
+
+
+def scale_temperature(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
+    """Logits processor: divide each sampled row by its temperature (greedy rows keep theirs:
+    the argmax does not move). (B, V) -> (B, V)."""
+    temps = [r.params.temperature if r.params.temperature > 0 else 1.0 for r in rows]
+    if all(t == 1.0 for t in temps):
+        return logits
+    return logits / _column(temps, logits.dtype, logits.device)
+
+
+def filter_top_k(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
+    """Logits processor: keep each row's ``top_k`` most likely tokens (exactly k, ties broken by
+    the sort), the others -inf; 0 keeps all. (B, V) -> (B, V)."""
+    V = logits.size(-1)
+    ks = [r.params.top_k if 0 < r.params.top_k < V else V for r in rows]
+    if all(k == V for k in ks):
+        return logits
+    _, order = logits.sort(dim=-1, descending=True)  # (B, V)
+    rank = torch.arange(V, device=logits.device).view(1, V)
+    return logits.masked_fill(_unsort(rank >= _column(ks, torch.long, logits.device), order), float("-inf"))
+
+
+def filter_top_p(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
+    """Logits processor: nucleus filtering (Holtzman et al. 2019): keep the smallest set of most
+    likely tokens whose probability reaches ``top_p``, always the most likely one. (B, V) -> (B, V)."""
+    ps = [r.params.top_p for r in rows]
+    if all(p >= 1.0 for p in ps):
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+    probs = F.softmax(sorted_logits, dim=-1)
+    remove = (probs.cumsum(dim=-1) - probs) >= _column(ps, probs.dtype, logits.device)  # mass before it reaches top_p
+    remove[:, 0] = False
+    return logits.masked_fill(_unsort(remove, order), float("-inf"))
+
+
+def filter_min_p(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
+    """Logits processor: min-p filtering (Nguyen et al. 2024): drop tokens whose probability is
+    below ``min_p`` times the most likely token's. (B, V) -> (B, V)."""
+    ms = [r.params.min_p for r in rows]
+    if all(m <= 0.0 for m in ms):
+        return logits
+    probs = F.softmax(logits, dim=-1)  # (B, V)
+    remove = probs < _column(ms, probs.dtype, logits.device) * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+# In HF's and vLLM's order: penalties on the raw logits, then the hooks, then temperature, then
+# the filters (each filter after temperature, so top-p and min-p see the sampled distribution).
+LOGITS_PROCESSORS: tuple[Callable, ...] = (penalize_repetition, penalize_presence_frequency, apply_row_hooks,
+                                           scale_temperature, filter_top_k, filter_top_p, filter_min_p)
+
+
+def process_logits(logits: torch.Tensor, rows: Sequence[Row],
+                   processors: Sequence[Callable] = LOGITS_PROCESSORS) -> torch.Tensor:
+    """Run ``processors`` (each ``fn(logits, rows) -> logits``) over (B, V) logits, one row per
+    entry of ``rows``; returns (B, V) float32 logits, filtered tokens at -inf."""
+    x = logits.float()
+    for fn in processors:
+        x = fn(x, rows)
+    return x
+
+
+def sample_rows(logits: torch.Tensor, rows: Sequence[Row], processors: Sequence[Callable] = LOGITS_PROCESSORS) -> list[int]:
+    """The next token of each row: :func:`process_logits`, then the argmax for greedy rows and, for
+    the others, one batched :func:`sample_from_probs` with one uniform number from each row's
+    own generator.
+
+    Args:
+        logits: (B, V) raw model logits, row b for ``rows[b]``.
+        rows: the B rows.
+        processors: the logits processors (default :data:`LOGITS_PROCESSORS`).
+
+    Returns:
+        B token ids (Python ints).
+    """
+    x = process_logits(logits, rows, processors)
+    tokens = x.argmax(dim=-1).tolist()
+    hot = [b for b, r in enumerate(rows) if not r.params.greedy]
+    if hot:
+        probs = F.softmax(x[hot] if len(hot) < len(rows) else x, dim=-1)  # (len(hot), V)
+        u = torch.cat([torch.rand(1, generator=rows[b].rng, device=x.device) for b in hot])  # (len(hot),)
+        for b, t in zip(hot, sample_from_probs(probs, u).tolist()):
+            tokens[b] = t
+    return tokens
+
+
+def sample_next_token(logits: torch.Tensor, rng: torch.Generator | None = None, temperature: float = 1.0,
+                      top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
+    """Pick the next token of each row from its logits, every row with the same settings and one
+    shared ``rng``. A pure function of its arguments (as nanochat's ``sample_next_token``).
+
+    Args:
+        logits: (B, V) float.
+        rng: the ``torch.Generator`` to sample with (None: torch's global one).
+        temperature: 0 means argmax (greedy).
+        top_k, top_p, min_p: see :class:`~barkgpt.config.SamplingParams`.
+
+    Returns:
+        (B,) int64 token ids.
+
+    Raises:
+        BarkError: a setting out of its range.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    rows = [_SharedRow(params)] * logits.size(0)
+    probs = F.softmax(process_logits(logits, rows), dim=-1)
+    return sample_from_probs(probs, torch.rand(logits.size(0), generator=rng, device=logits.device))
+
+
+class _SharedRow:
+    """What the processors read of a row, for rows that share settings and have no history."""
+
+    def __init__(self, params: SamplingParams):
+        self.params, self.prompt, self.generated, self.processors = params, [], [], []
+
+    ids = property(lambda self: [])
+
+
+def row_logprobs(logits: torch.Tensor, rows: Sequence[Row], tokens: Sequence[int]) -> dict[int, tuple[float, list[tuple[int, float]]]]:
+    """``{b: (logprob, [(id, logprob), ...])}`` for the rows whose ``params.logprobs`` is set
+    (each with its own top k), from one :func:`token_logprobs` over just those rows.
+
+    Args:
+        logits: (B, V) raw model logits.
+        rows: the B rows; tokens: the B chosen ids.
+    """
+    want = [b for b, r in enumerate(rows) if r.params.logprobs is not None]
+    if not want:
+        return {}
+    ks = [rows[b].params.logprobs for b in want]
+    chosen = torch.tensor([tokens[b] for b in want], device=logits.device)
+    lp, top_lp, top_ids = (t.tolist() for t in token_logprobs(logits[want], chosen, max(ks)))
+    return {b: (lp[i], list(zip(top_ids[i][:k], top_lp[i][:k]))) for i, (b, k) in enumerate(zip(want, ks))}
+
+
+# ---- prefix cache ----------------------------------------------------------------------------
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two id sequences of one type, both tuples or both
+    lists (a binary search over slice
+    comparisons, which run in C: O(n log n) element compares, no Python loop per token)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n - 1  # a[:lo] == b[:lo], a[:hi + 1] != b[:hi + 1]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class PrefixCache:
+    """KV entries of earlier sequences, for prompts that start with their tokens: vLLM's automatic
+    prefix caching and llama.cpp's ``cache_prompt``, at token granularity.
+
+    An entry is the ids of a finished prompt-and-reply (or a prompt) and their keys and values,
+    (n_layer, n_kv_head, L, head_dim) each. A new prompt takes the entry that shares its longest
+    prefix and prefills only the rest. Entries hold at most ``max_bytes`` together; the least
+    recently used leave first, and an entry whose ids begin a newer one is dropped for it.
+    Keys at a position depend only on the tokens up to it (causal attention, absolute or RoPE
+    positions from 0), so a reused prefix gives the same logits as prefilling it again, up to
+    float rounding.
+
+    ``queries`` counts prompt tokens looked up, ``hits`` the tokens reused (vLLM's
+    ``prefix_cache_queries`` / ``prefix_cache_hits``), so ``hits / queries`` is the hit rate.
+
+    Args:
+        max_bytes: bytes of keys and values held at most.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = self.tokens = 0  # held now (tokens: in all entries); plain ints, safe to read from any thread
+        self.queries = self.hits = 0
+        self._entries: collections.OrderedDict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, ids: Sequence[int]) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
+        """``(n, k, v)``: the longest cached prefix of ``ids``, at most ``len(ids) - 1`` tokens (the
+        last prompt token is always run, for its logits), and the entry's tensors (their first
+        ``n`` positions are the prefix's); ``(0, None, None)`` on a miss. Counts the query."""
+        ids = tuple(ids)  # keys are tuples: a tuple never equals a list
+        best, n = None, 0
+        for key in self._entries:
+            m = common_prefix(key, ids)
+            if m > n:
+                best, n = key, m
+        n = min(n, len(ids) - 1)
+        self.queries += len(ids)
+        if best is None or n < 1:
+            return 0, None, None
+        self.hits += n
+        self._entries.move_to_end(best)  # most recently used
+        k, v = self._entries[best]
+        return n, k, v
+
+    def put(self, ids: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Remember ``ids`` with keys/values (n_layer, n_kv_head, >= len(ids), head_dim): copied,
+        so the caller's cache can be reused. A no-op when an entry already starts with ``ids``
+        or one entry alone would exceed ``max_bytes``."""
+        key = tuple(ids)
+        L = len(key)
+        size = 2 * k[:, :, :L].numel() * k.element_size()
+        if L == 0 or size > self.max_bytes:
+            return
+        for old in list(self._entries):
+            if len(old) >= L and old[:L] == key:  # an entry holds this one already
+                self._entries.move_to_end(old)
+                return
+            if len(old) < L and key[:len(old)] == old:  # this one holds that entry
+                self._drop(old)
+        self._entries[key] = (k[:, :, :L].clone(), v[:, :, :L].clone())
+        self.bytes += size
+        self.tokens += L
+        while self.bytes > self.max_bytes:
+            self._drop(next(iter(self._entries)))  # least recently used
+
+    def _drop(self, key: tuple[int, ...]) -> None:
+        k, v = self._entries.pop(key)
+        self.bytes -= k.numel() * k.element_size() + v.numel() * v.element_size()
+        self.tokens -= len(key)
+
+
+# ---- the engine ------------------------------------------------------------------------------
+
+def batch_bucket(n: int, max_rows: int) -> int:
+    """The compiled batch size that serves ``n`` rows of a ``max_rows``-row cache: the next power of
+    two, at least 2 when the cache has 2 rows, at most ``max_rows``. Row counts from 2 up share
+    one graph whose batch dimension is dynamic (``torch._dynamo.mark_dynamic``), so a server
+    compiles once (a 1-row cache, as ``generate``'s, gets a static graph: dynamo specializes
+    size-1 dimensions); the powers of two keep the shapes it sees few."""
+    return min(max(1 << (n - 1).bit_length(), 2), max_rows)
+
+
+MIN_LENGTH_BUCKET = 16  # the fewest cache slots a compiled decode step attends over
+
+
+def length_bucket(longest: int, max_len: int) -> int:
+    """The cache slots a compiled decode step attends over when its longest row holds ``longest``
+    positions: the next power of two above it (at least :data:`MIN_LENGTH_BUCKET`), at most
+    ``max_len``. Short rows then do not pay for attention over the whole context."""
+    return min(max(1 << longest.bit_length(), MIN_LENGTH_BUCKET), max_len)
+
+
 class Engine:
-    """Batched, KV-cached generation over token ids for one model.
+    """Prefill, decode and sampling over token ids for one model: every decode in BarkGPT runs here.
+
+    :meth:`generate` (the CLI, ``barkgpt.load``, training samples) and the server's
+    :class:`~barkgpt.server.scheduler.Scheduler` are both thin users of :meth:`prefill`,
+    :meth:`decode` (one step for a batch of rows, each at its own position) and
+    :func:`sample_rows` (the logits processors, per-row generators) with :func:`row_logprobs`.
 
     Decode steps run the model eagerly on a :class:`KVCache`, or, with ``compile``, through one
     ``torch.compile``d step over a :class:`StaticKVCache` (prefill stays eager): the compiled
     graph replaces a few hundred Python-dispatched tensor ops per token with one call, about 3x
     the tokens/s at batch 1 on a small model on CPU (``bench/bench_decode.py``), for a one-time
-    compile of 5-20 s (cached by inductor across runs). Worth it for long generations and servers.
+    compile of 5-20 s (cached by inductor across runs). Batches are padded to a power of two
+    (:func:`batch_bucket`) and attention spans a power-of-two number of slots
+    (:func:`length_bucket`), both dynamic dimensions of one graph; :meth:`warmup` compiles
+    ahead. If compiling fails (no C++ compiler, an unsupported op), one warning on stderr, and
+    eager decoding from then on.
 
     Args:
         model: a :class:`GPT` in eval mode (the engine calls ``model.eval()``).
-        compile: compile the decode step (first used at the first generation).
+        compile: compile the decode step (at :meth:`warmup` or the first decode).
+        prefix_cache_bytes: > 0 keeps a :class:`PrefixCache` of that many bytes that
+            :meth:`prefill` reads and :meth:`remember` fills; 0: none.
     """
 
-    def __init__(self, model: GPT, compile: bool = False):
+    def __init__(self, model: GPT, compile: bool = False, prefix_cache_bytes: int = 0):
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.compile = compile
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self._compiled_step = None
         self._compiled_ok = False  # a compiled step has run: later errors are real errors
 
-    def _decode(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One decode step: (B, 1) ids -> (B, V) logits at each row's position; advances the cache.
+    def prefill(self, ids: Sequence[int], cache: KVCache) -> torch.Tensor:
+        """Run a prompt into a one-row ``cache`` (reset first); returns the (1, V) logits after
+        its last token. The longest prefix found in the prefix cache is copied in, not run.
 
-        If compiling fails (no C++ compiler, an unsupported op), says so once on stderr and
-        decodes eagerly from then on: the failure comes before the step runs, so the cache is intact.
+        Raises:
+            BarkError: the prompt does not fit ``cache.max_len``.
         """
-        if self.compile:
-            if self._compiled_step is None:
-                def step(idx, k, v, pos):  # tensors only: a fresh cache object each call needs no new guard
-                    return self.model(idx, kv_cache=StaticKVCache(k, v, pos))[0][:, -1, :]
+        assert cache.batch_size == 1
+        cache.reset()
+        n, k, v = self.prefix_cache.lookup(ids) if self.prefix_cache is not None else (0, None, None)
+        if n:
+            cache.k[:, 0, :, :n] = k[:, :, :n]
+            cache.v[:, 0, :, :n] = v[:, :, :n]
+            cache.lengths[0] = n
+        idx = torch.tensor([list(ids[n:])], dtype=torch.long, device=self.device)  # (1, T - n)
+        return self.model(idx, kv_cache=cache)[0][:, -1, :]
 
-                self._compiled_step = compile_fn(step, self.device.type, fullgraph=True)
-            pos = torch.tensor(cache.lengths, device=self.device)  # (B,), advanced in place by the step
+    def remember(self, ids: Sequence[int], cache: KVCache, row: int) -> None:
+        """Put row ``row`` of ``cache`` in the prefix cache as the KV entries of ``ids``, which must
+        be the row's tokens (only the first ``cache.lengths[row]`` are kept). No-op without one."""
+        n = min(len(ids), cache.lengths[row])
+        if self.prefix_cache is not None and n > 0:
+            self.prefix_cache.put(list(ids)[:n], cache.k[:, row, :, :n], cache.v[:, row, :, :n])
+
+    def _step(self):
+        if self._compiled_step is None:
+            def step(idx, k, v, pos):  # tensors only: a fresh cache object each call needs no new guard
+                cache = StaticKVCache(k, v, pos)
+                logits = self.model(idx, kv_cache=cache)[0][:, -1, :]
+                return logits, torch.stack(cache.new_k), torch.stack(cache.new_v)  # (B, V), (n_layer, B, n_kv_head, 1, hs) x2
+
+            self._compiled_step = compile_fn(step, self.device.type, fullgraph=True)
+        return self._compiled_step
+
+    def decode(self, tokens: Sequence[int], cache: KVCache) -> torch.Tensor:
+        """One decode step for the first ``n = len(tokens)`` rows of ``cache``, each at its own
+        position: feeds row b's token ``tokens[b]`` and advances its length.
+
+        Compiled, the batch is padded to :func:`batch_bucket` rows (padding rows are computed at
+        position 0 of rows past ``n`` and their entries dropped) and attends over the first
+        :func:`length_bucket` slots. A batch or length smaller than the cache's is a dynamic
+        dimension of one graph; the cache's full size is a static one (its own graph), which is
+        why the scheduler's cache has a spare row and slot. A compile failure before the first
+        compiled step says so once on stderr and decodes eagerly from then on (the cache is
+        intact: the failure comes before the step runs).
+
+        Returns:
+            (n, V) logits of the next token of each row.
+        """
+        n = len(tokens)
+        if self.compile:
+            b = batch_bucket(n, cache.batch_size)
+            idx = torch.tensor(list(tokens) + [0] * (b - n), dtype=torch.long, device=self.device).view(b, 1)
+            pos = torch.tensor(cache.lengths[:n] + [0] * (b - n), device=self.device)  # (b,)
+            L = length_bucket(max(cache.lengths[:n]), cache.max_len)
+            k, v = cache.k[:, :b, :, :L], cache.v[:, :b, :, :L]  # (n_layer, b, n_kv_head, L, hs) views
+            if 1 < b < cache.batch_size:  # one graph for the batch sizes from 2 up that leave rows free
+                for t, dim in ((idx, 0), (k, 1), (v, 1), (pos, 0)):
+                    torch._dynamo.mark_dynamic(t, dim)
+            if L < cache.max_len:  # and for the lengths that leave slots free
+                torch._dynamo.mark_dynamic(k, 3)
+                torch._dynamo.mark_dynamic(v, 3)
             try:
-                logits = self._compiled_step(idx, cache.k, cache.v, pos)
+                logits, new_k, new_v = self._step()(idx, k, v, pos)
             except Exception as e:  # noqa: BLE001 - compile errors come in many types
                 if self._compiled_ok:
                     raise
-                print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
                       f"decoding without compile", file=sys.stderr)
                 self.compile = False
             else:
                 self._compiled_ok = True
-                cache.advance(1)
-                return logits
-        return self.model(idx, kv_cache=cache)[0][:, -1, :]
+                at = torch.tensor(cache.lengths[:n], device=self.device).view(1, n, 1, 1, 1).expand(new_k.size(0), n, new_k.size(2), 1, new_k.size(4))
+                cache.k[:, :n].scatter_(3, at, new_k[:, :n])  # the new entries, written outside the graph
+                cache.v[:, :n].scatter_(3, at, new_v[:, :n])
+                cache.lengths[:n] = [x + 1 for x in cache.lengths[:n]]
+                return logits[:n]
+        view = cache.narrow(n)
+        idx = torch.tensor(list(tokens), dtype=torch.long, device=self.device).view(n, 1)
+        logits = self.model(idx, kv_cache=view)[0][:, -1, :]  # (n, V)
+        cache.lengths[:n] = view.lengths
+        return logits
+
+    def warmup(self, cache: KVCache, max_rows: int | None = None) -> None:
+        """Compile the decode step for every batch bucket of 1 to ``max_rows`` rows (default
+        ``cache.batch_size``) now, as a server does before it reports healthy, then reset
+        ``cache``. No-op without ``compile``."""
+        sizes = sorted({batch_bucket(n, cache.batch_size) for n in range(1, (max_rows or cache.batch_size) + 1)})
+        for b in sizes:
+            if not self.compile:
+                break
+            self.decode([0] * b, cache)  # entries at slot 0 of each row, forgotten below
+        cache.reset()
 
     @torch.no_grad()
-    def generate(self, prompt: Sequence[int], num_samples: int = 1, max_new_tokens: int = 100,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                 repetition_penalty: float = 1.0, seed: int | None = None,
-                 stop_ids: Sequence[int] = ()) -> Iterator[list[int | None]]:
+    def generate(self, prompt: Sequence[int], params: SamplingParams | None = None, *, stop_ids: Sequence[int] = (),
+                 processors: Sequence[Callable] = (), **sampling) -> Iterator[list[int | None]]:
         """Stream generated tokens, one step at a time, for ``num_samples`` rows of one prompt.
 
         The prompt is prefilled once into a KV cache; each step decodes one token per row. When a
@@ -394,48 +758,46 @@ class Engine:
 
         Args:
             prompt: token ids, 1 <= len <= block_size.
-            num_samples: rows generated together.
-            max_new_tokens: steps to run at most.
-            temperature, top_k, top_p, min_p: see :func:`sample_next_token`.
-            repetition_penalty: see :func:`apply_repetition_penalty`.
-            seed: seeds the sampling ``torch.Generator`` (None: nondeterministic).
+            params: the sampling settings; or give their fields as keywords (``max_new_tokens=``,
+                ``temperature=``, ...: :class:`~barkgpt.config.SamplingParams`). Sample j draws
+                with seed ``params.seed + j``. ``stop`` strings are the text layer's.
             stop_ids: token ids that end a row (the stop token is still yielded once).
+            processors: per-row logits hooks given to every row (see :class:`Row`).
 
         Yields:
             A list of ``num_samples`` entries per step: the new token id of each row, or None for
             a row that has already stopped. Ends when every row stopped or after max_new_tokens.
 
         Raises:
-            BarkError: an empty prompt or one longer than ``block_size``.
+            BarkError: an empty prompt, one longer than ``block_size``, or a bad sampling setting.
         """
+        p = params if params is not None else SamplingParams(**sampling)
         block_size = self.model.config.block_size
         if len(prompt) == 0:
             raise BarkError("the prompt is empty; give at least one token (e.g. start from <EOS>)")
         if len(prompt) > block_size:
             raise BarkError(f"the prompt has {len(prompt)} tokens but the model's block_size is {block_size}; shorten it or use --truncate")
-        rng = torch.Generator(device=self.device)
-        rng.manual_seed(seed) if seed is not None else rng.seed()
-        stop = set(stop_ids)
-        history = torch.tensor([list(prompt)] * num_samples, dtype=torch.long, device=self.device)  # (B, T)
-        cache = KVCache.for_model(self.model, 1)
-        logits, _ = self.model(history[:1], kv_cache=cache)  # prefill the prompt once...
-        cache = cache.expand(num_samples)  # ...and share it with every row
-        logits = logits[:, -1, :].expand(num_samples, -1)  # (B, V)
-        done = [False] * num_samples
-        for _ in range(max_new_tokens):
-            logits = apply_repetition_penalty(logits, history, repetition_penalty)
-            nxt = sample_next_token(logits, rng, temperature, top_k, top_p, min_p)  # (B,)
-            ids = nxt.tolist()
+        n, stop = p.num_samples, set(stop_ids)
+        rows = [Row(prompt, p, None if p.seed is None else p.seed + j, processors, self.device) for j in range(n)]
+        cache = KVCache.for_model(self.model, 1, block_size + 1)  # a spare slot: see decode()
+        logits = self.prefill(prompt, cache)  # prefill the prompt once...
+        cache = cache.expand(n)  # ...and share it with every row
+        logits = logits.expand(n, -1)  # (n, V)
+        done = [False] * n
+        for _ in range(p.max_new_tokens):
+            tokens = sample_rows(logits, rows)
             out = []
-            for b, t in enumerate(ids):
+            for b, t in enumerate(tokens):
                 out.append(None if done[b] else t)
                 done[b] = done[b] or t in stop
             yield out
             if all(done):
                 return
-            history = torch.cat((history, nxt.unsqueeze(1)), dim=1)
+            for row, t in zip(rows, tokens):
+                row.generated.append(t)
             if cache.get_pos() >= block_size:  # slide the window: re-prefill the recent half
-                cache = KVCache.for_model(self.model, num_samples)
-                logits = self.model(history[:, -(block_size // 2):], kv_cache=cache)[0][:, -1, :]
+                cache = KVCache.for_model(self.model, n, block_size + 1)
+                recent = torch.tensor([r.ids[-(block_size // 2):] for r in rows], device=self.device)  # (n, block_size // 2)
+                logits = self.model(recent, kv_cache=cache)[0][:, -1, :]
             else:
-                logits = self._decode(nxt.unsqueeze(1), cache)
+                logits = self.decode(tokens, cache)

@@ -12,7 +12,7 @@ from typing import Iterator
 
 from barkgpt.checkpoint import load_checkpoint
 from barkgpt.common import BarkError, resolve_device
-from barkgpt.config import SampleConfig
+from barkgpt.config import SamplingParams
 from barkgpt.engine import Engine
 from barkgpt.model import GPT
 from barkgpt.tokenizer import Tokenizer
@@ -53,14 +53,14 @@ class TextGenerator:
     def stream(self, prompt: str, truncate: bool = False, **sampling) -> Iterator[str]:
         """Yield the reply to ``prompt`` piece by piece as it is generated (one sample).
 
-        Keyword args are :class:`~barkgpt.config.SampleConfig` fields. Generation ends at
+        Keyword args are :class:`~barkgpt.config.SamplingParams` fields. Generation ends at
         ``<EOS>`` (not emitted), a stop string (not emitted), or ``max_new_tokens``.
         Concatenated pieces equal ``generate(...)`` with the same arguments.
 
         Raises:
             BarkError: bad sampling values or an over-long prompt.
         """
-        cfg = SampleConfig(**{**sampling, "num_samples": 1})
+        cfg = SamplingParams(**{**sampling, "num_samples": 1})
         ids = self.encode_prompt(prompt, truncate)
         yield from _TextStream(self.tokenizer, (s[0] for s in self._steps(ids, cfg)), cfg.stop)
 
@@ -78,12 +78,13 @@ class TextGenerator:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
     def complete(self, prompt: str, truncate: bool = False, **sampling) -> list[Completion]:
-        """Generate ``num_samples`` replies together, with their finish reasons.
+        """Generate ``num_samples`` replies together, with their finish reasons (keyword args are
+        :class:`~barkgpt.config.SamplingParams` fields).
 
         Raises:
             BarkError: bad sampling values or an over-long prompt.
         """
-        cfg = SampleConfig(**sampling)
+        cfg = SamplingParams(**sampling)
         ids = self.encode_prompt(prompt, truncate)
         columns: list[list[int]] = [[] for _ in range(cfg.num_samples)]
         for step in self._steps(ids, cfg):
@@ -97,12 +98,8 @@ class TextGenerator:
             out.append(Completion(text, stream.finish_reason, len(ids), stream.n_tokens))
         return out
 
-    def _steps(self, ids: list[int], cfg: SampleConfig):
-        return self.engine.generate(
-            ids, num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
-            repetition_penalty=cfg.repetition_penalty, seed=cfg.seed, stop_ids=[self.tokenizer.eos_id],
-        )
+    def _steps(self, ids: list[int], cfg: SamplingParams):
+        return self.engine.generate(ids, cfg, stop_ids=[self.tokenizer.eos_id])
 
 
 @dataclass

@@ -1,7 +1,16 @@
-"""Serving load test: aggregate generated tokens/s at 1, 4 and 16 concurrent streams, with
-p50/p99 time to first token, against a real ``barkgpt serve`` process on 127.0.0.1.
+"""Serving load test against real ``barkgpt serve`` processes on 127.0.0.1, with side by side:
 
-The model has the shakespeare-bpe shape (n_layer 4, n_head 4, n_embd 128, block_size 128,
+* server tokens/s at 1 stream against in-process ``Engine.generate`` with the compiled step on
+  the same model, at the server's torch thread count (``server_1_vs_engine``; the HTTP path
+  should cost little: at least 0.8);
+* aggregate tokens/s at 16 streams against 1 stream (``ratio_16_vs_1``, at least 6), with
+  p50/p99 time to first token, at 1, 4 and 16 streams;
+* the same 16-stream load with the compiled step on and off (``compiled_vs_eager_16``: > 1);
+* with ``--chat``: a 10-turn chat that fills most of a 512-token context (the tinystories
+  preset trained briefly with ``--block-size 512``), time to first token per turn with the
+  prefix cache and with ``--no-prefix-cache``, and whether the replies are the same.
+
+The load model has the shakespeare-bpe shape (n_layer 4, n_head 4, n_embd 128, block_size 128,
 byte-level BPE of 2048 tokens trained on tiny Shakespeare) with random weights: speed does not
 depend on the values. Every request streams ``--max-tokens`` tokens (``<EOS>`` is possible but
 rare); counts come from the usage chunk. The load comes from a lean ``httpx`` SSE reader (as
@@ -9,11 +18,10 @@ vLLM's ``benchmark_serving.py`` reads with aiohttp), not the ``openai`` SDK, who
 parsing would take much of this 2-core machine away from the server it measures; the tests use
 the official client.
 
-Each round runs 1, 4 and 16 clients for a few seconds each; ``ratio_16_vs_1`` is the median over
-rounds of the 16-client tokens/s over the 1-client tokens/s of the same round (this 2-core
-machine is shared, and its speed drifts between minutes).
+Each round runs 1, 4 and 16 clients for a few seconds each; ratios are medians over rounds of
+the same round's figures (this 2-core machine is shared, and its speed drifts between minutes).
 
-    python bench/bench_serve.py [--max-tokens 64] [--requests 64] [--rounds 4]
+    python bench/bench_serve.py [--max-tokens 64] [--requests 64] [--rounds 4] [--chat]
 """
 
 from __future__ import annotations
@@ -55,6 +63,47 @@ def make_model() -> Path:
     torch.manual_seed(0)
     save_checkpoint(out, GPT(model_cfg), tok)
     return out
+
+
+def start_server(model: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+    """``barkgpt serve`` on a free port (API key ``bench``), once ``/health`` answers 200."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # the server picks its threads
+    env["BARKGPT_API_KEY"] = "bench"
+    proc = subprocess.Popen([sys.executable, "-m", "barkgpt", "serve", "--model", str(model), "--port", str(port),
+                             "--model-name", "bench", "--max-batch-size", "16", *flags], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(3000):
+        try:
+            urllib.request.urlopen(base + "/health", timeout=1)
+            return proc, base
+        except OSError:
+            if proc.poll() is not None:
+                sys.exit(f"barkgpt serve {' '.join(flags)} exited with {proc.returncode}")
+            time.sleep(0.2)
+    proc.kill()
+    sys.exit("barkgpt serve did not come up in 10 minutes")
+
+
+def engine_tokens_per_s(model_dir: Path, max_tokens: int, repeats: int = 8) -> float:
+    """In-process ``Engine.generate`` at batch 1 with the compiled step (compiled first), on the
+    server's thread count (all cores but one), from the same prompt as the load."""
+    import torch
+
+    from barkgpt.checkpoint import load_checkpoint
+    from barkgpt.engine import Engine
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
+    model, tok, _ = load_checkpoint(model_dir, torch.device("cpu"))
+    engine, ids = Engine(model, compile=True), tok.encode("ROMEO:")
+    run = lambda seed: sum(1 for _ in engine.generate(ids, max_new_tokens=max_tokens, temperature=0.8, seed=seed))  # noqa: E731
+    with torch.inference_mode():
+        run(0)  # compile
+        t0, tokens = time.perf_counter(), sum(run(i) for i in range(repeats))
+    return round(tokens / (time.perf_counter() - t0), 1)
 
 
 async def one_request(client, max_tokens: int, seed: int) -> tuple[float, int]:
@@ -101,42 +150,103 @@ async def load(base: str, concurrency: int, requests: int, max_tokens: int) -> d
             "ttft_p99_ms": round(1000 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))], 1)}
 
 
+def make_chat_model() -> Path:
+    """The tinystories preset with ``--block-size 512``, trained briefly (``barkgpt train``)."""
+    out = OUT / "chat-model"
+    if (out / "best" / "model.safetensors").is_file() or (out / "last" / "model.safetensors").is_file():
+        return out
+    text = REPO.parent / "shared" / "data" / "tinystories-train-sample.txt"
+    if not text.is_file():
+        sys.exit(f"needs {text} (the shared/ folder beside the repo)")
+    subprocess.run([sys.executable, "-m", "barkgpt", "train", "--preset", "tinystories", "--data", str(text),
+                    "--block-size", "512", "--max-iters", "40", "--warmup-iters", "5", "--eval-interval", "40",
+                    "--eval-iters", "2", "--batch-size", "4", "--gradient-accumulation-steps", "1", "--compile", "false",
+                    "--out-dir", str(out)], check=True)
+    return out
+
+
+CHAT_TURNS = ["Tell me a story about a cat.", "What did the cat find?", "Where did it go next?", "Who did it meet?",
+              "What did they say?", "Was anyone sad?", "How did they help?", "What happened at night?",
+              "How did the story end?", "What is the lesson?"]
+
+
+async def chat_ttfts(base: str, max_tokens: int) -> tuple[list[float], list[str]]:
+    """A 10-turn greedy chat, each turn resending the conversation; time to first token (s) and
+    reply per turn."""
+    import httpx2 as httpx
+
+    messages, ttfts, replies = [], [], []
+    async with httpx.AsyncClient(base_url=base, headers={"Authorization": "Bearer bench"}, timeout=300) as client:
+        for text in CHAT_TURNS:
+            messages.append({"role": "user", "content": text})
+            body = {"model": "bench", "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+            t0, ttft, reply = time.perf_counter(), None, ""
+            async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    delta = json.loads(line[6:])["choices"][0]["delta"] if json.loads(line[6:])["choices"] else {}
+                    if ttft is None and delta.get("content"):
+                        ttft = time.perf_counter() - t0
+                    reply += delta.get("content") or ""
+            ttfts.append(round(ttft or time.perf_counter() - t0, 4))
+            replies.append(reply)
+            messages.append({"role": "assistant", "content": reply})
+    return ttfts, replies
+
+
+def chat_bench(max_tokens: int) -> dict:
+    """TTFT per turn of :func:`chat_ttfts` with and without the prefix cache (both eager: TTFT is
+    the prefill's, which is eager either way)."""
+    model = make_chat_model()
+    out = {}
+    for name, flags in (("prefix_cache", ()), ("no_prefix_cache", ("--no-prefix-cache",))):
+        proc, base = start_server(model, "--compile", "false", *flags)
+        try:
+            asyncio.run(chat_ttfts(base, 2))  # warm up
+            out[name] = dict(zip(("ttft_s", "replies"), asyncio.run(chat_ttfts(base, max_tokens))))
+            with urllib.request.urlopen(urllib.request.Request(base + "/metrics", headers={"Authorization": "Bearer bench"})) as r:
+                out[name]["metrics"] = {l.split()[0]: float(l.split()[1]) for l in r.read().decode().splitlines()
+                                        if l.startswith("barkgpt_prefix_cache")}
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    for v in out.values():
+        v["turn10_vs_turn1"] = round(v["ttft_s"][-1] / v["ttft_s"][0], 2)
+    out["same_replies"] = out["prefix_cache"].pop("replies") == out["no_prefix_cache"].pop("replies")
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--requests", type=int, default=64, help="requests per round at 16 clients (4 each: less ramp-up and tail); "
                                                             "1 client sends a quarter of them, 4 clients half")
     p.add_argument("--rounds", type=int, default=4, help="rounds of (1, 4, 16 clients), interleaved so machine noise hits every level")
+    p.add_argument("--chat", action="store_true", help="also the 10-turn prefix-cache chat on a briefly trained 512-token model")
+    p.add_argument("--chat-max-tokens", type=int, default=24, help="reply tokens per chat turn")
     a = p.parse_args()
 
     from bench_train import write_results
 
     model = make_model()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # the server picks its threads
-    env["BARKGPT_API_KEY"] = "bench"
-    proc = subprocess.Popen([sys.executable, "-m", "barkgpt", "serve", "--model", str(model), "--port", str(port),
-                             "--model-name", "bench", "--max-batch-size", "16"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
     levels = {1: max(a.requests // 4, 1), 4: max(a.requests // 2, 4), 16: max(a.requests, 16)}  # each level runs a few seconds
-    rounds = []
+    rounds, eager16 = [], []
+    servers = {"compiled": start_server(model), "eager": start_server(model, "--compile", "false")}
     try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(base + "/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.2)
-        asyncio.run(load(base, 1, 2, a.max_tokens))  # warm up
+        for _, base in servers.values():
+            asyncio.run(load(base, 1, 2, a.max_tokens))  # warm up
         for r in range(a.rounds):
-            rounds.append({c: asyncio.run(load(base, c, n, a.max_tokens)) for c, n in levels.items()})
-            print(json.dumps({"round": r, **{f"tokens_per_s_{c}": x["tokens_per_s"] for c, x in rounds[-1].items()}}), flush=True)
+            rounds.append({c: asyncio.run(load(servers["compiled"][1], c, n, a.max_tokens)) for c, n in levels.items()})
+            eager16.append(asyncio.run(load(servers["eager"][1], 16, levels[16], a.max_tokens)))
+            print(json.dumps({"round": r, **{f"tokens_per_s_{c}": x["tokens_per_s"] for c, x in rounds[-1].items()},
+                              "eager_tokens_per_s_16": eager16[-1]["tokens_per_s"]}), flush=True)
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(timeout=30)
+    engine_1 = engine_tokens_per_s(model, a.max_tokens)  # the servers are gone: the cores are its own
     rows = []
     for c in levels:  # each level over all rounds
         xs = [rd[c] for rd in rounds]
@@ -146,10 +256,17 @@ def main() -> None:
                      "ttft_p99_ms": max(x["ttft_p99_ms"] for x in xs)})
         print(json.dumps(rows[-1]))
     per_round = [round(rd[16]["tokens_per_s"] / rd[1]["tokens_per_s"], 2) for rd in rounds]
+    on_off = [round(rd[16]["tokens_per_s"] / e["tokens_per_s"], 2) for rd, e in zip(rounds, eager16)]
+    server_1 = statistics.median(rd[1]["tokens_per_s"] for rd in rounds)
     summary = {"max_tokens": a.max_tokens, "rounds": a.rounds, "levels": rows, "ratio_16_vs_1_per_round": per_round,
-               "ratio_16_vs_1": round(statistics.median(per_round), 2)}
-    print(json.dumps({"ratio_16_vs_1": summary["ratio_16_vs_1"], "per_round": per_round}))
-    write_results("serve: streamed completions at 1/4/16 concurrent clients, shakespeare-bpe shape", summary)
+               "ratio_16_vs_1": round(statistics.median(per_round), 2),
+               "eager_tokens_per_s_16": statistics.median(e["tokens_per_s"] for e in eager16),
+               "compiled_vs_eager_16": round(statistics.median(on_off), 2),
+               "engine_compiled_tokens_per_s_1": engine_1, "server_1_vs_engine": round(server_1 / engine_1, 2)}
+    if a.chat:
+        summary["chat"] = chat_bench(a.chat_max_tokens)
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("levels",)}))
+    write_results("serve: streamed completions at 1/4/16 clients (compiled and eager), shakespeare-bpe shape", summary)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from barkgpt.config import GPTConfig
-from barkgpt.engine import Engine, apply_repetition_penalty, sample_next_token, token_logprobs
+from barkgpt.common import BarkError
+from barkgpt.config import GPTConfig, SamplingParams
+from barkgpt.engine import (Engine, KVCache, PrefixCache, Row, apply_repetition_penalty, process_logits,
+                            sample_next_token, token_logprobs)
 from barkgpt.model import GPT
 
 
@@ -82,15 +84,15 @@ def test_greedy_and_filters():
 
 
 def test_per_row_settings_filter_each_row_as_alone():
-    """One batched pass with a setting per row gives each row what it gets alone."""
-    from barkgpt.engine import sampling_probs
-
+    """One batched pass of the logits processors with settings per row gives each row what it
+    gets alone."""
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
-    rows = [(0.7, 5, 1.0, 0.0), (1.3, 0, 0.8, 0.0), (1.0, 0, 1.0, 0.1), (0.5, 3, 0.9, 0.05)]
-    batched = sampling_probs(logits, *(torch.tensor(col) for col in zip(*rows)))
+    settings = [(0.7, 5, 1.0, 0.0), (1.3, 0, 0.8, 0.0), (1.0, 0, 1.0, 0.1), (0.5, 3, 0.9, 0.05)]
+    rows = [Row([1], SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m)) for t, k, p, m in settings]
+    batched = torch.softmax(process_logits(logits, rows), dim=-1)
     for b, row in enumerate(rows):
-        torch.testing.assert_close(batched[b:b + 1], sampling_probs(logits[b:b + 1], *row))
+        torch.testing.assert_close(batched[b:b + 1], torch.softmax(process_logits(logits[b:b + 1], [row]), dim=-1))
     assert (batched[0] > 0).sum() == 5 and (batched[3] > 0).sum() <= 3
 
 
@@ -127,3 +129,65 @@ def test_token_logprobs_are_the_raw_log_softmax():
     assert torch.allclose(chosen, expected[[0, 1], [0, 2]])
     assert ids[0].tolist() == [3, 0] and torch.allclose(top[0], expected[0, [3, 0]])
     assert (top <= 0).all() and token_logprobs(logits, torch.tensor([0, 1]), k=10)[1].shape == (2, 4)
+
+
+def test_each_sample_draws_from_its_own_seed(model):
+    """Sample j of ``num_samples`` draws with seed + j, as the server's n choices do, so it does
+    not depend on how many samples run beside it."""
+    kw = dict(max_new_tokens=8, temperature=1.0)
+    together = list(zip(*Engine(model).generate([1, 2], num_samples=3, seed=7, **kw)))
+    alone = [tuple(s[0] for s in Engine(model).generate([1, 2], seed=7 + j, **kw)) for j in range(3)]
+    assert together == alone
+
+
+def test_a_row_hook_constrains_every_token(model):
+    """The per-row hook (where constrained decoding goes) runs before sampling: a banned token
+    never comes out, greedy or sampled."""
+    greedy = [s[0] for s in Engine(model).generate([3], max_new_tokens=10, temperature=0)]
+    banned = greedy[0]
+
+    def ban(row, logits):
+        return logits.index_fill(0, torch.tensor([banned]), float("-inf"))
+
+    for temperature in (0, 1.0):
+        out = [s[0] for s in Engine(model).generate([3], max_new_tokens=10, temperature=temperature, seed=1, processors=[ban])]
+        assert banned not in out and len(out) == 10
+
+
+def test_sampling_settings_are_validated_once_in_sampling_params(model):
+    for kw, word in ((dict(temperature=-1), "temperature"), (dict(presence_penalty=3), "presence_penalty"),
+                     (dict(frequency_penalty=-2.5), "frequency_penalty"), (dict(logprobs=-1), "logprobs")):
+        with pytest.raises(BarkError, match=word):
+            SamplingParams(**kw)
+    with pytest.raises(BarkError, match="top_p"):
+        next(Engine(model).generate([1], top_p=0))
+
+
+def test_prefix_cache_keeps_the_longest_prefix_within_its_bytes():
+    k = torch.arange(2 * 1 * 10 * 2, dtype=torch.float32).view(2, 1, 10, 2)  # (n_layer, n_kv_head, L, hs)
+    per_token = 2 * k[:, :, :1].numel() * 4
+    cache = PrefixCache(max_bytes=12 * per_token)
+    cache.put([1, 2, 3], k, k)
+    cache.put([1, 2, 3, 4, 5], k, k)  # holds the first entry: it replaces it
+    assert len(cache) == 1 and cache.bytes == 5 * per_token
+    n, got, _ = cache.lookup([1, 2, 3, 4, 5])
+    assert n == 4 and torch.equal(got[:, :, :4], k[:, :, :4])  # the last prompt token is always run
+    assert cache.lookup([1, 2, 9])[0] == 2 and cache.lookup([7, 1])[0] == 0
+    cache.put([7, 8, 9, 9], k, k)
+    cache.lookup([1, 2, 3])  # [1..5] is now the most recently used
+    cache.put([6, 6, 6, 6], k, k)  # 13 tokens > 12: the least recently used entry leaves
+    assert cache.lookup([7, 8, 9, 9, 1])[0] == 0 and cache.lookup([1, 2, 3, 4, 5, 6])[0] == 5
+    assert cache.bytes <= cache.max_bytes and cache.hits == 4 + 2 + 2 + 5 and cache.queries == 5 + 3 + 2 + 3 + 5 + 6
+    assert cache.tokens == 9
+
+
+def test_prefill_from_the_prefix_cache_gives_the_same_logits(model):
+    plain, cached = Engine(model), Engine(model, prefix_cache_bytes=1 << 20)
+    first = list(range(1, 11))
+    one = KVCache.for_model(model, 1)
+    cached.prefill(first, one)
+    cached.remember(first, one, 0)
+    longer = first + [11, 12, 13]
+    got = cached.prefill(longer, one)
+    torch.testing.assert_close(got, plain.prefill(longer, KVCache.for_model(model, 1)))
+    assert cached.prefix_cache.hits == 10 and one.lengths == [13]

@@ -8,7 +8,8 @@ import torch
 from barkgpt.common import BarkError
 from barkgpt.engine import Engine, KVCache
 from barkgpt.model import GPT
-from barkgpt.server.scheduler import QueueFull, SamplingParams, Scheduler
+from barkgpt.config import SamplingParams
+from barkgpt.server.scheduler import QueueFull, Scheduler
 
 
 @pytest.fixture
@@ -47,7 +48,7 @@ def test_concurrent_greedy_requests_match_the_engine_alone(model):
     prompts = [[1, 2, 3], [5] * 9, [7, 8], [9]]
     engine = Engine(model)
     alone = [[s[0] for s in engine.generate(p, max_new_tokens=8, temperature=0)] for p in prompts]
-    sched = Scheduler(model, stop_ids=[], max_batch_size=3)  # fewer rows than requests: some wait
+    sched = Scheduler(Engine(model), stop_ids=[], max_batch_size=3)  # fewer rows than requests: some wait
 
     async def go():
         reqs = [sched.submit(p, SamplingParams(max_new_tokens=8, temperature=0)) for p in prompts]
@@ -57,7 +58,7 @@ def test_concurrent_greedy_requests_match_the_engine_alone(model):
 
 
 def test_seeded_sampling_is_reproducible_among_other_requests(model):
-    sched = Scheduler(model, stop_ids=[])
+    sched = Scheduler(Engine(model), stop_ids=[])
     p = SamplingParams(max_new_tokens=10, temperature=1.0, top_k=20, seed=123)
 
     async def go():
@@ -72,7 +73,7 @@ def test_seeded_sampling_is_reproducible_among_other_requests(model):
 
 
 def test_stop_id_ends_a_request_and_cancel_frees_its_row(model):
-    sched = Scheduler(model, stop_ids=[], max_batch_size=2)
+    sched = Scheduler(Engine(model), stop_ids=[], max_batch_size=2)
 
     async def go():
         long = sched.submit([1], SamplingParams(max_new_tokens=30, temperature=0))
@@ -88,13 +89,13 @@ def test_stop_id_ends_a_request_and_cancel_frees_its_row(model):
     assert sched.running == 0
 
     first = [s[0] for s in Engine(model).generate([1], max_new_tokens=1, temperature=0)][0]
-    sched = Scheduler(model, stop_ids=[first])
+    sched = Scheduler(Engine(model), stop_ids=[first])
     out = run(sched, lambda: collect(sched.submit([1], SamplingParams(max_new_tokens=10, temperature=0))))
     assert out == [first]  # the stop id is sent, then the request ends
 
 
 def test_limits(model):
-    sched = Scheduler(model, stop_ids=[], max_queue=1)
+    sched = Scheduler(Engine(model), stop_ids=[], max_queue=1)
 
     async def go():  # the worker is not started: requests stay queued
         with pytest.raises(BarkError, match="30 tokens and max_new_tokens is 5"):
@@ -113,7 +114,7 @@ def test_same_prompt_is_prefilled_once_and_each_copy_samples_alone(model):
     hook = model.register_forward_pre_hook(lambda m, args: prefills.append(1) if args[0].size(1) > 1 else None)
     prompt, seeds = [1, 2, 3, 4], [11, 12, 13]
     try:
-        sched = Scheduler(model, stop_ids=[])
+        sched = Scheduler(Engine(model), stop_ids=[])
 
         async def together():
             reqs = [sched.submit(prompt, SamplingParams(max_new_tokens=6, seed=s)) for s in seeds]
@@ -121,10 +122,10 @@ def test_same_prompt_is_prefilled_once_and_each_copy_samples_alone(model):
 
         shared = run(sched, together)
         n_prefills = len(prefills)
-        sched = Scheduler(model, stop_ids=[], max_batch_size=2)  # the third copy waits for a free row
+        sched = Scheduler(Engine(model), stop_ids=[], max_batch_size=2)  # the third copy waits for a free row
         prefills.clear()
         assert run(sched, together) == shared and len(prefills) == 2
-        sched = Scheduler(model, stop_ids=[])
+        sched = Scheduler(Engine(model), stop_ids=[])
         alone = run(sched, lambda: asyncio.gather(*[collect(sched.submit(prompt, SamplingParams(max_new_tokens=6, seed=s)))
                                                     for s in seeds[:1]]))
     finally:
@@ -134,7 +135,7 @@ def test_same_prompt_is_prefilled_once_and_each_copy_samples_alone(model):
 
 
 def test_logprobs_only_for_requests_that_ask(model):
-    sched = Scheduler(model, stop_ids=[])
+    sched = Scheduler(Engine(model), stop_ids=[])
 
     async def go():
         asked = sched.submit([1, 2], SamplingParams(max_new_tokens=5, temperature=0, logprobs=3))
@@ -147,3 +148,50 @@ def test_logprobs_only_for_requests_that_ask(model):
     assert none == [] and len(logprobs) == len(tokens) == 5
     for t, (lp, top) in zip(tokens, logprobs):
         assert len(top) == 3 and top[0] == (t, lp) and lp <= 0  # greedy: the chosen token is the top one
+
+
+def test_compiled_step_serves_joining_and_leaving_rows_without_recompiling(model):
+    """The scheduler decodes through the engine's compiled step: warmed up for every batch bucket
+    at start, it compiles nothing more while rows join and leave, and each request still gets
+    the eager engine's tokens alone."""
+    from torch._dynamo.utils import counters
+
+    prompts = [[1, 2, 3], [5] * 9, [7, 8], [9], [4, 4]]
+    lengths = [8, 3, 12, 5, 7]  # rows finish at different steps: batch sizes 3, 2, 1 all come up
+    engine = Engine(model)
+    alone = [[s[0] for s in engine.generate(p, max_new_tokens=n, temperature=0)] for p, n in zip(prompts, lengths)]
+    sched = Scheduler(Engine(model, compile=True), stop_ids=[], max_batch_size=3)
+
+    async def go():
+        compiled = sum(counters["stats"].values()), dict(counters["frames"])
+        reqs = [sched.submit(p, SamplingParams(max_new_tokens=n, temperature=0)) for p, n in zip(prompts, lengths)]
+        out = await asyncio.gather(*(collect(r) for r in reqs))
+        return out, compiled
+
+    out, before = run(sched, go)  # run() starts the scheduler: the warm-up compiles inside
+    assert out == alone
+    assert sched.engine.compile and sched.engine._compiled_ok  # the compiled path really ran
+    assert (sum(counters["stats"].values()), dict(counters["frames"])) == before  # no compile after the warm-up
+
+
+def test_prefix_cache_reuses_a_previous_turn_and_changes_no_token(model):
+    """Turn 2's prompt starts with turn 1's prompt and reply: the cache serves those positions,
+    and the tokens equal those without a cache, greedy and seeded."""
+    def chat(engine):
+        sched = Scheduler(engine, stop_ids=[])
+
+        async def go():
+            replies = []
+            for params in (SamplingParams(max_new_tokens=6, temperature=0), SamplingParams(max_new_tokens=6, seed=4)):
+                first = [1, 2, 3, 4]
+                reply = await collect(sched.submit(first, params))
+                second = first + reply + [5, 6]
+                replies += [reply, await collect(sched.submit(second, params))]
+                replies.append(await collect(sched.submit(second[:7] + [9], params)))  # a shorter shared prefix
+            return replies
+
+        return run(sched, go)
+
+    cached_engine = Engine(model, prefix_cache_bytes=1 << 20)
+    assert chat(cached_engine) == chat(Engine(model))
+    assert cached_engine.prefix_cache.hits >= 2 * (4 + 5) + 2 * 7

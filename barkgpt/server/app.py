@@ -38,18 +38,20 @@ from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from barkgpt.common import BarkError
-from barkgpt.config import ServeConfig
+from barkgpt.config import SamplingParams, ServeConfig
+from barkgpt.engine import Engine
 from barkgpt.generate import TextDecoder, TextGenerator
 from barkgpt.server import protocol as P
 from barkgpt.server import web
 from barkgpt.server.errors import ApiError, scrub_paths
-from barkgpt.server.scheduler import QueueFull, SamplingParams, Scheduler, ShuttingDown
+from barkgpt.server.scheduler import QueueFull, Scheduler, ShuttingDown
 from barkgpt.server.security import Guard
 
 log = logging.getLogger("barkgpt.server")
 
 RETRY_AFTER_S = 1  # the Retry-After of a 429 or of a 503 while the model loads
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+PREFIX_CACHE_BYTES = 256 << 20  # KV entries the prefix cache holds at most (bytes), least recently used dropped first
 SHUTDOWN_GRACE_S = 5.0  # after shutdown_timeout, how long requests get to send their error before uvicorn cancels them
 PUBLIC_PATHS = {"/health", *web.PAGES}  # reachable without the API key (and web.STATIC_PREFIX/...)
 
@@ -58,18 +60,21 @@ class ServerMetrics:
     """Prometheus metrics of one app, in their own registry (``GET /metrics``, text format).
 
     Requests by route and status, prompt and generated tokens, time to first token and
-    inter-token latency (seconds), and running/waiting requests (read from the scheduler when
-    scraped). Names follow vLLM's ``vllm:*`` metrics with a ``barkgpt_`` prefix.
+    inter-token latency (seconds), running/waiting requests, and the prefix cache's prompt
+    tokens looked up, tokens reused, hit rate (reused / looked up) and tokens held (read from
+    the scheduler when scraped). Names follow vLLM's ``vllm:*`` metrics with a ``barkgpt_`` prefix.
 
     Args:
         running: a zero-argument callable giving the requests decoding now.
         waiting: a zero-argument callable giving the requests queued for a row.
+        prefix_cache: a zero-argument callable giving the served engine's
+            :class:`~barkgpt.engine.PrefixCache`, or None (off, or no model yet).
     """
 
     ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
               "/generate", "/tokenize", "/detokenize"}
 
-    def __init__(self, running, waiting):
+    def __init__(self, running, waiting, prefix_cache=lambda: None):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
@@ -83,6 +88,14 @@ class ServerMetrics:
                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
         Gauge("barkgpt_requests_running", "requests in the decode batch", registry=r).set_function(running)
         Gauge("barkgpt_requests_waiting", "requests queued for the decode batch", registry=r).set_function(waiting)
+        stat = lambda fn: (lambda: fn(prefix_cache()) if prefix_cache() is not None else 0)  # noqa: E731
+        Gauge("barkgpt_prefix_cache_queries", "prompt tokens looked up in the prefix cache", registry=r).set_function(
+            stat(lambda c: c.queries))
+        Gauge("barkgpt_prefix_cache_hits", "prompt tokens reused from the prefix cache instead of prefilled",
+              registry=r).set_function(stat(lambda c: c.hits))
+        Gauge("barkgpt_prefix_cache_hit_rate", "prefix cache hits / queries (tokens)", registry=r).set_function(
+            stat(lambda c: c.hits / c.queries if c.queries else 0.0))
+        Gauge("barkgpt_prefix_cache_tokens", "tokens held in the prefix cache", registry=r).set_function(stat(lambda c: c.tokens))
 
     def route(self, path: str) -> str:
         """A bounded route label: known routes as is, ``/v1/models/{id}``, else ``other``."""
@@ -139,16 +152,20 @@ class ModelHost:
         """Start a scheduler on ``generator``'s model; the model routes serve it from then on, as
         model id ``name`` (None: keep the id).
 
-        A model attached before is retired: its running requests finish (for up to
-        ``shutdown_timeout`` seconds) in a background thread, then its scheduler stops.
-        Callable from any thread; a no-op once :meth:`close` ran.
+        The scheduler's engine compiles its decode step first (``settings.compile``; seconds to
+        tens of seconds, so call this off the event loop), and has a prefix cache with
+        ``settings.prefix_cache``. A model attached before is retired: its running requests
+        finish (for up to ``shutdown_timeout`` seconds) in a background thread, then its
+        scheduler stops. Callable from any thread; a no-op once :meth:`close` ran.
         """
         s = self.settings
-        scheduler = Scheduler(generator.model, [generator.tokenizer.eos_id], s.max_batch_size, s.max_queue)
+        engine = Engine(generator.model, compile=s.compile, prefix_cache_bytes=PREFIX_CACHE_BYTES if s.prefix_cache else 0)
+        scheduler = Scheduler(engine, [generator.tokenizer.eos_id], s.max_batch_size, s.max_queue)
+        scheduler.start()  # compiles first (with settings.compile): outside the lock, which ready() takes
         with self._lock:
             if self._closed:
+                scheduler.stop()
                 return
-            scheduler.start()
             old = self.scheduler
             self.generator, self.scheduler, self.name = generator, scheduler, name or self.name
         if old is not None:
@@ -222,7 +239,8 @@ def create_app(generator: TextGenerator | None = None, settings: ServeConfig | N
     public = lambda path: path in PUBLIC_PATHS or path.startswith(web.STATIC_PREFIX)  # noqa: E731
     app.add_middleware(Guard, settings=settings, public=public)  # before routing (and before CORS)
     sched_count = lambda attr: (lambda: getattr(host.scheduler, attr) if host.scheduler else 0)  # noqa: E731
-    metrics = ServerMetrics(sched_count("running"), sched_count("waiting"))
+    metrics = ServerMetrics(sched_count("running"), sched_count("waiting"),
+                            lambda: host.scheduler.engine.prefix_cache if host.scheduler else None)
     app.add_middleware(_CountRequests, metrics=metrics)  # added last: runs first, sees 401/413 too
 
     @functools.lru_cache(maxsize=1 << 16)
@@ -280,17 +298,18 @@ def create_app(generator: TextGenerator | None = None, settings: ServeConfig | N
             raise ApiError(404, f"the model '{model}' does not exist; this server serves '{host.name}'",
                            "not_found_error", param="model", code="model_not_found")
 
-    def sampling_for(ids: list[int], sampling: dict, block_size: int) -> SamplingParams:
-        """Fill ``max_new_tokens`` (None: the rest of the context) and check the prompt fits."""
+    def sampling_for(ids: list[int], body, block_size: int) -> SamplingParams:
+        """``body``'s :class:`SamplingParams` (``max_new_tokens`` None: the rest of the context),
+        once the prompt is checked to fit."""
         room = block_size - len(ids)
-        want = sampling["max_new_tokens"]
+        want = body.requested_max_tokens()
         if room < 1 or (want is not None and want > room):
             asked = f" and max_tokens is {want}" if want is not None else ""
             raise ApiError(400, f"the prompt has {len(ids)} tokens{asked}, but the model's context is "
                                 f"{block_size} tokens; shorten the prompt or lower max_tokens",
                            param="max_tokens" if want is not None and room >= 1 else "prompt",
                            code="context_length_exceeded")
-        return SamplingParams(**{**sampling, "max_new_tokens": want or room})
+        return body.sampling_params(room)
 
     async def encode(gen: TextGenerator, text: str) -> list[int]:
         """Prompt text -> ids off the event loop; an empty prompt starts from <EOS>."""
@@ -325,7 +344,7 @@ def create_app(generator: TextGenerator | None = None, settings: ServeConfig | N
                                 "lower n or send fewer prompts per request", param="n", code="too_many_generations")
         jobs = []
         for ids in prompts:
-            base = sampling_for(ids, body.sampling(), gen.block_size)
+            base = sampling_for(ids, body, gen.block_size)
             for j in range(body.n):
                 seed = None if base.seed is None else (base.seed + j) % 2**64  # n samples must differ
                 jobs.append((ids, dataclasses.replace(base, seed=seed)))
@@ -357,7 +376,7 @@ def create_app(generator: TextGenerator | None = None, settings: ServeConfig | N
     async def health():
         _, s = host.ready()
         return {"status": "ok", "model": host.name, "uptime_s": round(time.time() - started, 3),
-                "running": s.running, "waiting": s.waiting}
+                "running": s.running, "waiting": s.waiting, "compile": s.engine.compile}
 
     def card() -> P.ModelCard:
         gen, _ = host.ready()
@@ -418,7 +437,7 @@ def create_app(generator: TextGenerator | None = None, settings: ServeConfig | N
     async def generate(body: P.GenerateRequest, request: Request):
         gen, sched = host.ready()
         ids = await encode(gen, body.prompt)
-        reqs = submit_all(sched, [(ids, sampling_for(ids, body.sampling(), gen.block_size))])
+        reqs = submit_all(sched, [(ids, sampling_for(ids, body, gen.block_size))])
         choices = [_Choice(reqs[0], gen.tokenizer, body.stop, 0, len(ids), metrics)]
         await _collect(choices, request)
         return P.GenerateResponse(message=choices[0].text)

@@ -3,8 +3,10 @@ errors, plus BarkGPT's ``/generate``, ``/tokenize`` and ``/detokenize``.
 
 Fields follow OpenAI's order (as vLLM's ``entrypoints/openai/protocol.py``). Unknown request
 fields are ignored, so clients that send newer fields keep working. OpenAI's ``max_tokens`` /
-``max_completion_tokens`` become BarkGPT's ``max_new_tokens`` here, in :meth:`sampling`, and
-nowhere else.
+``max_completion_tokens`` become BarkGPT's ``max_new_tokens`` here, in :meth:`Request.sampling_params`,
+and nowhere else; every sampling setting ends up in one :class:`~barkgpt.config.SamplingParams`,
+whose defaults apply to the fields a request leaves out (except ``temperature``, whose default
+is OpenAI's).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+
+from barkgpt.config import SamplingParams
 
 # Caps on what one request may ask for (the body itself is capped in app.py).
 MAX_N = 16  # choices per request
@@ -23,6 +27,18 @@ MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI
 MAX_LOGPROBS = 5  # /v1/completions' logprobs, as OpenAI's legacy API
 
 SEED_RANGE = dict(ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed accepts
+OPENAI_TEMPERATURE = 1.0  # OpenAI's default temperature (its API reference), not BarkGPT's 0.8
+
+
+def sampling_params(fields: dict, max_new_tokens: int) -> SamplingParams:
+    """A :class:`SamplingParams` from a request's sampling fields in BarkGPT's names; a None field
+    takes the dataclass default (``temperature``: OpenAI's).
+
+    Raises:
+        BarkError: a value out of range (a 400).
+    """
+    given = {k: v for k, v in fields.items() if v is not None}
+    return SamplingParams(**{"temperature": OPENAI_TEMPERATURE, **given, "max_new_tokens": max_new_tokens})
 
 
 def check_text(v) -> None:
@@ -104,20 +120,14 @@ class Request(BaseModel):
         """None: no logprobs; k: each token's logprob and the k most likely tokens."""
         return None
 
-    def sampling(self) -> dict:
-        """The request's sampling settings in BarkGPT's names (``max_new_tokens`` None: fill the context)."""
-        return dict(
-            max_new_tokens=self.requested_max_tokens(),
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_k=self.top_k or 0,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            min_p=self.min_p or 0.0,
-            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
-            presence_penalty=self.presence_penalty or 0.0,
-            frequency_penalty=self.frequency_penalty or 0.0,
-            seed=self.seed,
-            logprobs=self.requested_logprobs(),
-        )
+    def sampling_params(self, room: int) -> SamplingParams:
+        """The request's sampling settings: ``max_new_tokens`` is the requested ``max_tokens`` (or
+        ``max_completion_tokens``), else ``room`` (the rest of the context, in tokens)."""
+        return sampling_params(dict(
+            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, seed=self.seed, stop=self.stop,
+            logprobs=self.requested_logprobs()), self.requested_max_tokens() or room)
 
 
 class CompletionRequest(Request):
@@ -394,11 +404,14 @@ class GenerateRequest(BaseModel):
         check_text(v)
         return v
 
-    def sampling(self) -> dict:
-        """Sampling settings in BarkGPT's names (``max_new_tokens``...)."""
-        return dict(max_new_tokens=self.max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
-                    top_k=self.top_k or 0, top_p=1.0 if self.top_p is None else self.top_p, min_p=0.0,
-                    repetition_penalty=1.0, seed=self.seed)
+    def requested_max_tokens(self) -> int | None:
+        """``max_tokens`` (None: fill the rest of the context)."""
+        return self.max_tokens
+
+    def sampling_params(self, room: int) -> SamplingParams:
+        """The request's sampling settings (``max_new_tokens``: ``max_tokens``, else ``room``)."""
+        return sampling_params(dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                                    seed=self.seed, stop=self.stop), self.requested_max_tokens() or room)
 
 
 class GenerateResponse(BaseModel):

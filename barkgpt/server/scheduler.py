@@ -1,15 +1,17 @@
-"""Continuous batching: one worker thread owns the model and decodes every running request together.
+"""Continuous batching: one worker thread owns the engine and decodes every running request together.
 
-A request is prefilled alone (a one-row :class:`~barkgpt.engine.KVCache`), then its row is copied
-into the shared decode cache (once per row for the next waiting requests with the same prompt, such
-as the ``n`` choices of one request: a prompt is prefilled once, not ``n`` times) and joins the batch between two decode steps; a finished or cancelled
-request leaves between steps and the last row moves into its slot, as vLLM's continuous batching
-(Yu et al. 2022, "Orca") lets requests join and leave one running batch. Rows sit at different
-positions; ``GPT.forward`` decodes each at its own (``KVCache.lengths``). Each row samples with
-its own settings and its own seeded ``torch.Generator``, so a request's tokens do not depend on
-what else is running (up to float rounding of batched matmuls); the rows are still filtered and
-sampled in one batched pass (:func:`~barkgpt.engine.sampling_probs` with a setting per row, one
-uniform number per row from its generator).
+The scheduler keeps only the queue, the worker thread and the rows; prefill, the decode step
+and sampling are :class:`~barkgpt.engine.Engine`'s (compiled when the engine is, with the
+prefix cache when it has one). A request is prefilled alone (a one-row
+:class:`~barkgpt.engine.KVCache`), then its row is copied into the shared decode cache (once per
+row for the next waiting requests with the same prompt, such as the ``n`` choices of one
+request: a prompt is prefilled once, not ``n`` times) and joins the batch between two decode
+steps; a finished or cancelled request leaves between steps (its tokens and KV entries go to the
+prefix cache) and the last row moves into its slot, as vLLM's continuous batching (Yu et al.
+2022, "Orca") lets requests join and leave one running batch. Rows sit at different positions;
+the engine decodes each at its own. Each row samples with its own settings and its own seeded
+``torch.Generator`` (:func:`~barkgpt.engine.sample_rows`), so a request's tokens do not depend on
+what else is running (up to float rounding of batched matmuls).
 
 The scheduler works on token ids only; ``app.py`` turns them into text. Tokens reach the asyncio
 side through a queue per request, filled by one ``loop.call_soon_threadsafe`` per decode step
@@ -23,14 +25,12 @@ import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass
 
 import torch
 
 from barkgpt.common import BarkError
-from barkgpt.engine import (KVCache, apply_presence_frequency_penalty, apply_repetition_penalty, sample_from_probs,
-                             sampling_probs, token_logprobs)
-from barkgpt.model import GPT
+from barkgpt.config import SamplingParams
+from barkgpt.engine import Engine, KVCache, Row, row_logprobs, sample_rows
 
 log = logging.getLogger("barkgpt.server")
 
@@ -43,22 +43,6 @@ class QueueFull(Exception):
 
 class ShuttingDown(Exception):
     """The scheduler stopped (server shutdown) before the request finished (HTTP 503)."""
-
-
-@dataclass
-class SamplingParams:
-    """How one request samples; see :func:`~barkgpt.engine.sample_next_token`."""
-
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the top k
 
 
 class Request:
@@ -123,34 +107,30 @@ def _send(items: list[tuple[Request, object]]) -> None:
                 req.cancelled = True
 
 
-class _Row:
-    """A running request: its last sampled token, history (for the repetition penalty) and RNG."""
+class _Row(Row):
+    """A running request: an engine :class:`~barkgpt.engine.Row` (prompt, generated ids, its
+    generator) and the :class:`Request` it answers."""
 
     def __init__(self, req: Request, device):
+        super().__init__(req.ids, req.params, device=device)
         self.req = req
-        self.history = list(req.ids)
-        self.n_new = 0
-        self.rng = torch.Generator(device=device)
-        if req.params.seed is not None:
-            self.rng.manual_seed(req.params.seed)
-        else:
-            self.rng.seed()
 
 
 class Scheduler:
-    """Owns ``model`` in one worker thread and batches concurrent requests step by step.
+    """Owns ``engine`` in one worker thread and batches concurrent requests step by step.
 
     Args:
-        model: the :class:`GPT` (put in eval mode).
+        engine: the :class:`~barkgpt.engine.Engine` (its ``compile`` and prefix cache apply).
         stop_ids: token ids that end a request (the tokenizer's ``<EOS>``); the id is still sent.
         max_batch_size: rows decoded together at most; more requests wait.
         max_queue: requests waiting at most; beyond it :meth:`submit` raises :class:`QueueFull`.
     """
 
-    def __init__(self, model: GPT, stop_ids: list[int], max_batch_size: int = 16, max_queue: int = 256):
-        self.model = model.eval()
-        self.device = next(model.parameters()).device
-        self.block_size = model.config.block_size
+    def __init__(self, engine: Engine, stop_ids: list[int], max_batch_size: int = 16, max_queue: int = 256):
+        self.engine = engine
+        self.model = engine.model
+        self.device = engine.device
+        self.block_size = engine.model.config.block_size
         self.stop_ids = set(stop_ids)
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self._waiting: collections.deque[Request] = collections.deque()
@@ -158,6 +138,7 @@ class Scheduler:
         self._rows: list[_Row] = []  # row b of self._cache belongs to self._rows[b]
         self._cache: KVCache | None = None
         self._thread: threading.Thread | None = None
+        self._warm = threading.Event()  # set once the worker compiled its decode step (or failed)
         self._stopping = False
 
     # ---- the asyncio side --------------------------------------------------------------------
@@ -200,9 +181,12 @@ class Scheduler:
         return req
 
     def start(self) -> None:
-        """Start the worker thread."""
+        """Start the worker thread and wait until it has compiled the engine's decode step for
+        every batch bucket (seconds to tens of seconds when compiling; at once otherwise)."""
         self._thread = threading.Thread(target=self._run, name="barkgpt-scheduler", daemon=True)
         self._thread.start()
+        while not self._warm.wait(0.1) and self._thread.is_alive():
+            pass
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop taking requests, end the waiting and running ones with :class:`ShuttingDown`, and
@@ -216,9 +200,15 @@ class Scheduler:
     # ---- the worker thread -------------------------------------------------------------------
 
     def _run(self) -> None:
-        with torch.inference_mode():
-            self._cache = KVCache.for_model(self.model, self.max_batch_size)
+        with torch.inference_mode():  # the mode every step runs in, so the compiled graphs match it
+            # A spare row and slot: every batch and length bucket is then a strict slice of the
+            # cache, a dynamic dimension of one compiled graph (see Engine.decode).
+            self._cache = KVCache.for_model(self.model, self.max_batch_size + 1, self.block_size + 1)
             self._prefill_cache = KVCache.for_model(self.model, 1)  # reused: copy_row reads only its filled part
+            try:
+                self.engine.warmup(self._cache, self.max_batch_size)
+            finally:
+                self._warm.set()
             while True:
                 with self._wake:
                     while not self._stopping and not self._waiting and not self._rows:
@@ -242,7 +232,8 @@ class Scheduler:
         self._rows = []
 
     def _admit(self) -> None:
-        """Prefill waiting requests alone and copy their rows into the decode cache.
+        """Prefill waiting requests alone (through the engine's prefix cache) and copy their rows
+        into the decode cache.
 
         The next waiting requests with the same prompt (the ``n`` choices of one request, queued
         together) reuse that prefill: each samples from the same last logits and gets a copy of
@@ -253,17 +244,18 @@ class Scheduler:
             if req is None:
                 return
             one = self._prefill_cache
-            one.reset()
-            logits, _ = self.model(torch.tensor([req.ids], device=self.device), kv_cache=one)  # (1, T, V)
+            logits = self.engine.prefill(req.ids, one)  # (1, V)
             rows = []
             while req is not None:
                 rows.append(_Row(req, self.device))
                 req = self._pop_waiting(same_prompt=req.ids, reserved=len(rows))
-            done = self._emit(rows, logits[:, -1, :].expand(len(rows), -1))  # the n choices' first tokens in one pass
+            done = self._emit(rows, logits.expand(len(rows), -1))  # the n choices' first tokens in one pass
             for row, d in zip(rows, done):
                 if not d:
                     self._cache.copy_row(len(self._rows), one)
                     self._rows.append(row)
+            if any(done):
+                self.engine.remember(rows[0].prompt, one, 0)
 
     def _pop_waiting(self, same_prompt: list[int] | None = None, reserved: int = 0) -> Request | None:
         """The next waiting request that is not cancelled, while a decode row is free (``reserved``
@@ -285,22 +277,18 @@ class Scheduler:
         for b in cancelled:
             self._rows[b].req._put(None)
         self._remove(cancelled)
-        n = len(self._rows)
-        if n == 0:
+        if not self._rows:
             return
-        idx = torch.tensor([[r.history[-1]] for r in self._rows], device=self.device)  # (n, 1)
-        cache = self._cache.narrow(n)
-        logits, _ = self.model(idx, kv_cache=cache)  # (n, 1, V), each row at its own position
-        self._cache.lengths[:n] = cache.lengths
-        done = self._emit(self._rows, logits[:, -1, :])
+        logits = self.engine.decode([r.generated[-1] for r in self._rows], self._cache)  # (n, V), each row at its own position
+        done = self._emit(self._rows, logits)
         self._remove([b for b, d in enumerate(done) if d])
 
     def _emit(self, rows: list[_Row], logits: torch.Tensor) -> list[bool]:
         """Sample each row's next token from its row of ``logits`` (len(rows), V), send the tokens
         (one hand-off for all rows), and say which rows are done (stop token, token limit, or
         cancelled)."""
-        tokens = self._sample(rows, logits)
-        logprobs = self._logprobs(rows, logits, tokens)
+        tokens = sample_rows(logits, rows)
+        logprobs = row_logprobs(logits, rows, tokens)
         items, done = [], []
         for b, (row, t) in enumerate(zip(rows, tokens)):
             req, p = row.req, row.req.params
@@ -310,56 +298,19 @@ class Scheduler:
                 continue
             if b in logprobs:
                 req.logprobs.append(logprobs[b])
-            row.history.append(t)
-            row.n_new += 1
+            row.generated.append(t)
             items.append((req, t))
-            done.append(t in self.stop_ids or row.n_new >= p.max_new_tokens)
+            done.append(t in self.stop_ids or len(row.generated) >= p.max_new_tokens)
             if done[-1]:
                 items.append((req, None))
         _send(items)
         return done
 
-    def _logprobs(self, rows: list[_Row], logits: torch.Tensor, tokens: list[int]) -> dict[int, tuple]:
-        """``{b: (logprob, [(id, logprob), ...])}`` for the rows that asked for logprobs (each its
-        own top-k), from one log-softmax over just those rows of the raw logits (len(rows), V)."""
-        want = [b for b, r in enumerate(rows) if r.req.params.logprobs is not None and not r.req.cancelled]
-        if not want:
-            return {}
-        ks = [rows[b].req.params.logprobs for b in want]
-        chosen, top_lp, top_ids = token_logprobs(logits[want], torch.tensor([tokens[b] for b in want], device=self.device), max(ks))
-        chosen, top_lp, top_ids = chosen.tolist(), top_lp.tolist(), top_ids.tolist()
-        return {b: (chosen[i], list(zip(top_ids[i][:k], top_lp[i][:k]))) for i, (b, k) in enumerate(zip(want, ks))}
-
-    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
-        """Next token ids of ``rows`` from their raw logits (len(rows), V): penalties row by row
-        (rare), then greedy rows by argmax and the others through one batched filter and draw."""
-        penalised = [b for b, r in enumerate(rows) if r.req.params.repetition_penalty != 1.0
-                     or r.req.params.presence_penalty or r.req.params.frequency_penalty]
-        if penalised:
-            logits = logits.clone()
-        for b in penalised:
-            row, p = rows[b], rows[b].req.params
-            x = logits[b:b + 1]
-            if p.repetition_penalty != 1.0:
-                x = apply_repetition_penalty(x, torch.tensor([row.history], device=self.device), p.repetition_penalty)
-            if p.presence_penalty or p.frequency_penalty:
-                generated = torch.tensor([row.history[len(row.req.ids):]], dtype=torch.long, device=self.device)
-                x = apply_presence_frequency_penalty(x, generated, p.presence_penalty, p.frequency_penalty)
-            logits[b:b + 1] = x
-        tokens = logits.argmax(dim=-1).tolist()
-        hot = [b for b, r in enumerate(rows) if r.req.params.temperature > 0]
-        if hot:
-            ps = [rows[b].req.params for b in hot]
-            probs = sampling_probs(logits[hot], [p.temperature for p in ps], [p.top_k for p in ps],
-                                   [p.top_p for p in ps], [p.min_p for p in ps])
-            u = torch.cat([torch.rand(1, generator=rows[b].rng, device=self.device) for b in hot])  # (len(hot),)
-            for b, t in zip(hot, sample_from_probs(probs, u).tolist()):
-                tokens[b] = t
-        return tokens
-
     def _remove(self, rows: list[int]) -> None:
-        """Free rows (indices into ``self._rows``): the last row moves into each freed slot."""
+        """Free rows (indices into ``self._rows``): each leaves its tokens and KV entries to the
+        prefix cache, and the last row moves into its slot."""
         for b in sorted(rows, reverse=True):
+            self.engine.remember(self._rows[b].ids, self._cache, b)  # the row holds ids[:length]
             last = len(self._rows) - 1
             if b != last:
                 self._cache.copy_row(b, self._cache, last)

@@ -60,8 +60,12 @@ def free_port() -> int:
 
 
 def launch(model_dir, name: str, *flags: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
-    """Start ``barkgpt serve`` on a free port (API key ``KEY``); return the process and base URL."""
+    """Start ``barkgpt serve`` on a free port (API key ``KEY``); return the process and base URL.
+
+    Eager (``--compile false``) unless ``flags`` say otherwise: compiling the decode step before
+    ``/health`` turns 200 costs 5-20 s per start on 2 cores, so only the main ``server`` compiles."""
     port = free_port()
+    flags = flags if "--compile" in flags else ("--compile", "false", *flags)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "BARKGPT_API_KEY": KEY, **(env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "barkgpt", "serve", "--model", str(model_dir), "--port", str(port),
                              "--model-name", name, "--device", "cpu", *flags],
@@ -70,9 +74,10 @@ def launch(model_dir, name: str, *flags: str, env: dict | None = None) -> tuple[
 
 
 def wait_ready(proc: subprocess.Popen, base: str) -> list[tuple[int, dict]]:
-    """Poll ``/health`` until it answers 200; return the (status, body) answers seen before."""
+    """Poll ``/health`` until it answers 200; return the (status, body) answers seen before.
+    Gives up after 180 s: a compiling server on a loaded 2-core machine can take a minute."""
     seen = []
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180
     while True:
         try:
             with urllib.request.urlopen(base + "/health", timeout=2) as r:
@@ -108,8 +113,9 @@ def start_server(model_dir, name: str, *flags: str):
 
 @pytest.fixture(scope="module")
 def server(run_dir):
-    """Base URL of a running server on the trained Bark toy."""
-    yield from start_server(run_dir, MODEL)
+    """Base URL of a running server on the trained Bark toy, decoding with the compiled step
+    (the default) and the prefix cache (the default)."""
+    yield from start_server(run_dir, MODEL, "--compile", "true")
 
 
 @pytest.fixture
@@ -294,15 +300,15 @@ def long_model(tmp_path_factory):
     """A random model with a 1024-token context, whose replies run long (greedy: no early <EOS>)."""
     import torch
 
+    from barkgpt.bark import bark_tokenizer
     from barkgpt.checkpoint import save_checkpoint
     from barkgpt.config import GPTConfig
     from barkgpt.model import GPT
-    from barkgpt.tokenizer import Tokenizer
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=1024, n_layer=2, n_head=2, n_embd=32, vocab_size=11))
     out = tmp_path_factory.mktemp("long") / "long"
-    save_checkpoint(out, model, Tokenizer.bark())
+    save_checkpoint(out, model, bark_tokenizer())
     return out
 
 
@@ -539,3 +545,47 @@ def test_bad_serve_flags_fail_fast_with_one_line(long_model):
         out = subprocess.run([sys.executable, "-m", "barkgpt", "serve", "--model", str(long_model), *flags],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 2 and words in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_health_waits_for_the_compiled_step(server):
+    """The main server compiled its decode step before /health turned 200 (no fallback)."""
+    status, body = send(server + "/health")
+    assert status == 200 and body["compile"] is True
+
+
+def chat_turns(client, turns: list[str], **sampling) -> list[str]:
+    """A multi-turn chat: each turn sends the whole conversation so far; returns the replies."""
+    messages, replies = [], []
+    for text in turns:
+        messages.append({"role": "user", "content": text})
+        reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, **sampling)
+        replies.append(reply.choices[0].message.content)
+        messages.append({"role": "assistant", "content": replies[-1]})
+    return replies
+
+
+def metric(base: str, name: str) -> float:
+    req = urllib.request.Request(base + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_prefix_cache_reuses_earlier_turns_and_changes_no_token(client, server, run_dir):
+    """A multi-turn chat reuses the KV entries of earlier turns (hits on /metrics) and gets the
+    replies of a server started with --no-prefix-cache, greedy and seeded."""
+    turns = ["speak", "bark", "speak speak"]
+    hits = metric(server, "barkgpt_prefix_cache_hits")
+    cached = [chat_turns(client, turns, temperature=0), chat_turns(client, turns, temperature=1.0, seed=5)]
+    assert metric(server, "barkgpt_prefix_cache_hits") > hits
+    assert 0 < metric(server, "barkgpt_prefix_cache_hit_rate") <= 1
+    proc, base = launch(run_dir, MODEL, "--no-prefix-cache")
+    try:
+        wait_ready(proc, base)
+        plain = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=30)
+        assert [chat_turns(plain, turns, temperature=0), chat_turns(plain, turns, temperature=1.0, seed=5)] == cached
+        assert metric(base, "barkgpt_prefix_cache_hits") == 0 and send(base + "/health")[1]["compile"] is False
+    finally:
+        stop(proc)
