@@ -1,8 +1,9 @@
-"""The ``barkgpt`` command: verbs ``prepare``, ``train``, ``sample``, ``chat``, ``serve``, ``export``, ``import``.
+"""The ``barkgpt`` command: verbs ``prepare``, ``train``, ``finetune``, ``eval``, ``export``, ``import``,
+``sample``, ``chat``, ``serve``.
 
 Each verb imports its module inside its function, so ``barkgpt --help`` never imports torch.
 Every config field is a kebab-case flag derived from the dataclasses in ``config.py``. Errors
-print one line and exit 2; ``--debug`` shows the traceback.
+print one line and exit 2 (1 for an unexpected error); ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import sys
 
 from barkgpt import __version__
 from barkgpt.common import BarkError
-from barkgpt.config import GPTConfig, SamplingParams, ServeConfig, TrainConfig, field_help, field_types, parse_value
+from barkgpt.config import (GPTConfig, SamplingParams, ServeConfig, TrainConfig, field_help, field_types, parse_value,
+                            preset_names)
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
@@ -317,13 +319,8 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full argparse tree (no heavy imports)."""
-    p = argparse.ArgumentParser(prog="barkgpt", description="Train a small GPT from raw text, then sample and chat with it.")
-    p.add_argument("--version", action="version", version=f"barkgpt {__version__}")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
+def add_prepare_verb(sub) -> None:
+    """``barkgpt prepare``: its flags, on the subparsers action ``sub``."""
     sp = sub.add_parser("prepare", help="tokenize a text corpus into train.bin/val.bin + tokenizer")
     sp.add_argument("--input", required=True, help="a .txt file, a folder of .txt files, or a .jsonl file")
     sp.add_argument("--out", required=True, help="output folder")
@@ -335,8 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--errors", default="strict", choices=["strict", "replace"], help="what to do with bytes that are not UTF-8")
     sp.set_defaults(func=cmd_prepare)
 
+
+def add_train_verb(sub) -> None:
+    """``barkgpt train``: its own flags plus one per GPTConfig and TrainConfig field."""
     sp = sub.add_parser("train", help="train a model (from a preset, a config file and flags)")
-    sp.add_argument("--preset", default=None, help="a preset from barkgpt/configs: bark, bark-chat, shakespeare-char, shakespeare-bpe, tinystories")
+    sp.add_argument("--preset", default=None, help=f"a preset from barkgpt/configs: {', '.join(preset_names())}")
     sp.add_argument("--config", default=None, help="a run config YAML (e.g. runs/x/config.yaml)")
     sp.add_argument("--resume", action="store_true", help="continue from out_dir/last")
     sp.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -345,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(sp, TrainConfig)
     sp.set_defaults(func=cmd_train)
 
+
+def add_finetune_verb(sub) -> None:
+    """``barkgpt finetune``: its own flags plus one per TrainConfig field it does not fix itself."""
     sp = sub.add_parser("finetune", help="fine-tune a model on conversations (JSONL), loss on assistant turns only")
     sp.add_argument("--model", required=True, help="the run or checkpoint folder to start from")
     sp.add_argument("--data", required=True, help="a .jsonl of OpenAI 'messages' or ShareGPT 'conversations' rows")
@@ -355,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(sp, TrainConfig, skip=("data", "init_from", "tokenizer", "tokenizer_vocab_size"))
     sp.set_defaults(func=cmd_finetune)
 
+
+def add_eval_verb(sub) -> None:
+    """``barkgpt eval``: its flags."""
     sp = sub.add_parser("eval", help="measure a model: loss, perplexity, bits per byte on a text; or --bark")
     sp.add_argument("--model", required=True, help="a run folder (best/ is used) or checkpoint folder")
     sp.add_argument("--data", default=None, help="the text to score: a .txt file, a folder of .txt, a .jsonl with 'text', or a folder from barkgpt prepare (its tokens)")
@@ -368,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
     sp.set_defaults(func=cmd_eval)
 
+
+def add_export_import_verbs(sub) -> None:
+    """``barkgpt export hf|gguf`` and ``barkgpt import hf``: their flags."""
     sp = sub.add_parser("export", help="export a model to a Hugging Face folder or a GGUF file (llama.cpp)")
     sp.add_argument("format", choices=["hf", "gguf"], help="hf: a transformers folder; gguf: one file for llama.cpp")
     sp.add_argument("--model", required=True, help="a run folder (best/ is used) or checkpoint folder")
@@ -383,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true", help="replace --out if it exists")
     sp.set_defaults(func=cmd_import)
 
+
+def add_generation_verbs(sub) -> None:
+    """``barkgpt sample`` and ``barkgpt chat``: shared model flags, their own, and one per SamplingParams field."""
     for name, helptext, func in (("sample", "generate text from a trained model", cmd_sample),
                                  ("chat", "talk to a model with its chat template", cmd_chat)):
         sp = sub.add_parser(name, help=helptext)
@@ -400,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_dataclass_args(sp, SamplingParams, skip=("logprobs",))
         sp.set_defaults(func=func)
 
+
+def add_serve_verb(sub) -> None:
+    """``barkgpt serve``: its own flags plus one per ServeConfig field."""
     sp = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     sp.add_argument("--model", required=True, help="a run folder (runs/x) or checkpoint folder")
     sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -407,6 +422,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_const", const="false",
                     help="prefill every prompt in full (same as --prefix-cache false)")
     sp.set_defaults(func=cmd_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argparse tree, one ``add_*_verb(s)`` helper per verb (no heavy imports: no torch)."""
+    p = argparse.ArgumentParser(prog="barkgpt", description="Train a small GPT from raw text, then sample and chat with it.")
+    p.add_argument("--version", action="version", version=f"barkgpt {__version__}")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for add_verbs in (add_prepare_verb, add_train_verb, add_finetune_verb, add_eval_verb, add_export_import_verbs,
+                      add_generation_verbs, add_serve_verb):
+        add_verbs(sub)
     return p
 
 

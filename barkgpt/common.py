@@ -1,4 +1,4 @@
-"""Small shared helpers: the user-facing error type, device/dtype resolution, seeding, atomic
+"""Small shared helpers: the user-facing error type, device/dtype resolution, atomic
 file writes and progress bars.
 
 Nothing here runs at import time; torch is imported inside the functions that need it so that
@@ -156,18 +156,6 @@ def token_nll_and_bytes(logits, targets, token_bytes) -> dict:
     has_bytes = n_bytes > 0
     return {"nll": nll.sum().item(), "targets": int((y >= 0).sum()),
             "nll_bytes": nll[has_bytes].sum().item(), "bytes": int(n_bytes.sum())}
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's ``random``, NumPy's global RNG and torch (CPU and CUDA)."""
-    import random
-
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def atomic_write_via(path: str | os.PathLike, write: Callable[[Path], None]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import sys
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -130,8 +131,7 @@ class TrainConfig:
     eval_interval: int = 250  # steps between evaluations and checkpoints
     eval_iters: int = 20  # batches per evaluation split
     log_interval: int = 10  # steps between metrics.jsonl lines
-    sample_interval: int = 0  # steps between text samples written to samples.jsonl (0: at each eval)
-    sample_prompt: str = ""  # prompt for the samples ('' starts from <EOS>)
+    sample_prompt: str = ""  # prompt of the text sample written to samples.jsonl at each eval ('' starts from <EOS>)
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), float32, bfloat16, float16
     compile: bool = False  # torch.compile the model
@@ -165,8 +165,6 @@ class TrainConfig:
             )
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise BarkError("grad_clip and weight_decay must not be negative")
-        if self.sample_interval < 0:
-            raise BarkError("sample_interval must not be negative")
 
 
 @dataclass
@@ -417,6 +415,11 @@ def preset_path(name: str) -> Path:
     return path
 
 
+# Settings that existed once, so that the config.yaml of an older run still reproduces it:
+# section -> key -> why it went. Any other unknown key is an error.
+REMOVED_KEYS = {"train": {"sample_interval": "samples are written at each evaluation"}}
+
+
 def read_config_file(path: str | Path) -> dict[str, dict]:
     """Read a run config YAML into ``{"model": {...}, "train": {...}}`` of raw values.
 
@@ -443,6 +446,10 @@ def read_config_file(path: str | Path) -> dict[str, dict]:
         cls = GPTConfig if section == "model" else TrainConfig
         types = field_types(cls)
         for key, value in values.items():
+            if key in REMOVED_KEYS.get(section, {}):  # in config.yaml files written before it went
+                print(f"warning: {path.name}: {section}.{key} is no longer a setting ({REMOVED_KEYS[section][key]}); "
+                      "ignored", file=sys.stderr)
+                continue
             if key not in types:
                 raise unknown_key_error(key, types, f"key in section {section!r} of {path.name}")
             out[section][key] = coerce_value(key, value, types[key])

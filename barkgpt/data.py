@@ -215,7 +215,7 @@ def read_meta(data_dir: str | Path) -> dict:
     """
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
-        raise BarkError(f"no meta.json in {data_dir}; prepare it first with `barkgpt prepare INPUT --out {data_dir}`")
+        raise BarkError(f"no meta.json in {data_dir}; prepare it first with `barkgpt prepare --input TEXT --out {data_dir}`")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
@@ -228,9 +228,10 @@ def read_meta(data_dir: str | Path) -> dict:
 def load_split(data_dir: str | Path, split: str) -> np.ndarray:
     """Map ``data_dir/{split}.bin`` read-only as a flat (N,) array of token ids.
 
-    The dtype comes from ``meta.json``. Mapping is cheap: like nanoGPT, call this again for every
-    batch rather than keeping one map for the whole run, since pages read through a long-lived
-    ``np.memmap`` stay counted in the process's memory and it appears to leak.
+    The dtype comes from ``meta.json``. Each call returns a new map; :class:`TokenWindows` maps
+    each split once and keeps the map for the whole run (nanoGPT re-maps for every batch instead).
+    The pages a long-lived map has read count in the process's resident memory, but they are
+    clean, file-backed pages that the kernel drops under memory pressure, not a leak.
 
     Raises:
         BarkError: ``split`` is not train/val, or ``meta.json``/the ``.bin`` file is missing,
@@ -241,7 +242,7 @@ def load_split(data_dir: str | Path, split: str) -> np.ndarray:
     dtype = np.dtype(read_meta(data_dir)["dtype"])
     path = Path(data_dir) / f"{split}.bin"
     if not path.is_file():
-        raise BarkError(f"no {split}.bin in {data_dir}; prepare it again with `barkgpt prepare INPUT --out {data_dir}`")
+        raise BarkError(f"no {split}.bin in {data_dir}; prepare it again with `barkgpt prepare --input TEXT --out {data_dir}`")
     size = path.stat().st_size
     if size == 0 or size % dtype.itemsize:
         raise BarkError(f"{path} is empty or truncated ({size} bytes of {dtype}); prepare the data again")

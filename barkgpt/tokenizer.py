@@ -167,11 +167,11 @@ class Tokenizer:
         names = dict(zip(("pad", "eos", "bos", "unk"), SPECIAL_TOKENS))
         names.update({k: v for k, v in (special_tokens or {}).items() if v})
         if tk.token_to_id(names["eos"]) is None:
-            raise BarkError(f"the tokenizer has no {names['eos']} token; re-create it with `barkgpt tokenizer` or `barkgpt prepare`")
+            raise BarkError(f"the tokenizer has no {names['eos']} token; re-create it with `barkgpt prepare --input TEXT --out DIR`")
         for role in ("pad", "bos", "unk"):
             if tk.token_to_id(names[role]) is None:
                 if special_tokens is None:  # our own files always hold all four
-                    raise BarkError(f"the tokenizer has no {names[role]} token; re-create it with `barkgpt tokenizer` or `barkgpt prepare`")
+                    raise BarkError(f"the tokenizer has no {names[role]} token; re-create it with `barkgpt prepare --input TEXT --out DIR`")
                 names[role] = names["eos"]
         self.pad_token, self.eos_token, self.bos_token, self.unk_token = (names[r] for r in ("pad", "eos", "bos", "unk"))
         self.pad_id, self.eos_id, self.bos_id, self.unk_id = (tk.token_to_id(names[r]) for r in ("pad", "eos", "bos", "unk"))
@@ -290,13 +290,13 @@ class Tokenizer:
         folder = path.parent if path.is_file() else path
         tk_file = folder / "tokenizer.json"
         if not tk_file.is_file():
-            raise BarkError(f"no tokenizer.json in {folder}; pass a folder written by `barkgpt tokenizer` or `barkgpt prepare`")
+            raise BarkError(f"no tokenizer.json in {folder}; pass a data folder from `barkgpt prepare` or a checkpoint folder")
         try:
             tk = HFTokenizer.from_file(str(tk_file))
         except Exception as e:  # tokenizers raises plain Exception on bad JSON or schema
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise BarkError(f"{tk_file} is corrupt ({reason}); "
-                            f"re-create it with `barkgpt tokenizer` or `barkgpt prepare`") from None
+                            f"re-create it with `barkgpt prepare --input TEXT --out DIR`") from None
         config: dict = {}
         cfg_file = folder / "tokenizer_config.json"
         if cfg_file.is_file():
@@ -477,63 +477,6 @@ class Tokenizer:
                                          pad_token=self.pad_token, unk_token=self.unk_token)
         except jinja2.TemplateError as e:
             raise BarkError(f"chat template failed: {e}; fix the messages or the tokenizer's chat_template") from None
-
-    def parse_chat(self, text: str) -> list[dict]:
-        """Split text rendered by :meth:`apply_chat_template` back into messages: its inverse.
-
-        Each role's prefix and suffix are learned by rendering a one-message probe conversation, so
-        this works for any template that renders a message as prefix + content + suffix. A trailing
-        generation prompt is dropped. A role the template leaves out (the word template's ``system``) is never
-        returned. Turn boundaries are chosen left to right with backtracking, so content that looks
-        like a boundary (``"\\nAssistant: "`` inside a message, with the plain-text template) parses
-        back whenever some split of the text parses at all; the role-token template is unambiguous.
-
-        Returns:
-            ``[{"role": ..., "content": ...}, ...]``.
-
-        Raises:
-            BarkError: the text is not something this template renders.
-        """
-        probe = "\x00"  # a character no real message holds
-        marks = {}
-        for role in ("system", "user", "assistant"):
-            rendered = self.apply_chat_template([{"role": role, "content": probe}], add_generation_prompt=False)
-            if rendered.count(probe) == 1:
-                marks[role] = tuple(rendered.split(probe))  # (prefix, suffix)
-        gen_prompt = self.apply_chat_template([], add_generation_prompt=True)
-        prefixes = sorted({p for p, _ in marks.values()}, key=len, reverse=True)
-
-        def turn_ends_at(pos: int) -> bool:
-            return pos == len(text) or text[pos:] == gen_prompt or any(text.startswith(p, pos) for p in prefixes if p)
-
-        roles = sorted(marks.items(), key=lambda m: -len(m[1][0]))  # longest prefix first
-        failed: set[int] = set()  # positions from which no parse exists (memo for the backtracking)
-
-        def parse_from(pos: int) -> list[dict] | None:
-            # The first turn boundary that lets the rest parse wins, so a message that merely
-            # looks like a boundary ("...\\nAssistant: " inside a user turn) is backtracked over.
-            if pos == len(text) or text[pos:] == gen_prompt:
-                return []
-            if pos in failed:
-                return None
-            for role, (prefix, suffix) in roles:
-                if not prefix or not text.startswith(prefix, pos):
-                    continue
-                start = end = pos + len(prefix)
-                while (end := text.find(suffix, end)) >= 0:
-                    if turn_ends_at(end + len(suffix)):
-                        rest = parse_from(end + len(suffix))
-                        if rest is not None:
-                            return [{"role": role, "content": text[start:end]}, *rest]
-                    end += 1
-            failed.add(pos)
-            return None
-
-        messages = parse_from(0)
-        if messages is None:
-            raise BarkError(f"cannot parse chat text ({text[:40]!r}...): it is not something this tokenizer's chat "
-                            f"template renders; pass text from apply_chat_template")
-        return messages
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"

@@ -45,7 +45,6 @@ def test_bark_chat_vocab_and_template():
     text = tok.apply_chat_template(convo)
     assert text == "User: speak Assistant: woof arf <EOS> User: sit Assistant:"  # system skipped
     assert tok.unk_id not in tok.encode(text)
-    assert tok.parse_chat(text) == convo[1:]
 
 
 def test_bark_tokenizers_save_and_load_the_same(tmp_path):

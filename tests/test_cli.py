@@ -91,3 +91,92 @@ def test_corrupt_weights_are_a_clear_error(trained, tmp_path):
     data = (ckpt / "model.safetensors").read_bytes()
     (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
     assert_one_line_error(run("sample", "--model", str(ckpt), ok=False), "corrupt")
+
+
+# ---- the parser and the texts that describe it (issue 14: docs that drifted from the code) --------
+
+def subcommands(parser=None) -> dict:
+    """Verb -> its subparser, in the order ``barkgpt --help`` lists them."""
+    import argparse
+
+    from barkgpt.cli import build_parser
+
+    action = next(a for a in (parser or build_parser())._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_the_module_docstring_lists_every_verb_in_order():
+    import re
+
+    import barkgpt.cli
+
+    first_paragraph = barkgpt.cli.__doc__.split("\n\n")[0]
+    named = [w for w in re.findall(r"``([a-z]+)``", first_paragraph) if w != "barkgpt"]
+    assert named == list(subcommands()), f"cli.py's docstring lists {named}; the parser has {list(subcommands())}"
+
+
+def test_preset_help_names_every_preset():
+    from barkgpt.config import preset_names
+
+    preset = next(a for a in subcommands()["train"]._actions if a.dest == "preset")
+    missing = [n for n in preset_names() if n not in preset.help.replace(",", " ").split()]
+    assert len(preset_names()) >= 7 and not missing, f"--preset help {preset.help!r} leaves out {missing}"
+
+
+def test_help_of_every_verb_does_not_import_torch():
+    code = ("import sys\nfrom barkgpt.cli import main\nfor verb in ([], *[[v] for v in sys.argv[1:]]):\n"
+            "    try:\n        main([*verb, '--help'])\n    except SystemExit:\n        pass\n"
+            "print('torch' in sys.modules, file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", code, *subcommands()], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.returncode == 0 and out.stderr.strip() == "False", out.stderr
+    assert out.stdout.count("usage: barkgpt") == 1 + len(subcommands())
+
+
+def until_prose(argv: list[str]) -> list[str]:
+    """A command's tokens up to where prose resumes: two words in a row, neither one a flag."""
+    for i in range(2, len(argv)):
+        if not argv[i].startswith("-") and not argv[i - 1].startswith("-"):
+            return argv[:i]
+    return argv
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    """Every ``barkgpt VERB ...`` command the package and README show: backticked in code and YAML,
+    and whole lines in the presets' comments and README's code blocks. ``(where, argv)`` pairs."""
+    import re
+    import shlex
+
+    files = [*(REPO / "barkgpt").rglob("*.py"), *(REPO / "barkgpt" / "configs").glob("*.yaml"), REPO / "README.md"]
+    found = []
+    for path in files:
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            texts = re.findall(r"`barkgpt ([a-z][^`]*)`", line)
+            whole = re.match(r"^(?:#\s+)?barkgpt ([a-z].*)$", line)
+            if whole and path.suffix in (".yaml", ".md"):
+                texts += [part.strip().removeprefix("barkgpt ") for part in whole.group(1).split("&&")]
+            for text in texts:
+                text = text.replace("\\|", "|").rstrip("\\ ")  # a Markdown table's \|, a shell line continuation
+                try:
+                    argv = shlex.split(text, comments=True)
+                except ValueError:  # prose with an apostrophe
+                    argv = text.split()
+                found.append((f"{path.relative_to(REPO)}:{n}", until_prose(argv)))
+    return found
+
+
+def test_every_documented_command_names_a_real_verb_flag_and_format():
+    verbs = subcommands()
+    commands = documented_commands()
+    assert len(commands) > 50  # the scan really finds them
+    bad = []
+    for where, (verb, *rest) in commands:
+        if verb not in verbs:
+            bad.append(f"{where}: no verb {verb!r}")
+            continue
+        options = {s for a in verbs[verb]._actions for s in a.option_strings}
+        formats = [c for a in verbs[verb]._actions if not a.option_strings for c in (a.choices or ())]
+        bad += [f"{where}: `barkgpt {verb}` has no {t.split('=')[0]}" for t in rest
+                if t.startswith("--") and t.split("=")[0] not in options]
+        if rest and not rest[0].startswith("-") and rest[0] != "..." and not set(rest[0].split("|")) <= set(formats):
+            bad.append(f"{where}: `barkgpt {verb}` takes no argument {rest[0]!r}")
+    assert not bad, "\n".join(bad)

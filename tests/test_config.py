@@ -3,7 +3,7 @@
 import pytest
 
 from barkgpt.common import BarkError
-from barkgpt.config import GPTConfig, SampleConfig, TrainConfig, build_configs, config_to_dict, dump_yaml
+from barkgpt.config import GPTConfig, SampleConfig, TrainConfig, build_configs, config_to_dict, dump_yaml, field_types
 
 
 def test_presets_resolve():
@@ -57,6 +57,19 @@ def test_unknown_key_names_closest(tmp_path):
     f = tmp_path / "run.yaml"
     f.write_text("train:\n  max_iter: 5\n")
     with pytest.raises(BarkError, match="max_iters"):
+        build_configs(config=str(f))
+
+
+def test_sample_interval_is_gone(tmp_path, capsys):
+    """It was never read (a sample is written at each eval), so it is no field or flag; an older
+    run's config.yaml that has it still loads, with a warning; any other unknown key is an error."""
+    assert "sample_interval" not in field_types(TrainConfig)
+    f = tmp_path / "run.yaml"
+    f.write_text("train:\n  sample_interval: 0\n  max_iters: 700\n")
+    assert build_configs(config=str(f))[1].max_iters == 700
+    assert "sample_interval is no longer a setting" in capsys.readouterr().err
+    f.write_text("train:\n  sample_intervals: 0\n")
+    with pytest.raises(BarkError, match="unknown key"):
         build_configs(config=str(f))
 
 

@@ -1,4 +1,4 @@
-"""Chat data: reading both JSONL formats, group splits, the chat template round trip, assistant
+"""Chat data: reading both JSONL formats, group splits, rendering with the chat template, assistant
 masks and packing."""
 
 import json
@@ -64,19 +64,20 @@ def test_split_keeps_each_tree_on_one_side(shared_data):
         split_conversations(convs[:1])
 
 
-def test_chat_template_round_trips_on_real_conversations(shared_data, chat_tok, tiny_tokenizer):
+def test_real_conversations_render_and_mask_exactly_their_replies(shared_data, chat_tok, tiny_tokenizer):
+    """What training really does with a conversation: render it, encode it, and learn exactly the
+    assistant replies (each ending in <EOS>), for every row of the real sample."""
     rows = [json.loads(line)["messages"] for line in (shared_data / "chat-sample.jsonl").read_text().splitlines()]
     for messages in rows:
-        assert chat_tok.parse_chat(chat_tok.apply_chat_template(messages, add_generation_prompt=False)) == messages
-        assert chat_tok.parse_chat(chat_tok.apply_chat_template(messages[:-1])) == messages[:-1]  # prompt form
+        ids, mask = encode_conversation(chat_tok, messages)
+        replies = "".join(m["content"] + "<EOS>" for m in messages if m["role"] == "assistant")
+        assert chat_tok.decode([i for i, m in zip(ids, mask) if m]) == replies
+        assert chat_tok.decode(ids) == chat_tok.apply_chat_template(messages, add_generation_prompt=False)
+    # a reply that looks like a turn boundary in the plain-text template is still all target
     plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "line one\nline two"},
              {"role": "assistant", "content": "Sure.\nUser: not a turn"}]
-    assert tiny_tokenizer.parse_chat(tiny_tokenizer.apply_chat_template(plain, add_generation_prompt=False)) == plain
-    talk = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo yo"},
-            {"role": "user", "content": "go"}]
-    assert WORDS.parse_chat(WORDS.apply_chat_template(talk)) == talk
-    with pytest.raises(BarkError, match="cannot parse"):
-        chat_tok.parse_chat("no roles here")
+    ids, mask = encode_conversation(tiny_tokenizer, plain)
+    assert tiny_tokenizer.decode([i for i, m in zip(ids, mask) if m]).strip() == "Sure.\nUser: not a turn<EOS>"
 
 
 def test_assistant_mask_covers_exactly_the_replies_and_their_eos(chat_tok):

@@ -142,10 +142,46 @@ def test_llama_cpp_parity(tmp_path, bpe, family, monkeypatch):
     assert ours_gen == theirs_gen
 
 
-@needs_llama
-def test_parity_catches_missing_rope_permutation(tmp_path, bpe):
+def adjacent_pair_rope(x: torch.Tensor, pos: int, theta: float) -> torch.Tensor:
+    """llama.cpp's RoPE for arch ``llama`` (``GGML_ROPE_TYPE_NORM``) on x (n, hs): rows ``2i`` and
+    ``2i + 1`` rotate together by ``pos * theta ** (-2i / hs)``."""
+    hs = x.shape[-1]
+    angle = pos * theta ** (-torch.arange(0, hs, 2, dtype=torch.float32) / hs)  # (hs/2,)
+    a, b = x[..., 0::2], x[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2], out[..., 1::2] = a * angle.cos() - b * angle.sin(), a * angle.sin() + b * angle.cos()
+    return out
+
+
+def test_q_and_k_are_written_for_llama_cpps_rope(tmp_path, bpe):
+    """The exported attn_q/attn_k rotated as llama.cpp rotates them give our attention scores
+    (rotate-half RoPE over our rows): the RoPE permutation, checked without llama.cpp."""
+    from barkgpt.model import apply_rope, rope_cache
+
     ckpt, model = checkpoint(tmp_path, bpe)
-    path = export_gguf(ckpt, tmp_path / "bad.gguf", outtype="f32", permute=False)
+    r = gguf.GGUFReader(str(export_gguf(ckpt, tmp_path / "m.gguf", outtype="f32")))
+    exported = {t.name: torch.from_numpy(np.array(t.data, dtype=np.float32)) for t in r.tensors}
+    c, hs = model.config, model.config.head_dim
+    wq, wk, _ = model.transformer.h[1].attn.c_attn.weight.detach().split([c.n_head * hs, c.n_kv_head * hs, c.n_kv_head * hs])
+    x = torch.randn(c.n_embd, generator=torch.Generator().manual_seed(0))  # one residual vector (C,)
+    cos, sin = rope_cache(8, hs, c.rope_theta)  # (8, hs) each
+    m, n = 7, 2  # query and key positions: scores depend on m - n only through RoPE
+    ours_q, ours_k = apply_rope((wq @ x).view(c.n_head, hs), cos[m], sin[m]), apply_rope((wk @ x).view(c.n_kv_head, hs), cos[n], sin[n])
+    theirs_q = adjacent_pair_rope((exported["blk.1.attn_q.weight"].view(-1, c.n_embd) @ x).view(c.n_head, hs), m, c.rope_theta)
+    theirs_k = adjacent_pair_rope((exported["blk.1.attn_k.weight"].view(-1, c.n_embd) @ x).view(c.n_kv_head, hs), n, c.rope_theta)
+    ours, theirs = ours_q @ ours_k.T, theirs_q @ theirs_k.T  # (n_head, n_kv_head) scores
+    assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
+    assert ours.abs().max() > 1e-2  # the scores are not all ~0
+
+
+@needs_llama
+def test_parity_catches_missing_rope_permutation(tmp_path, bpe, monkeypatch):
+    """The real export path with :func:`permute_rope` made a no-op must fail the parity check."""
+    import barkgpt.export.gguf as gguf_export
+
+    ckpt, model = checkpoint(tmp_path, bpe)
+    monkeypatch.setattr(gguf_export, "permute_rope", lambda w, n_head: w)  # Q/K left in HF's layout
+    path = export_gguf(ckpt, tmp_path / "bad.gguf", outtype="f32")
     ids = bpe.encode(" ".join(TEXTS))[:48]
     _, theirs = llama_cpp_logits(path, ids)
     with torch.no_grad():

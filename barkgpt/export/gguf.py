@@ -40,12 +40,11 @@ def permute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_tensors(state: dict[str, torch.Tensor], config: GPTConfig, permute: bool = True) -> dict[str, torch.Tensor]:
+def gguf_tensors(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
     """Our state dict -> llama.cpp tensor names (``token_embd``, ``blk.N.attn_q``...), fp32.
 
-    Shapes stay PyTorch's (out, in); GGUF stores them reversed, as llama.cpp expects.
-    ``permute=False`` writes Q/K in HF's layout: wrong for llama.cpp, used only to prove the
-    parity test catches it. Mixture-of-Experts layers become llama.cpp's Mixtral tensors:
+    Shapes stay PyTorch's (out, in); GGUF stores them reversed, as llama.cpp expects. The llama
+    family's Q/K rows go through :func:`permute_rope`. Mixture-of-Experts layers become llama.cpp's Mixtral tensors:
     ``ffn_gate_inp`` (the router) and ``ffn_{gate,up,down}_exps`` stacked over experts. The gpt2 family keeps the fused ``attn_qkv`` and always carries an
     ``output`` tensor (llama.cpp's gpt2 loader wants one).
     """
@@ -60,8 +59,7 @@ def gguf_tensors(state: dict[str, torch.Tensor], config: GPTConfig, permute: boo
             out[g + "ffn_norm.weight"] = sd[p + "ln_2.weight"]
             for s in b:
                 wq, wk, wv = sd[p + f"attn.c_attn.{s}"].split([q, kv, kv], dim=0)
-                if permute:
-                    wq, wk = permute_rope(wq, c.n_head), permute_rope(wk, c.n_kv_head)
+                wq, wk = permute_rope(wq, c.n_head), permute_rope(wk, c.n_kv_head)
                 out[g + f"attn_q.{s}"], out[g + f"attn_k.{s}"], out[g + f"attn_v.{s}"] = wq, wk, wv
                 out[g + f"attn_output.{s}"] = sd[p + f"attn.c_proj.{s}"]
                 if not c.n_expert:
@@ -124,8 +122,7 @@ def check_tokenizer(tokenizer: Tokenizer) -> dict:
     return spec
 
 
-def export_gguf(model_path: str | Path, out: str | Path, outtype: str = "f16", force: bool = False,
-                permute: bool = True) -> Path:
+def export_gguf(model_path: str | Path, out: str | Path, outtype: str = "f16", force: bool = False) -> Path:
     """Write a GGUF file that llama.cpp (``llama-cli``, ``llama-server``, ``llama-cpp-python``) runs.
 
     Args:
@@ -133,7 +130,6 @@ def export_gguf(model_path: str | Path, out: str | Path, outtype: str = "f16", f
         out: the ``.gguf`` file to write (via a temporary file and a rename).
         outtype: ``f32``, ``f16`` or ``q8_0`` for the 2-D weights (norms and biases stay f32).
         force: replace ``out`` if it exists.
-        permute: apply the RoPE Q/K permutation (only the parity test turns it off).
 
     Returns:
         ``out``.
@@ -177,7 +173,7 @@ def export_gguf(model_path: str | Path, out: str | Path, outtype: str = "f16", f
         else:
             w.add_layer_norm_eps(c.norm_eps)
         _add_tokenizer(w, tokenizer, spec, c.vocab_size)
-        for name, t in gguf_tensors(model.state_dict(), c, permute).items():
+        for name, t in gguf_tensors(model.state_dict(), c).items():
             data, raw = _encode_tensor(t, outtype)
             w.add_tensor(name, data, raw_dtype=raw)
         w.write_header_to_file()
