@@ -75,7 +75,7 @@ def test_sample_with_a_mismatched_config_prints_one_line(saved):
 
 def test_the_page_lists_a_checkpoint_left_at_last_old(saved):
     pytest.importorskip("fastapi")
-    from barkgpt.server.web import checkpoint_infos
+    from barkgpt.server.runfiles import checkpoint_infos
 
     run, _ = saved
     os.replace(run / "last", run / "last.old")

@@ -69,7 +69,7 @@ def test_the_page_reads_metrics_with_the_same_parser_as_train(tmp_path):
     """A JSON line that is not a row (no step) is no row for the page either, and the page keeps
     its tolerance of a torn line anywhere and its non-finite numbers as None."""
     pytest.importorskip("fastapi")
-    from barkgpt.server.web import read_jsonl, read_metrics
+    from barkgpt.server.runfiles import read_jsonl, read_metrics
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train_loss": NaN}\n{"note": "no step"}\n{torn\n'
                                             '{"step": 2, "val_loss": 2.4}\n[3]\n')

@@ -1,5 +1,5 @@
-"""Pydantic models of the OpenAI API that the server speaks: requests, responses, stream chunks,
-errors, plus BarkGPT's ``/generate``, ``/tokenize`` and ``/detokenize``.
+"""Pydantic models of the OpenAI API that the server speaks: requests, responses, stream chunks
+and errors (BarkGPT's own routes have theirs in :mod:`barkgpt.server.native_protocol`).
 
 Fields follow OpenAI's order (as vLLM's ``entrypoints/openai/protocol.py``). Unknown request
 fields are ignored, so clients that send newer fields keep working. OpenAI's ``max_tokens`` /
@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serial
 
 from barkgpt.config import SamplingParams
 
-# Caps on what one request may ask for (the body itself is capped in app.py).
+# Caps on what one request may ask for (the body itself is capped by security.Guard).
 MAX_N = 16  # choices per request
 MAX_STOP = 4  # stop strings, as OpenAI
 MAX_STOP_CHARS = 256  # characters per stop string
@@ -376,89 +376,3 @@ class ErrorResponse(BaseModel):
     """The body of every error response: an ``error`` object."""
 
     error: ErrorInfo
-
-
-# ---- BarkGPT's own routes ---------------------------------------------------------------------
-
-class GenerateRequest(BaseModel):
-    """``POST /generate``: continue ``prompt`` (raw text, no chat template)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    prompt: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0)
-    top_k: int | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = Field(None, **SEED_RANGE)
-    stop: str | list[str] | None = Field(None, validate_default=True)  # a list after validation
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_list(cls, v):
-        return stop_list(v)
-
-    @field_validator("prompt")
-    @classmethod
-    def _valid_text(cls, v):
-        check_text(v)
-        return v
-
-    def requested_max_tokens(self) -> int | None:
-        """``max_tokens`` (None: fill the rest of the context)."""
-        return self.max_tokens
-
-    def sampling_params(self, room: int) -> SamplingParams:
-        """The request's sampling settings (``max_new_tokens``: ``max_tokens``, else ``room``)."""
-        return sampling_params(dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                                    seed=self.seed, stop=self.stop), self.requested_max_tokens() or room)
-
-
-class GenerateResponse(BaseModel):
-    """``POST /generate`` response: the reply text."""
-
-    message: str
-
-
-class TokenizeRequest(BaseModel):
-    """``POST /tokenize``: text to token ids."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
-    prompt: str
-
-    @field_validator("model", "prompt")
-    @classmethod
-    def _valid_text(cls, v):
-        check_text(v)
-        return v
-
-
-class TokenizeResponse(BaseModel):
-    """``POST /tokenize`` response: ids, their count and the context size."""
-
-    tokens: list[int]
-    count: int
-    max_model_len: int
-
-
-class DetokenizeRequest(BaseModel):
-    """``POST /detokenize``: token ids to text."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
-    tokens: list[int]
-
-    @field_validator("model")
-    @classmethod
-    def _valid_text(cls, v):
-        check_text(v)
-        return v
-
-
-class DetokenizeResponse(BaseModel):
-    """``POST /detokenize`` response."""
-
-    prompt: str

@@ -13,7 +13,7 @@ the engine decodes each at its own. Each row samples with its own settings and i
 ``torch.Generator`` (:func:`~barkgpt.engine.sample_rows`), so a request's tokens do not depend on
 what else is running (up to float rounding of batched matmuls).
 
-The scheduler works on token ids only; ``app.py`` turns them into text. Tokens reach the asyncio
+The scheduler works on token ids only; ``streaming.py`` turns them into text. Tokens reach the asyncio
 side through a queue per request, filled by one ``loop.call_soon_threadsafe`` per decode step
 for all rows, so the event loop never waits on the model and wakes once per step.
 """

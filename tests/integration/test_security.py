@@ -308,7 +308,7 @@ def test_scrub_paths_keeps_no_absolute_path():
 def test_estimate_run_counts_the_models_parameters():
     from barkgpt.config import GPTConfig, TrainConfig
     from barkgpt.model import GPT
-    from barkgpt.server.web import estimate_run
+    from barkgpt.server.runs import estimate_run
 
     for cfg in (GPTConfig(family="gpt2", vocab_size=300, block_size=64, n_layer=2, n_head=4, n_embd=32, tie_embeddings=False),
                 GPTConfig(family="llama", vocab_size=300, block_size=64, n_layer=3, n_head=4, n_kv_head=2, n_embd=32),

@@ -374,7 +374,7 @@ def test_load_a_finished_run_into_the_chat(open_page, server):
 
 
 def test_run_folder_readers_tolerate_files_being_written(tmp_path):
-    from barkgpt.server.web import read_metrics, tail, thin_rows
+    from barkgpt.server.runfiles import read_metrics, tail, thin_rows
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train_loss": 2.5}\n{"step": 2, "train_loss": NaN}\n'
                                             '{"step": 2, "val_loss": 2.4}\n{"step": 3, "tra')  # a line being appended
