@@ -8,7 +8,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 TORCH_CPU := torch==2.13.0
 LLAMA_CPP := llama-cpp-python==0.3.36
 
-.PHONY: demo test test-fast bench install install-dev clean
+.PHONY: demo test test-fast lint format bench install install-dev clean
 
 $(VENV)/.core: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,8 +46,17 @@ demo: $(VENV)/.core
 	$(VENV)/bin/barkgpt train --preset bark --out-dir runs/bark
 	$(VENV)/bin/barkgpt sample --model runs/bark --prompt "User: speak Assistant:" --num-samples 5 --one-line --temperature 1.0 --max-new-tokens 20 --seed 0
 
-test: $(VENV)/.dev $(VENV)/.llama $(VENV)/.chromium
+test: $(VENV)/.dev $(VENV)/.llama $(VENV)/.chromium lint
 	$(PY) -m pytest -q
+
+# ruff keeps the style (its settings are in pyproject.toml); `make format` applies it
+lint: $(VENV)/.dev
+	$(PY) -m ruff check barkgpt tests bench
+	$(PY) -m ruff format --check barkgpt tests bench
+
+format: $(VENV)/.dev
+	$(PY) -m ruff check --fix barkgpt tests bench
+	$(PY) -m ruff format barkgpt tests bench
 
 test-fast: $(VENV)/.dev
 	$(PY) -m pytest -q -m "not slow"

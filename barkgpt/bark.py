@@ -45,8 +45,24 @@ BARKS = ("woof", "arf", "ruff", "grrr")
 # Bark chat (the bark-chat preset): the user's one-word command picks the style of bark; any
 # other message gets "ruff?". Words outside this vocabulary map to <UNK>.
 BARK_COMMANDS = ("speak", "growl", "sit", "play")
-BARK_OTHER_WORDS = ("fetch", "stay", "roll", "down", "come", "paw", "heel", "shake", "hello", "treat",
-                    "walk", "bath", "good", "dog", "please", "now")
+BARK_OTHER_WORDS = (
+    "fetch",
+    "stay",
+    "roll",
+    "down",
+    "come",
+    "paw",
+    "heel",
+    "shake",
+    "hello",
+    "treat",
+    "walk",
+    "bath",
+    "good",
+    "dog",
+    "please",
+    "now",
+)
 CONFUSED = "ruff?"  # the reply to anything that is not exactly one of the commands
 BARK_CHAT_VOCAB = (*SPECIAL_TOKENS, "User:", "Assistant:", *BARKS, CONFUSED, *BARK_COMMANDS, *BARK_OTHER_WORDS)
 # The rule: command -> the barks a reply may use, and how many (inclusive).
@@ -110,8 +126,9 @@ def prepare_bark(out: str | Path, n_docs: int = BARK_DOCS, val_fraction: float =
     """
     if n_docs < 2:
         raise BarkError(f"n_docs {n_docs} is too few to split into train and val; use at least 2")
-    return prepare_documents(list(bark_documents(n_docs, seed)), out, bark_tokenizer(), "bark",
-                             val_fraction=val_fraction, add_eos=False)
+    return prepare_documents(
+        list(bark_documents(n_docs, seed)), out, bark_tokenizer(), "bark", val_fraction=val_fraction, add_eos=False
+    )
 
 
 def build_bark(out: Path, seed: int) -> Path:
@@ -227,7 +244,7 @@ def bark_eval(gen, n: int = 100, seed: int = 0, temperature: float = 1.0) -> dic
     history_pool = bark_chat_conversations(n, seed + 1, max_turns=2)
     passed, failures = 0, []
     for i in range(n):
-        history = history_pool[i][:2 * rng.randint(0, len(history_pool[i]) // 2)]
+        history = history_pool[i][: 2 * rng.randint(0, len(history_pool[i]) // 2)]
         command = sample_bark_command(rng)
         prompt = gen.chat_prompt([*history, {"role": "user", "content": command}])
         reply = gen.complete(prompt, truncate=True, max_new_tokens=16, temperature=temperature, seed=seed + i)[0]

@@ -44,8 +44,15 @@ def set_rng_state(state: dict) -> None:
     An older run's NumPy state (the key alone) restarts at the key's end, as it was saved."""
     random.setstate(_tuples(state["python"]))
     numpy = state["numpy"] if isinstance(state["numpy"], dict) else {"key": state["numpy"], "pos": 624}
-    np.random.set_state(("MT19937", np.array(numpy["key"], dtype=np.uint32), numpy["pos"], numpy.get("has_gauss", 0),
-                         numpy.get("cached_gaussian", 0.0)))
+    np.random.set_state(
+        (
+            "MT19937",
+            np.array(numpy["key"], dtype=np.uint32),
+            numpy["pos"],
+            numpy.get("has_gauss", 0),
+            numpy.get("cached_gaussian", 0.0),
+        )
+    )
     torch.set_rng_state(state["torch"])
 
 
@@ -96,8 +103,10 @@ class TrainState:
         unknown = sorted(set(d) - names) if isinstance(d, dict) else []
         if not isinstance(d, dict) or "step" not in d or unknown:
             problem = f"has unknown keys {', '.join(unknown)}" if unknown else "holds no step"
-            raise BarkError(f"{name} {problem}: it was written by another barkgpt version (or is damaged) and "
-                            f"cannot be resumed; start a new run with another --out-dir")
+            raise BarkError(
+                f"{name} {problem}: it was written by another barkgpt version (or is damaged) and "
+                f"cannot be resumed; start a new run with another --out-dir"
+            )
         d = dict(d)
         if d.get("optimizer") is not None and not isinstance(d["optimizer"], list):
             d["optimizer"] = [d["optimizer"]]
@@ -115,8 +124,14 @@ class TrainState:
         return cls.from_dict(load_trainer_state(path), str(Path(path) / TRAINER_STATE_NAME))
 
 
-def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, info: dict | None = None,
-                    trainer_state: TrainState | dict | None = None, state: dict | None = None) -> Path:
+def save_checkpoint(
+    path: str | Path,
+    model: GPT,
+    tokenizer: Tokenizer,
+    info: dict | None = None,
+    trainer_state: TrainState | dict | None = None,
+    state: dict | None = None,
+) -> Path:
     """Write a checkpoint folder atomically.
 
     Args:
@@ -191,7 +206,9 @@ def find_checkpoint(path: str | Path, prefer: str = "best") -> Path:
             return found
     if not path.exists():
         raise BarkError(f"{path} does not exist; pass a run folder (e.g. runs/shakespeare-char) or a checkpoint folder")
-    raise BarkError(f"no checkpoint in {path} (expected {WEIGHTS_NAME} and {CONFIG_NAME}, or best/ or last/); train one with barkgpt train")
+    raise BarkError(
+        f"no checkpoint in {path} (expected {WEIGHTS_NAME} and {CONFIG_NAME}, or best/ or last/); train one with barkgpt train"
+    )
 
 
 def read_checkpoint_config(path: str | Path) -> dict:
@@ -228,18 +245,24 @@ def load_model(path: str | Path, device: str = "cpu", prefer: str = "best") -> t
     try:
         state = load_file(str(ckpt / WEIGHTS_NAME))
     except (SafetensorError, OSError, ValueError) as e:
-        raise BarkError(f"{ckpt / WEIGHTS_NAME} is corrupt or truncated ({str(e).splitlines()[0][:80]}); use another checkpoint (last/ or best/) or retrain") from None
+        raise BarkError(
+            f"{ckpt / WEIGHTS_NAME} is corrupt or truncated ({str(e).splitlines()[0][:80]}); use another checkpoint (last/ or best/) or retrain"
+        ) from None
     expected = model.state_dict()
     for name, tensor in state.items():  # load_state_dict's size-mismatch error is a page long
         if name in expected and tensor.shape != expected[name].shape:
-            raise BarkError(f"{ckpt / WEIGHTS_NAME} does not match its config.json: {name} is {tuple(tensor.shape)} in the "
-                            f"weights but {tuple(expected[name].shape)} for the config's model; the checkpoint is inconsistent, "
-                            f"fix config.json or use another checkpoint")
+            raise BarkError(
+                f"{ckpt / WEIGHTS_NAME} does not match its config.json: {name} is {tuple(tensor.shape)} in the "
+                f"weights but {tuple(expected[name].shape)} for the config's model; the checkpoint is inconsistent, "
+                f"fix config.json or use another checkpoint"
+            )
     missing, unexpected = model.load_state_dict(state, strict=False)
     allowed_missing = {"lm_head.weight"} if model.config.tie_embeddings else set()
     if set(missing) - allowed_missing or unexpected:
         bad = sorted(set(missing) - allowed_missing) + sorted(unexpected)
-        raise BarkError(f"{ckpt / WEIGHTS_NAME} does not match its config.json ({len(bad)} tensors differ, e.g. {bad[0]}); the checkpoint is inconsistent")
+        raise BarkError(
+            f"{ckpt / WEIGHTS_NAME} does not match its config.json ({len(bad)} tensors differ, e.g. {bad[0]}); the checkpoint is inconsistent"
+        )
     return model.to(device).eval(), config
 
 
@@ -263,10 +286,12 @@ def load_trainer_state(path: str | Path) -> dict:
     """
     file = Path(path) / TRAINER_STATE_NAME
     if not file.is_file():
-        raise BarkError(f"{file} not found: --resume needs a checkpoint written by barkgpt train; "
-                        f"to start a new run, use another --out-dir")
+        raise BarkError(
+            f"{file} not found: --resume needs a checkpoint written by barkgpt train; to start a new run, use another --out-dir"
+        )
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise BarkError(f"{file} is corrupt ({type(e).__name__}): this run cannot be resumed; "
-                        f"start a new one with another --out-dir") from None
+        raise BarkError(
+            f"{file} is corrupt ({type(e).__name__}): this run cannot be resumed; start a new one with another --out-dir"
+        ) from None

@@ -15,8 +15,7 @@ import sys
 
 from barkgpt import __version__
 from barkgpt.common import BarkError
-from barkgpt.config import (GPTConfig, SamplingParams, ServeConfig, TrainConfig, field_help, field_types, parse_value,
-                            preset_names)
+from barkgpt.config import GPTConfig, SamplingParams, ServeConfig, TrainConfig, field_help, field_types, parse_value, preset_names
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
@@ -28,8 +27,14 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ..
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kw = {"action": "append"} if isinstance(default, list) else {}
-        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, metavar="VALUE",
-                           help=f"{helps.get(f.name, '')} (default: {default})", **kw)
+        group.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f.name,
+            default=None,
+            metavar="VALUE",
+            help=f"{helps.get(f.name, '')} (default: {default})",
+            **kw,
+        )
 
 
 def collect_overrides(args: argparse.Namespace, cls) -> dict:
@@ -59,11 +64,20 @@ def cmd_prepare(args) -> None:
     """`barkgpt prepare`: tokenize a corpus into a data folder (see data.prepare_dataset)."""
     from barkgpt.data import prepare_dataset
 
-    meta = prepare_dataset(args.input, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                           val_fraction=args.val_fraction, tokenizer_from=args.tokenizer_from,
-                           text_field=args.text_field, errors=args.errors)
-    print(f"wrote {args.out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
-          f"{meta['tokenizer']} tokenizer with {meta['vocab_size']} tokens")
+    meta = prepare_dataset(
+        args.input,
+        args.out,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        val_fraction=args.val_fraction,
+        tokenizer_from=args.tokenizer_from,
+        text_field=args.text_field,
+        errors=args.errors,
+    )
+    print(
+        f"wrote {args.out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
+        f"{meta['tokenizer']} tokenizer with {meta['vocab_size']} tokens"
+    )
 
 
 def cmd_train(args) -> None:
@@ -83,8 +97,11 @@ def cmd_train(args) -> None:
         check_nproc(args.nproc, resolve_device(train_cfg.device))
         # Drop --nproc N: torchrun's parser would read it as its own --nproc-per-node (the ranks see
         # WORLD_SIZE, so they would train rather than launch again anyway).
-        argv = [a for i, a in enumerate(args.argv)
-                if a != "--nproc" and not a.startswith("--nproc=") and (i == 0 or args.argv[i - 1] != "--nproc")]
+        argv = [
+            a
+            for i, a in enumerate(args.argv)
+            if a != "--nproc" and not a.startswith("--nproc=") and (i == 0 or args.argv[i - 1] != "--nproc")
+        ]
         code = launch(args.nproc, argv)
         if code:
             raise BarkError(f"torchrun exited with status {code} (the ranks' errors are printed above)")
@@ -99,8 +116,10 @@ def cmd_train(args) -> None:
 def print_run_summary(result: dict, out_dir: str) -> None:
     """The closing line of `train` and `finetune`."""
     val = f"{result['val_loss']:.4f}" if result["val_loss"] is not None else "n/a"
-    print(f"done: step {result['step']}, train loss {result['train_loss']:.4f}, val loss {val} "
-          f"(best {result['best_val_loss']:.4f}), {result['tokens_per_s']:,.0f} tokens/s; checkpoints in {out_dir}")
+    print(
+        f"done: step {result['step']}, train loss {result['train_loss']:.4f}, val loss {val} "
+        f"(best {result['best_val_loss']:.4f}), {result['tokens_per_s']:,.0f} tokens/s; checkpoints in {out_dir}"
+    )
 
 
 def cmd_finetune(args) -> None:
@@ -108,11 +127,15 @@ def cmd_finetune(args) -> None:
     from barkgpt.config import read_config_file
     from barkgpt.train import FINETUNE_DEFAULTS, finetune
 
-    values = {**FINETUNE_DEFAULTS, **(read_config_file(args.config)["train"] if args.config else {}),
-              **collect_overrides(args, TrainConfig)}
+    values = {
+        **FINETUNE_DEFAULTS,
+        **(read_config_file(args.config)["train"] if args.config else {}),
+        **collect_overrides(args, TrainConfig),
+    }
     cfg = TrainConfig(**values)
-    result = finetune(args.model, args.data, cfg, val_fraction=args.val_fraction, group_field=args.group_field,
-                      resume=args.resume)
+    result = finetune(
+        args.model, args.data, cfg, val_fraction=args.val_fraction, group_field=args.group_field, resume=args.resume
+    )
     print_run_summary(result, cfg.out_dir)
 
 
@@ -136,8 +159,9 @@ def cmd_eval(args) -> None:
         raise BarkError("barkgpt eval needs --data FILE (a text to score) or --bark (the Bark chat rule check)")
     from barkgpt.evaluate import evaluate_text
 
-    r = evaluate_text(args.model, args.data, split=args.split, val_fraction=args.val_fraction, device=args.device,
-                      batch_size=args.batch_size)
+    r = evaluate_text(
+        args.model, args.data, split=args.split, val_fraction=args.val_fraction, device=args.device, batch_size=args.batch_size
+    )
     if r["note"]:
         print(r["note"], file=sys.stderr)
     if args.json:
@@ -145,9 +169,11 @@ def cmd_eval(args) -> None:
         return
     unknown = f"; {r['unknown']:,} unknown characters/words scored as <UNK>" if r["unknown"] else ""
     cut = f" (val_fraction {r['val_fraction']:g})" if r["val_fraction"] is not None else ""
-    print(f"{r['split']} split{cut} of {r['data']}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.2f}, "
-          f"{r['bits_per_byte']:.4f} bits/byte over {r['tokens']:,} tokens ({r['bytes']:,} bytes){unknown}; "
-          f"{r['tokens_per_s']:,.0f} tokens/s")
+    print(
+        f"{r['split']} split{cut} of {r['data']}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.2f}, "
+        f"{r['bits_per_byte']:.4f} bits/byte over {r['tokens']:,} tokens ({r['bytes']:,} bytes){unknown}; "
+        f"{r['tokens_per_s']:,.0f} tokens/s"
+    )
 
 
 def cmd_export(args) -> None:
@@ -159,7 +185,7 @@ def cmd_export(args) -> None:
         print(f"wrote {out}: load it with transformers' AutoModelForCausalLM.from_pretrained({str(out)!r})")
     else:
         try:
-            import gguf  # noqa: F401
+            import gguf  # noqa: F401 - imported only to check that the export extra is installed
         except ImportError:
             raise BarkError("barkgpt export gguf needs the gguf package; pip install 'barkgpt[export]'") from None
         from barkgpt.export.gguf import export_gguf
@@ -274,8 +300,10 @@ def cmd_serve(args) -> None:
         if not Path(root).is_dir():
             raise BarkError(f"--data-root {root} is not a folder; give a folder of data that runs started on the page may read")
     if cfg.runs and not api_key and not _is_loopback(cfg.host):
-        raise BarkError(f"--host {cfg.host} lets other machines reach the server, and --runs lets any of them start "
-                        "training runs: set an API key (--api-key-file FILE or BARKGPT_API_KEY) or bind 127.0.0.1")
+        raise BarkError(
+            f"--host {cfg.host} lets other machines reach the server, and --runs lets any of them start "
+            "training runs: set an API key (--api-key-file FILE or BARKGPT_API_KEY) or bind 127.0.0.1"
+        )
     folder = Path(args.model).resolve()
     if not folder.exists():
         raise BarkError(f"--model {args.model} does not exist; give a run folder (runs/x) or a checkpoint folder")
@@ -302,8 +330,11 @@ def cmd_serve(args) -> None:
         return gen
 
     auth = "API key required" if api_key else "no API key"
-    print(f"serving {name} at http://{cfg.host}:{cfg.port}/v1 ({auth}), web page at http://{cfg.host}:{cfg.port}/; "
-          "loading the model", flush=True)
+    print(
+        f"serving {name} at http://{cfg.host}:{cfg.port}/v1 ({auth}), web page at http://{cfg.host}:{cfg.port}/; "
+        "loading the model",
+        flush=True,
+    )
     run_server(load, cfg)
 
 
@@ -351,8 +382,14 @@ def add_finetune_verb(sub) -> None:
     sp = sub.add_parser("finetune", help="fine-tune a model on conversations (JSONL), loss on assistant turns only")
     sp.add_argument("--model", required=True, help="the run or checkpoint folder to start from")
     sp.add_argument("--data", required=True, help="a .jsonl of OpenAI 'messages' or ShareGPT 'conversations' rows")
-    sp.add_argument("--val-fraction", type=float, default=0.1, help="share of conversation groups held out for validation (default 0.1)")
-    sp.add_argument("--group-field", default="tree_id", help="row field grouping conversations that share turns; rows without it stand alone (default tree_id)")
+    sp.add_argument(
+        "--val-fraction", type=float, default=0.1, help="share of conversation groups held out for validation (default 0.1)"
+    )
+    sp.add_argument(
+        "--group-field",
+        default="tree_id",
+        help="row field grouping conversations that share turns; rows without it stand alone (default tree_id)",
+    )
     sp.add_argument("--config", default=None, help="a run config YAML whose train section applies (e.g. runs/x/config.yaml)")
     sp.add_argument("--resume", action="store_true", help="continue from out_dir/last")
     add_dataclass_args(sp, TrainConfig, skip=("data", "init_from", "tokenizer", "tokenizer_vocab_size"))
@@ -363,9 +400,23 @@ def add_eval_verb(sub) -> None:
     """``barkgpt eval``: its flags."""
     sp = sub.add_parser("eval", help="measure a model: loss, perplexity, bits per byte on a text; or --bark")
     sp.add_argument("--model", required=True, help="a run folder (best/ is used) or checkpoint folder")
-    sp.add_argument("--data", default=None, help="the text to score: a .txt file, a folder of .txt, a .jsonl with 'text', or a folder from barkgpt prepare (its tokens)")
-    sp.add_argument("--split", default="all", choices=["all", "train", "val"], help="score all of it, or the part barkgpt prepare put (or would put) in train/val (default all)")
-    sp.add_argument("--val-fraction", type=float, default=None, help="the val share to cut a text's --split at (default: the one prepare used, as the checkpoint records it; else 0.1)")
+    sp.add_argument(
+        "--data",
+        default=None,
+        help="the text to score: a .txt file, a folder of .txt, a .jsonl with 'text', or a folder from barkgpt prepare (its tokens)",
+    )
+    sp.add_argument(
+        "--split",
+        default="all",
+        choices=["all", "train", "val"],
+        help="score all of it, or the part barkgpt prepare put (or would put) in train/val (default all)",
+    )
+    sp.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help="the val share to cut a text's --split at (default: the one prepare used, as the checkpoint records it; else 0.1)",
+    )
     sp.add_argument("--batch-size", type=int, default=16, help="windows of block_size tokens per forward pass (default 16)")
     sp.add_argument("--bark", action="store_true", help="instead: the share of sampled replies that follow the Bark chat rule")
     sp.add_argument("--samples", type=int, default=100, help="--bark: commands to sample (default 100)")
@@ -381,7 +432,9 @@ def add_export_import_verbs(sub) -> None:
     sp.add_argument("format", choices=["hf", "gguf"], help="hf: a transformers folder; gguf: one file for llama.cpp")
     sp.add_argument("--model", required=True, help="a run folder (best/ is used) or checkpoint folder")
     sp.add_argument("--out", required=True, help="the folder (hf) or .gguf file (gguf) to write")
-    sp.add_argument("--outtype", default="f16", choices=["f32", "f16", "q8_0"], help="gguf: weight type of the 2-D tensors (default f16)")
+    sp.add_argument(
+        "--outtype", default="f16", choices=["f32", "f16", "q8_0"], help="gguf: weight type of the 2-D tensors (default f16)"
+    )
     sp.add_argument("--force", action="store_true", help="replace --out if it exists")
     sp.set_defaults(func=cmd_export)
 
@@ -395,18 +448,27 @@ def add_export_import_verbs(sub) -> None:
 
 def add_generation_verbs(sub) -> None:
     """``barkgpt sample`` and ``barkgpt chat``: shared model flags, their own, and one per SamplingParams field."""
-    for name, helptext, func in (("sample", "generate text from a trained model", cmd_sample),
-                                 ("chat", "talk to a model with its chat template", cmd_chat)):
+    for name, helptext, func in (
+        ("sample", "generate text from a trained model", cmd_sample),
+        ("chat", "talk to a model with its chat template", cmd_chat),
+    ):
         sp = sub.add_parser(name, help=helptext)
         sp.add_argument("--model", required=True, help="a run folder (runs/x) or checkpoint folder")
         sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-        sp.add_argument("--compile", action="store_true",
-                        help="torch.compile the decode step: ~3x tokens/s on CPU after a one-time 5-20 s compile")
+        sp.add_argument(
+            "--compile",
+            action="store_true",
+            help="torch.compile the decode step: ~3x tokens/s on CPU after a one-time 5-20 s compile",
+        )
         if name == "sample":
             sp.add_argument("--prompt", default="", help="text to continue ('' starts a new document)")
             sp.add_argument("--prompt-file", default=None, help="read the prompt from this file")
             sp.add_argument("--truncate", action="store_true", help="keep the tail of a prompt longer than block_size")
-            sp.add_argument("--one-line", action="store_true", help="with --num-samples: print each sample on one line, ending in <EOS> when the model stopped")
+            sp.add_argument(
+                "--one-line",
+                action="store_true",
+                help="with --num-samples: print each sample on one line, ending in <EOS> when the model stopped",
+            )
         else:
             sp.add_argument("--system", default="", help="a system message")
         add_dataclass_args(sp, SamplingParams, skip=("logprobs",))
@@ -419,8 +481,13 @@ def add_serve_verb(sub) -> None:
     sp.add_argument("--model", required=True, help="a run folder (runs/x) or checkpoint folder")
     sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     add_dataclass_args(sp, ServeConfig)
-    sp.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_const", const="false",
-                    help="prefill every prompt in full (same as --prefix-cache false)")
+    sp.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_const",
+        const="false",
+        help="prefill every prompt in full (same as --prefix-cache false)",
+    )
     sp.set_defaults(func=cmd_serve)
 
 
@@ -430,8 +497,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"barkgpt {__version__}")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for add_verbs in (add_prepare_verb, add_train_verb, add_finetune_verb, add_eval_verb, add_export_import_verbs,
-                      add_generation_verbs, add_serve_verb):
+    for add_verbs in (
+        add_prepare_verb,
+        add_train_verb,
+        add_finetune_verb,
+        add_eval_verb,
+        add_export_import_verbs,
+        add_generation_verbs,
+        add_serve_verb,
+    ):
         add_verbs(sub)
     return p
 

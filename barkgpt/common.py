@@ -87,8 +87,17 @@ def resolve_dtype(dtype: str, device: str) -> str:
 # Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, from the vendors' data sheets; the
 # denominator of model FLOPs utilization (MFU, PaLM paper appendix B; nanoGPT's estimate_mfu).
 PEAK_BF16_FLOPS = {
-    "H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "GH200": 989e12,
-    "A100": 312e12, "A10G": 70e12, "L4": 121e12, "L40S": 362e12, "RTX 4090": 165e12, "RTX 3090": 71e12,
+    "H200": 989e12,
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "GH200": 989e12,
+    "A100": 312e12,
+    "A10G": 70e12,
+    "L4": 121e12,
+    "L40S": 362e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
 }
 
 
@@ -151,11 +160,17 @@ def token_nll_and_bytes(logits, targets, token_bytes) -> dict:
     import torch.nn.functional as F
 
     y = targets.reshape(-1)  # (B*T,)
-    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y, ignore_index=-1, reduction="none")  # (B*T,), 0 where ignored
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(), y, ignore_index=-1, reduction="none"
+    )  # (B*T,), 0 where ignored
     n_bytes = token_bytes.to(y.device)[y.clamp(min=0)] * (y >= 0)  # (B*T,) bytes per target, 0 where ignored
     has_bytes = n_bytes > 0
-    return {"nll": nll.sum().item(), "targets": int((y >= 0).sum()),
-            "nll_bytes": nll[has_bytes].sum().item(), "bytes": int(n_bytes.sum())}
+    return {
+        "nll": nll.sum().item(),
+        "targets": int((y >= 0).sum()),
+        "nll_bytes": nll[has_bytes].sum().item(),
+        "bytes": int(n_bytes.sum()),
+    }
 
 
 def atomic_write_via(path: str | os.PathLike, write: Callable[[Path], None]) -> None:

@@ -82,9 +82,13 @@ class GPTConfig:
                 f"try --n-kv-head {_divisor_near(self.n_head, self.n_kv_head)}"
             )
         if self.family == "llama" and (self.n_embd // self.n_head) % 2:
-            raise BarkError(f"RoPE needs an even head_dim, got n_embd/n_head = {self.n_embd // self.n_head}; change --n-head or --n-embd")
+            raise BarkError(
+                f"RoPE needs an even head_dim, got n_embd/n_head = {self.n_embd // self.n_head}; change --n-head or --n-embd"
+            )
         if self.family == "gpt2" and self.n_kv_head != self.n_head:
-            raise BarkError("the gpt2 family has no grouped-query attention: set --n-kv-head equal to --n-head (or use --family llama)")
+            raise BarkError(
+                "the gpt2 family has no grouped-query attention: set --n-kv-head equal to --n-head (or use --family llama)"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise BarkError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.n_expert < 0 or self.n_expert == 1:
@@ -93,8 +97,10 @@ class GPTConfig:
             if self.family != "llama":
                 raise BarkError("Mixture-of-Experts needs the llama family (SwiGLU experts, as Mixtral); add --family llama")
             if not 1 <= self.n_expert_per_token <= self.n_expert:
-                raise BarkError(f"n_expert_per_token ({self.n_expert_per_token}) must be between 1 and n_expert ({self.n_expert}); "
-                                f"try --n-expert-per-token {min(2, self.n_expert)}")
+                raise BarkError(
+                    f"n_expert_per_token ({self.n_expert_per_token}) must be between 1 and n_expert ({self.n_expert}); "
+                    f"try --n-expert-per-token {min(2, self.n_expert)}"
+                )
 
     @property
     def head_dim(self) -> int:
@@ -110,7 +116,9 @@ class TrainConfig:
         BarkError: contradictory settings (warmup longer than the run, min_lr above learning_rate, Muon with FSDP...).
     """
 
-    data: str | None = None  # prepared data folder (barkgpt prepare), a .txt/.jsonl/folder to prepare into out_dir/data, or the name of a built-in generated dataset (the toy presets' data; data.BUILTIN_DATASETS)
+    data: str | None = (
+        None  # prepared data folder (barkgpt prepare), a .txt/.jsonl/folder to prepare into out_dir/data, or the name of a built-in generated dataset (the toy presets' data; data.BUILTIN_DATASETS)
+    )
     tokenizer: str = "bpe"  # tokenizer kind when --data is raw text: bpe, char or word
     tokenizer_vocab_size: int | None = None  # vocabulary size to train when --data is raw text (bpe default 2048)
     out_dir: str = "runs/default"  # where config.yaml, metrics.jsonl, loss.png, last/ and best/ go
@@ -190,7 +198,9 @@ class SamplingParams:
     min_p: float = 0.0  # drop tokens below min_p times the top probability (0: off)
     repetition_penalty: float = 1.0  # CTRL-style penalty on tokens already in the context (1: off)
     presence_penalty: float = 0.0  # OpenAI's: subtract this once from each token generated so far, in [-2, 2] (0: off)
-    frequency_penalty: float = 0.0  # OpenAI's: subtract this times its count from each token generated so far, in [-2, 2] (0: off)
+    frequency_penalty: float = (
+        0.0  # OpenAI's: subtract this times its count from each token generated so far, in [-2, 2] (0: off)
+    )
     seed: int | None = None  # seed for sampling (None: random); sample j of num_samples uses seed + j
     stop: list[str] = field(default_factory=list)  # stop strings; the text ends before them
     num_samples: int = 1  # samples generated together in one batch
@@ -246,22 +256,34 @@ class ServeConfig:
 
     host: str = "127.0.0.1"  # address to bind (127.0.0.1: this machine only; 0.0.0.0: every interface)
     port: int = 8000  # TCP port
-    api_key: str | None = None  # require this key as 'Authorization: Bearer KEY' (None: no key, unless env BARKGPT_API_KEY is set)
+    api_key: str | None = (
+        None  # require this key as 'Authorization: Bearer KEY' (None: no key, unless env BARKGPT_API_KEY is set)
+    )
     api_key_file: str | None = None  # read the API key from this file (instead of --api-key)
     model_name: str | None = None  # the model id in /v1/models (None: the run folder's name)
     max_batch_size: int = 16  # requests decoded together in one batch
-    threads: int | None = None  # torch threads for the model (None: env OMP_NUM_THREADS, else all cores but one, left to the HTTP event loop)
+    threads: int | None = (
+        None  # torch threads for the model (None: env OMP_NUM_THREADS, else all cores but one, left to the HTTP event loop)
+    )
     compile: bool = True  # torch.compile the decode step before /health turns 200 (~3x tokens/s at batch 1 on CPU; eager, with one warning, where no C++ compiler works)
-    prefix_cache: bool = True  # reuse the KV entries of earlier prompts and replies that a new prompt starts with (--no-prefix-cache: off)
+    prefix_cache: bool = (
+        True  # reuse the KV entries of earlier prompts and replies that a new prompt starts with (--no-prefix-cache: off)
+    )
     max_queue: int = 256  # requests waiting for a batch row; more get 429 (one request needing more rows than this gets 400)
     max_body_bytes: int = 1 << 20  # request bodies larger than this get 413
     cors_origin: list[str] = field(default_factory=list)  # allow browser calls from this origin (repeatable; none: CORS off)
     shutdown_timeout: float = 30.0  # seconds running requests get to finish after SIGTERM; then they end with an error
     runs: str | None = None  # a folder of training runs to watch, start and stop on the web page's /train (None: none)
-    data_root: list[str] = field(default_factory=list)  # a folder whose files a run started over HTTP may train on, besides --runs (repeatable)
-    allowed_host: list[str] = field(default_factory=list)  # a Host name to answer besides the bound address and localhost (repeatable; for a reverse proxy; '*': any)
+    data_root: list[str] = field(
+        default_factory=list
+    )  # a folder whose files a run started over HTTP may train on, besides --runs (repeatable)
+    allowed_host: list[str] = field(
+        default_factory=list
+    )  # a Host name to answer besides the bound address and localhost (repeatable; for a reverse proxy; '*': any)
     max_run_params: int = 200_000_000  # a run started over HTTP may have at most this many parameters (estimated)
-    max_run_memory: int | None = None  # bytes of memory a run started over HTTP may need to train (estimated; None: half this machine's RAM)
+    max_run_memory: int | None = (
+        None  # bytes of memory a run started over HTTP may need to train (estimated; None: half this machine's RAM)
+    )
 
     def __post_init__(self):
         check_finite(self)
@@ -308,6 +330,7 @@ def check_finite(cfg) -> None:
 
 
 # --------------------------------------------------------------------------- parsing helpers
+
 
 def field_types(cls) -> dict[str, type]:
     """Map each field of dataclass ``cls`` to its resolved annotation."""
@@ -447,8 +470,10 @@ def read_config_file(path: str | Path) -> dict[str, dict]:
         types = field_types(cls)
         for key, value in values.items():
             if key in REMOVED_KEYS.get(section, {}):  # in config.yaml files written before it went
-                print(f"warning: {path.name}: {section}.{key} is no longer a setting ({REMOVED_KEYS[section][key]}); "
-                      "ignored", file=sys.stderr)
+                print(
+                    f"warning: {path.name}: {section}.{key} is no longer a setting ({REMOVED_KEYS[section][key]}); ignored",
+                    file=sys.stderr,
+                )
                 continue
             if key not in types:
                 raise unknown_key_error(key, types, f"key in section {section!r} of {path.name}")
@@ -456,7 +481,9 @@ def read_config_file(path: str | Path) -> dict[str, dict]:
     return out
 
 
-def build_configs(preset: str | None = None, config: str | None = None, overrides: dict | None = None) -> tuple[GPTConfig, TrainConfig]:
+def build_configs(
+    preset: str | None = None, config: str | None = None, overrides: dict | None = None
+) -> tuple[GPTConfig, TrainConfig]:
     """Resolve defaults, then a preset or config file, then flag overrides, into checked configs.
 
     Args:

@@ -34,8 +34,16 @@ from barkgpt.tokenizer import Tokenizer
 IGNORE_INDEX = -1  # targets GPT.forward's cross-entropy skips (its ignore_index)
 ROLES = ("system", "user", "assistant")
 # ShareGPT's "from" values -> roles (ShareGPT/FastChat use human/gpt; some exports keep OpenAI's).
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant", "bard": "assistant", "model": "assistant", "system": "system"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
 
 
 # ---- reading and splitting ------------------------------------------------------------------
@@ -88,24 +96,28 @@ def _messages_of(row, where: str) -> list[dict]:
     elif isinstance(row, dict) and isinstance(row.get("conversations"), list):
         raw, role_key, text_key = row["conversations"], "from", "value"
     else:
-        raise BarkError(f"{where} has neither a 'messages' list (OpenAI format) nor a 'conversations' list "
-                        f"(ShareGPT format); convert it to one of them")
+        raise BarkError(
+            f"{where} has neither a 'messages' list (OpenAI format) nor a 'conversations' list "
+            f"(ShareGPT format); convert it to one of them"
+        )
     messages = []
     for i, m in enumerate(raw):
         if not isinstance(m, dict) or not isinstance(m.get(text_key), str):
-            raise BarkError(f"{where}, message {i}: needs a string {text_key!r} (multi-part content is not supported); "
-                            f"flatten it to text")
+            raise BarkError(
+                f"{where}, message {i}: needs a string {text_key!r} (multi-part content is not supported); flatten it to text"
+            )
         role = m.get(role_key)
         role = role if role_key == "role" else SHAREGPT_ROLES.get(role)
         if role not in ROLES:
-            raise BarkError(f"{where}, message {i}: unknown role {m.get(role_key)!r}; use system, user or assistant "
-                            f"(ShareGPT: system, human or gpt)")
+            raise BarkError(
+                f"{where}, message {i}: unknown role {m.get(role_key)!r}; use system, user or assistant "
+                f"(ShareGPT: system, human or gpt)"
+            )
         messages.append({"role": role, "content": m[text_key]})
     return messages
 
 
-def split_conversations(conversations: list[dict], val_fraction: float = 0.1,
-                        seed: int = 1337) -> tuple[list[dict], list[dict]]:
+def split_conversations(conversations: list[dict], val_fraction: float = 0.1, seed: int = 1337) -> tuple[list[dict], list[dict]]:
     """Split conversations into train and val by group: every group lands wholly on one side.
 
     The groups, in order of first appearance, are shuffled with ``random.Random(seed)``, and the
@@ -121,12 +133,13 @@ def split_conversations(conversations: list[dict], val_fraction: float = 0.1,
         raise BarkError(f"val_fraction {val_fraction} is outside (0, 0.5]; pass --val-fraction 0.1, say")
     groups = list(dict.fromkeys(c["group"] for c in conversations))
     if len(groups) < 2:
-        raise BarkError(f"the chat data has {len(groups)} group(s) of conversations, too few to split into train and val; "
-                        f"add conversations or use a --group-field that differs between them")
+        raise BarkError(
+            f"the chat data has {len(groups)} group(s) of conversations, too few to split into train and val; "
+            f"add conversations or use a --group-field that differs between them"
+        )
     random.Random(seed).shuffle(groups)
-    val_groups = set(groups[:max(1, round(len(groups) * val_fraction))])
-    return ([c for c in conversations if c["group"] not in val_groups],
-            [c for c in conversations if c["group"] in val_groups])
+    val_groups = set(groups[: max(1, round(len(groups) * val_fraction))])
+    return ([c for c in conversations if c["group"] not in val_groups], [c for c in conversations if c["group"] in val_groups])
 
 
 # ---- rendering, masking and packing ---------------------------------------------------------
@@ -153,10 +166,12 @@ def encode_conversation(tokenizer: Tokenizer, messages: list[dict]) -> tuple[lis
         if m["role"] != "assistant":
             continue
         prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
-        turn = tokenizer.apply_chat_template(messages[:i + 1], add_generation_prompt=False)
+        turn = tokenizer.apply_chat_template(messages[: i + 1], add_generation_prompt=False)
         if not (turn.startswith(prompt) and text.startswith(turn)):
-            raise BarkError("the chat template does not render a conversation by appending turns (the render of the "
-                            "first messages is not a prefix of the whole); use a template that does")
+            raise BarkError(
+                "the chat template does not render a conversation by appending turns (the render of the "
+                "first messages is not a prefix of the whole); use a template that does"
+            )
         end = turn.find(tokenizer.eos_token, len(prompt))
         spans.append((len(prompt), len(turn) if end < 0 else end + len(tokenizer.eos_token)))
     ids, offsets = tokenizer.encode_with_offsets(text)
@@ -183,7 +198,7 @@ def conversation_pieces(ids: list[int], is_assistant: list[bool], block_size: in
     inputs = ids_a[:-1]
     pieces = []
     for lo in range(0, len(inputs), block_size):
-        x, y = inputs[lo:lo + block_size], targets[lo:lo + block_size]
+        x, y = inputs[lo : lo + block_size], targets[lo : lo + block_size]
         if (y != IGNORE_INDEX).any():
             pieces.append((x, y))
     return pieces
@@ -248,11 +263,10 @@ def pack_conversations(tokenizer: Tokenizer, conversations: list[list[dict]], bl
         t = 0
         for s, i in enumerate(members):
             px, py = pieces[i]
-            x[r, t:t + len(px)], y[r, t:t + len(px)], seg[r, t:t + len(px)] = px, py, s
+            x[r, t : t + len(px)], y[r, t : t + len(px)], seg[r, t : t + len(px)] = px, py, s
             t += len(px)
         seg[r, t:] = len(members)  # padding: a segment of its own, so no real token attends to it
-    return {"x": x, "y": y, "segments": seg, "tokens": sum(len(p) for p, _ in pieces),
-            "targets": int((y != IGNORE_INDEX).sum())}
+    return {"x": x, "y": y, "segments": seg, "tokens": sum(len(p) for p, _ in pieces), "targets": int((y != IGNORE_INDEX).sum())}
 
 
 class ChatRows:
@@ -270,8 +284,7 @@ class ChatRows:
 
     def __init__(self, tokenizer: Tokenizer, splits: dict[str, list[list[dict]]], meta: dict):
         self.tokenizer, self.splits = tokenizer, splits
-        self.meta = {"tokenizer": tokenizer.kind, **meta,
-                     **{f"{k}_conversations": len(v) for k, v in splits.items()}}
+        self.meta = {"tokenizer": tokenizer.kind, **meta, **{f"{k}_conversations": len(v) for k, v in splits.items()}}
         self._rows: dict[tuple[str, int], dict] = {}
 
     def rows(self, split: str, block_size: int) -> dict:
@@ -311,7 +324,7 @@ class ChatRows:
         n = len(rows["x"])
         ix = np.unique(np.linspace(0, n - 1, min(n, n_batches * batch_size)).round().astype(np.int64))
         for lo in range(0, len(ix), batch_size):
-            b = ix[lo:lo + batch_size]
+            b = ix[lo : lo + batch_size]
             yield rows["x"][b], rows["y"][b], rows["segments"][b]
 
     def describe(self, block_size: int) -> str:
@@ -320,8 +333,10 @@ class ChatRows:
         for split in self.splits:
             r = self.rows(split, block_size)
             fill = r["tokens"] / r["x"].size
-            parts.append(f"{split} {len(self.splits[split])} conversations, {r['tokens']:,} tokens "
-                         f"({r['targets']:,} assistant) in {len(r['x'])} rows ({fill:.0%} full)")
+            parts.append(
+                f"{split} {len(self.splits[split])} conversations, {r['tokens']:,} tokens "
+                f"({r['targets']:,} assistant) in {len(r['x'])} rows ({fill:.0%} full)"
+            )
         return "; ".join(parts)
 
 

@@ -40,8 +40,15 @@ def usable(q: torch.Tensor, dropout_p: float = 0.0) -> bool:
     ``q`` is float32 on the CPU with D in :data:`HEAD_SIZES`, 1 < T <= :data:`MAX_T`, attention
     weights of at most :data:`MAX_WEIGHT_BYTES`, and no dropout."""
     B, T, H, D = q.shape
-    return (_state["ready"] and q.device.type == "cpu" and q.dtype == torch.float32 and dropout_p == 0.0
-            and D in HEAD_SIZES and 1 < T <= MAX_T and B * H * T * T * 4 <= MAX_WEIGHT_BYTES)
+    return (
+        _state["ready"]
+        and q.device.type == "cpu"
+        and q.dtype == torch.float32
+        and dropout_p == 0.0
+        and D in HEAD_SIZES
+        and 1 < T <= MAX_T
+        and B * H * T * T * 4 <= MAX_WEIGHT_BYTES
+    )
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -84,9 +91,11 @@ def load(quiet: bool = False) -> bool:
             _build_and_register()
         except Exception as e:  # noqa: BLE001 - a missing compiler or ninja raises many types
             if not quiet:
-                print(f"warning: the CPU attention kernel did not build ({type(e).__name__}: "
-                      f"{str(e).strip().splitlines()[-1][:160] if str(e).strip() else ''}); using PyTorch's attention",
-                      file=sys.stderr)
+                print(
+                    f"warning: the CPU attention kernel did not build ({type(e).__name__}: "
+                    f"{str(e).strip().splitlines()[-1][:160] if str(e).strip() else ''}); using PyTorch's attention",
+                    file=sys.stderr,
+                )
             return False
         _state["ready"] = True
         return True
@@ -109,8 +118,13 @@ def _build_and_register() -> None:
     from torch.utils.cpp_extension import load as build
 
     _put_ninja_on_path()
-    build(name="barkgpt_cpu_attention", sources=[str(_SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-          is_python_module=False, verbose=False)
+    build(
+        name="barkgpt_cpu_attention",
+        sources=[str(_SOURCE)],
+        extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+        is_python_module=False,
+        verbose=False,
+    )
     ops = torch.ops.barkgpt
 
     @torch.library.register_fake("barkgpt::causal_attention")

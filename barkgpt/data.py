@@ -88,9 +88,16 @@ def builtin_dataset(name: str | None) -> DatasetBuilder | None:
     return BUILTIN_DATASETS.get(name) if isinstance(name, str) else None
 
 
-def prepare_dataset(input: str | Path, out: str | Path, tokenizer: str = "bpe", vocab_size: int | None = None,
-                    val_fraction: float = 0.1, tokenizer_from: str | Path | None = None, text_field: str = "text",
-                    errors: str = "strict") -> dict:
+def prepare_dataset(
+    input: str | Path,
+    out: str | Path,
+    tokenizer: str = "bpe",
+    vocab_size: int | None = None,
+    val_fraction: float = 0.1,
+    tokenizer_from: str | Path | None = None,
+    text_field: str = "text",
+    errors: str = "strict",
+) -> dict:
     """Tokenize a text corpus into ``out/train.bin``, ``out/val.bin``, ``out/meta.json`` + tokenizer.
 
     Input is one ``.txt`` file (one document; any extension other than ``.jsonl`` reads as text),
@@ -139,33 +146,55 @@ def prepare_dataset(input: str | Path, out: str | Path, tokenizer: str = "bpe", 
             return _read_jsonl(files[0], start, end, errors, text_field, hasher, bar)
         return _read_text(files, sizes, start, end, errors, hasher, bar)
 
-    if tokenizer_from is not None:
-        tok = Tokenizer.load(tokenizer_from)
-        if vocab_size is not None and vocab_size != tok.vocab_size:
-            raise BarkError(f"--vocab-size {vocab_size} contradicts the tokenizer in {tokenizer_from} "
-                            f"(vocab_size {tok.vocab_size}); drop --vocab-size")
-    else:
-        if tokenizer == "bpe" and vocab_size is None:
-            vocab_size = DEFAULT_BPE_VOCAB
-        with progress(total=split, desc="training tokenizer", unit="B", unit_scale=True) as bar:
-            texts = (text for text, _ in pieces(0, split, bar=bar))
-            if tokenizer != "char":
-                texts = _spread(texts, TOKENIZER_TRAIN_BYTES / split)
-            tok = Tokenizer.train(tokenizer, texts, vocab_size)
-
+    tok = _dataset_tokenizer(tokenizer, vocab_size, tokenizer_from, lambda bar: pieces(0, split, bar=bar), split)
     out = Path(out)
     hasher = hashlib.sha256()
     with progress(total=total, desc="encoding", unit="B", unit_scale=True) as bar:
-        counts = _write_splits(out, tok, pieces(0, split, hasher, bar), pieces(split, total, hasher, bar),
-                               add_eos=True, source=str(input), val_fraction=val_fraction)
+        counts = _write_splits(
+            out,
+            tok,
+            pieces(0, split, hasher, bar),
+            pieces(split, total, hasher, bar),
+            add_eos=True,
+            source=str(input),
+            val_fraction=val_fraction,
+        )
     meta = _meta(tok, counts, str(Path(input).resolve()), hasher.hexdigest(), val_fraction)
     tok.save(out)
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     return meta
 
 
-def prepare_documents(docs: Sequence[str], out: str | Path, tokenizer: Tokenizer, source: str,
-                      val_fraction: float = 0.1, add_eos: bool = True) -> dict:
+def _dataset_tokenizer(
+    kind: str, vocab_size: int | None, tokenizer_from: str | Path | None, train_pieces, split: int
+) -> Tokenizer:
+    """The tokenizer of :func:`prepare_dataset`: loaded from ``tokenizer_from``, or trained on the
+    training split's ``(text, end_of_document)`` pieces (``train_pieces(bar)``, ``split`` bytes;
+    bpe and word see at most ``TOKENIZER_TRAIN_BYTES`` of it, spread evenly).
+
+    Raises:
+        BarkError: ``vocab_size`` contradicts the loaded tokenizer.
+    """
+    if tokenizer_from is not None:
+        tok = Tokenizer.load(tokenizer_from)
+        if vocab_size is not None and vocab_size != tok.vocab_size:
+            raise BarkError(
+                f"--vocab-size {vocab_size} contradicts the tokenizer in {tokenizer_from} "
+                f"(vocab_size {tok.vocab_size}); drop --vocab-size"
+            )
+        return tok
+    if kind == "bpe" and vocab_size is None:
+        vocab_size = DEFAULT_BPE_VOCAB
+    with progress(total=split, desc="training tokenizer", unit="B", unit_scale=True) as bar:
+        texts = (text for text, _ in train_pieces(bar))
+        if kind != "char":
+            texts = _spread(texts, TOKENIZER_TRAIN_BYTES / split)
+        return Tokenizer.train(kind, texts, vocab_size)
+
+
+def prepare_documents(
+    docs: Sequence[str], out: str | Path, tokenizer: Tokenizer, source: str, val_fraction: float = 0.1, add_eos: bool = True
+) -> dict:
     """Write generated documents with a fixed tokenizer into a prepared data folder ``out``.
 
     For corpora built in code (see :func:`register_dataset`). The last
@@ -198,8 +227,9 @@ def prepare_documents(docs: Sequence[str], out: str | Path, tokenizer: Tokenizer
             yield doc, True
 
     out = Path(out)
-    counts = _write_splits(out, tokenizer, pieces(docs[:-n_val]), pieces(docs[-n_val:]), add_eos=add_eos, source=source,
-                           val_fraction=val_fraction)
+    counts = _write_splits(
+        out, tokenizer, pieces(docs[:-n_val]), pieces(docs[-n_val:]), add_eos=add_eos, source=source, val_fraction=val_fraction
+    )
     meta = _meta(tokenizer, counts, source, hasher.hexdigest(), val_fraction)
     tokenizer.save(out)
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
@@ -249,8 +279,9 @@ def load_split(data_dir: str | Path, split: str) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r")
 
 
-def get_batch(data: np.ndarray, batch_size: int, block_size: int,
-              rng: np.random.Generator, keep: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+def get_batch(
+    data: np.ndarray, batch_size: int, block_size: int, rng: np.random.Generator, keep: slice = slice(None)
+) -> tuple[np.ndarray, np.ndarray]:
     """Sample ``batch_size`` random windows of ``block_size + 1`` tokens (nanoGPT's ``get_batch``).
 
     Args:
@@ -271,8 +302,10 @@ def get_batch(data: np.ndarray, batch_size: int, block_size: int,
     assert batch_size >= 1 and block_size >= 1, (batch_size, block_size)
     n = len(data)
     if n < block_size + 1:
-        raise BarkError(f"the split has {n} tokens, too few for block_size {block_size}; "
-                        f"use --block-size {max(n - 1, 1)} or less, or prepare more data")
+        raise BarkError(
+            f"the split has {n} tokens, too few for block_size {block_size}; "
+            f"use --block-size {max(n - 1, 1)} or less, or prepare more data"
+        )
     return windows(data, rng.integers(0, n - block_size, size=batch_size)[keep], block_size)
 
 
@@ -308,8 +341,10 @@ class TokenWindows:
         """Raise BarkError unless both splits hold more than ``block_size + 1`` tokens."""
         for name, data in self.splits.items():
             if len(data) <= block_size + 1:
-                raise BarkError(f"the {name} split has {len(data)} tokens, not more than block_size {block_size} + 1; "
-                                f"lower --block-size or use more data")
+                raise BarkError(
+                    f"the {name} split has {len(data)} tokens, not more than block_size {block_size} + 1; "
+                    f"lower --block-size or use more data"
+                )
 
     def batch(self, split: str, batch_size: int, block_size: int, rng: np.random.Generator, keep: slice = slice(None)):
         """``batch_size`` random windows of ``split``, of which the rows ``keep`` are read (see :func:`get_batch`)."""
@@ -334,8 +369,9 @@ class TokenWindows:
         return f"{len(self.splits['train']):,} train tokens ({self.tokenizer.kind}, vocab {self.tokenizer.vocab_size})"
 
 
-def read_documents(input: str | Path, split: str = "all", val_fraction: float = 0.1, text_field: str = "text",
-                   errors: str = "strict") -> list[str]:
+def read_documents(
+    input: str | Path, split: str = "all", val_fraction: float = 0.1, text_field: str = "text", errors: str = "strict"
+) -> list[str]:
     """The documents of a corpus, or of its train or val part as :func:`prepare_dataset` cuts it.
 
     Args:
@@ -365,8 +401,9 @@ def read_documents(input: str | Path, split: str = "all", val_fraction: float = 
         _check_val_fraction(val_fraction)
         cut = _split_offset(files, sizes, val_fraction, fmt)
         start, end = (0, cut) if split == "train" else (cut, total)
-    pieces = (_read_jsonl(files[0], start, end, errors, text_field) if fmt == "jsonl"
-              else _read_text(files, sizes, start, end, errors))
+    pieces = (
+        _read_jsonl(files[0], start, end, errors, text_field) if fmt == "jsonl" else _read_text(files, sizes, start, end, errors)
+    )
     docs, parts = [], []
     for text, ends_document in pieces:
         parts.append(text)
@@ -402,8 +439,10 @@ def _list_input(path: Path) -> tuple[list[Path], list[int], str]:
 
 def _utf8_error(path: Path, offset: int, e: UnicodeDecodeError) -> BarkError:
     """The one-line error for invalid UTF-8 at byte ``offset`` of ``path``."""
-    return BarkError(f"{path} is not valid UTF-8 at byte offset {offset} (byte 0x{e.object[e.start]:02x}); "
-                     f"convert it to UTF-8 or pass --errors replace")
+    return BarkError(
+        f"{path} is not valid UTF-8 at byte offset {offset} (byte 0x{e.object[e.start]:02x}); "
+        f"convert it to UTF-8 or pass --errors replace"
+    )
 
 
 def _safe_cut(text: str, start: int = 0) -> int:
@@ -423,8 +462,9 @@ def _safe_cut(text: str, start: int = 0) -> int:
     return 0
 
 
-def _read_text(files: list[Path], sizes: list[int], start: int, end: int, errors: str,
-               hasher=None, bar=None) -> Iterator[tuple[str, bool]]:
+def _read_text(
+    files: list[Path], sizes: list[int], start: int, end: int, errors: str, hasher=None, bar=None
+) -> Iterator[tuple[str, bool]]:
     """Yield ``(text, ends_document)`` pieces of bytes ``[start, end)`` of the files concatenated.
 
     Each file is one document; the last piece of each file's part of the range ends a document.
@@ -470,8 +510,9 @@ def _read_text(files: list[Path], sizes: list[int], start: int, end: int, errors
                 yield text[:cut], False
 
 
-def _read_jsonl(path: Path, start: int, end: int, errors: str, text_field: str,
-                hasher=None, bar=None) -> Iterator[tuple[str, bool]]:
+def _read_jsonl(
+    path: Path, start: int, end: int, errors: str, text_field: str, hasher=None, bar=None
+) -> Iterator[tuple[str, bool]]:
     """Yield ``(text, True)`` for each non-blank line of ``path`` within bytes ``[start, end)``.
 
     ``start`` and ``end`` lie on line boundaries. Empty texts are skipped.
@@ -499,13 +540,16 @@ def _read_jsonl(path: Path, start: int, end: int, errors: str, text_field: str,
                 raise BarkError(f"{path} line {n} is not valid JSON ({e}); fix or remove that line") from None
             if not isinstance(obj, dict) or text_field not in obj:
                 n = _line_number(path, line_start)
-                raise BarkError(f"{path} line {n} has no {text_field!r} field; "
-                                f"pass --text-field NAME to name the field that holds the text")
+                raise BarkError(
+                    f"{path} line {n} has no {text_field!r} field; pass --text-field NAME to name the field that holds the text"
+                )
             text = obj[text_field]
             if not isinstance(text, str):
                 n = _line_number(path, line_start)
-                raise BarkError(f"{path} line {n}: field {text_field!r} is {type(text).__name__}, not a string; "
-                                f"pass --text-field NAME to name the field that holds the text")
+                raise BarkError(
+                    f"{path} line {n}: field {text_field!r} is {type(text).__name__}, not a string; "
+                    f"pass --text-field NAME to name the field that holds the text"
+                )
             if text:
                 yield text, True
 
@@ -590,8 +634,15 @@ def _spread(texts: Iterable[str], ratio: float) -> Iterator[str]:
 # ---- writing the output ---------------------------------------------------------------------
 
 
-def _write_splits(out: Path, tok: Tokenizer, train: Iterable[tuple[str, bool]], val: Iterable[tuple[str, bool]],
-                  add_eos: bool, source: str, val_fraction: float) -> dict:
+def _write_splits(
+    out: Path,
+    tok: Tokenizer,
+    train: Iterable[tuple[str, bool]],
+    val: Iterable[tuple[str, bool]],
+    add_eos: bool,
+    source: str,
+    val_fraction: float,
+) -> dict:
     """Encode both splits into ``out/train.bin`` and ``out/val.bin``.
 
     Removes an old ``meta.json`` first (so a half-updated folder reads as unprepared), writes
@@ -617,8 +668,10 @@ def _write_splits(out: Path, tok: Tokenizer, train: Iterable[tuple[str, bool]], 
             counts["unknown_count"] += unknown
             if n < 2:
                 fix = "a larger --val-fraction" if split == "val" else "a smaller --val-fraction"
-                raise BarkError(f"the {split} split of {source} has only {n} token(s) at val_fraction "
-                                f"{val_fraction}; use a longer input or {fix}")
+                raise BarkError(
+                    f"the {split} split of {source} has only {n} token(s) at val_fraction "
+                    f"{val_fraction}; use a longer input or {fix}"
+                )
         for split in SPLITS:
             os.replace(tmps.pop(split), out / f"{split}.bin")
     finally:

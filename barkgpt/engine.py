@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import collections
 import sys
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +52,9 @@ class KVCache:
     after the last layer.
     """
 
-    def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int, device="cpu", dtype=torch.float32):
+    def __init__(
+        self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int, device="cpu", dtype=torch.float32
+    ):
         shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -62,7 +64,7 @@ class KVCache:
         self._pos = None  # (B, T) positions of the tokens in flight
 
     @classmethod
-    def for_model(cls, model: GPT, batch_size: int, max_len: int | None = None) -> "KVCache":
+    def for_model(cls, model: GPT, batch_size: int, max_len: int | None = None) -> KVCache:
         """A cache sized for ``model`` (``max_len`` defaults to ``block_size``)."""
         c = model.config
         p = next(model.parameters())
@@ -73,7 +75,7 @@ class KVCache:
         """Rows in the cache."""
         return len(self.lengths)
 
-    def expand(self, batch_size: int) -> "KVCache":
+    def expand(self, batch_size: int) -> KVCache:
         """A new cache whose ``batch_size`` rows all copy this one-row cache."""
         assert self.batch_size == 1
         out = KVCache.__new__(KVCache)
@@ -83,7 +85,7 @@ class KVCache:
         out.lengths = self.lengths * batch_size
         return out
 
-    def narrow(self, n: int) -> "KVCache":
+    def narrow(self, n: int) -> KVCache:
         """A cache over the first ``n`` rows that shares this one's storage: writes go through,
         but ``lengths`` is a copy (read it back after a forward pass)."""
         out = KVCache.__new__(KVCache)
@@ -92,7 +94,7 @@ class KVCache:
         out.lengths = self.lengths[:n]
         return out
 
-    def copy_row(self, dst: int, src: "KVCache", src_row: int = 0) -> None:
+    def copy_row(self, dst: int, src: KVCache, src_row: int = 0) -> None:
         """Copy row ``src_row`` of ``src`` (its keys, values and length) into row ``dst``.
 
         The continuous-batching scheduler uses it to put a request prefilled alone into the shared
@@ -137,7 +139,11 @@ class KVCache:
         """
         if self._uniform() and (self.lengths[0] == 0 or T == 1):
             return None
-        pos = self._pos if self._pos is not None else self.lengths[0] + torch.arange(T, device=self.device).expand(self.batch_size, T)
+        pos = (
+            self._pos
+            if self._pos is not None
+            else self.lengths[0] + torch.arange(T, device=self.device).expand(self.batch_size, T)
+        )
         return row_causal_mask(pos, self.get_pos() + T)  # (B, 1, T, L)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,8 +152,8 @@ class KVCache:
         L = self.get_pos() + T
         if self._pos is None:  # rows share a position: one slice write
             p = self.lengths[0]
-            self.k[layer, :, :, p:p + T] = k
-            self.v[layer, :, :, p:p + T] = v
+            self.k[layer, :, :, p : p + T] = k
+            self.v[layer, :, :, p : p + T] = v
         else:  # each row writes at its own offset
             scatter_rows(self.k[layer], self.v[layer], self._pos, k, v)
         return self.k[layer, :, :, :L], self.v[layer, :, :, :L]
@@ -196,7 +202,7 @@ class StaticKVCache:
         assert k.size(2) == 1, "StaticKVCache serves decode steps of one token per row"
         self.new_k.append(k)
         self.new_v.append(v)
-        hit = (torch.arange(self.max_len, device=k.device).view(1, 1, -1, 1) == self._p.view(-1, 1, 1, 1))  # (B, 1, max_len, 1)
+        hit = torch.arange(self.max_len, device=k.device).view(1, 1, -1, 1) == self._p.view(-1, 1, 1, 1)  # (B, 1, max_len, 1)
         return torch.where(hit, k, self.k[layer]), torch.where(hit, v, self.v[layer])
 
     def advance(self, T: int) -> None:
@@ -223,8 +229,9 @@ def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalt
     return logits.scatter(1, history, seen)
 
 
-def apply_presence_frequency_penalty(logits: torch.Tensor, generated: torch.Tensor, presence: float,
-                                     frequency: float) -> torch.Tensor:
+def apply_presence_frequency_penalty(
+    logits: torch.Tensor, generated: torch.Tensor, presence: float, frequency: float
+) -> torch.Tensor:
     """OpenAI's presence and frequency penalties (its API reference, "Parameter details"), over
     the tokens generated so far, as vLLM applies them: ``logits[j] -= frequency * count[j] +
     presence * (count[j] > 0)``.
@@ -284,6 +291,7 @@ def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[
 
 # ---- rows and logits processors ------------------------------------------------------------------
 
+
 class Row:
     """One sequence being generated: its prompt, the tokens generated so far, its settings, its
     own seeded ``torch.Generator`` and its logits hooks.
@@ -302,8 +310,14 @@ class Row:
         device: where the generator draws.
     """
 
-    def __init__(self, prompt: Sequence[int], params: SamplingParams, seed: int | None = None,
-                 processors: Sequence[Callable] = (), device="cpu"):
+    def __init__(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        seed: int | None = None,
+        processors: Sequence[Callable] = (),
+        device="cpu",
+    ):
         self.prompt, self.params = list(prompt), params
         self.generated: list[int] = []
         self.processors = list(processors)
@@ -339,7 +353,7 @@ def penalize_repetition(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tens
     logits = logits.clone()
     for b in todo:  # rare, and each row has its own history: row by row
         history = torch.tensor([rows[b].ids], dtype=torch.long, device=logits.device)  # (1, L)
-        logits[b:b + 1] = apply_repetition_penalty(logits[b:b + 1], history, rows[b].params.repetition_penalty)
+        logits[b : b + 1] = apply_repetition_penalty(logits[b : b + 1], history, rows[b].params.repetition_penalty)
     return logits
 
 
@@ -353,7 +367,9 @@ def penalize_presence_frequency(logits: torch.Tensor, rows: Sequence[Row]) -> to
     for b in todo:
         p = rows[b].params
         generated = torch.tensor([rows[b].generated], dtype=torch.long, device=logits.device)  # (1, L)
-        logits[b:b + 1] = apply_presence_frequency_penalty(logits[b:b + 1], generated, p.presence_penalty, p.frequency_penalty)
+        logits[b : b + 1] = apply_presence_frequency_penalty(
+            logits[b : b + 1], generated, p.presence_penalty, p.frequency_penalty
+        )
     return logits
 
 
@@ -416,12 +432,18 @@ def filter_min_p(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
 
 # In HF's and vLLM's order: penalties on the raw logits, then the hooks, then temperature, then
 # the filters (each filter after temperature, so top-p and min-p see the sampled distribution).
-LOGITS_PROCESSORS: tuple[Callable, ...] = (penalize_repetition, penalize_presence_frequency, apply_row_hooks,
-                                           scale_temperature, filter_top_k, filter_top_p, filter_min_p)
+LOGITS_PROCESSORS: tuple[Callable, ...] = (
+    penalize_repetition,
+    penalize_presence_frequency,
+    apply_row_hooks,
+    scale_temperature,
+    filter_top_k,
+    filter_top_p,
+    filter_min_p,
+)
 
 
-def process_logits(logits: torch.Tensor, rows: Sequence[Row],
-                   processors: Sequence[Callable] = LOGITS_PROCESSORS) -> torch.Tensor:
+def process_logits(logits: torch.Tensor, rows: Sequence[Row], processors: Sequence[Callable] = LOGITS_PROCESSORS) -> torch.Tensor:
     """Run ``processors`` (each ``fn(logits, rows) -> logits``) over (B, V) logits, one row per
     entry of ``rows``; returns (B, V) float32 logits, filtered tokens at -inf."""
     x = logits.float()
@@ -454,8 +476,14 @@ def sample_rows(logits: torch.Tensor, rows: Sequence[Row], processors: Sequence[
     return tokens
 
 
-def sample_next_token(logits: torch.Tensor, rng: torch.Generator | None = None, temperature: float = 1.0,
-                      top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
+def sample_next_token(
+    logits: torch.Tensor,
+    rng: torch.Generator | None = None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+) -> torch.Tensor:
     """Pick the next token of each row from its logits, every row with the same settings and one
     shared ``rng``. A pure function of its arguments (as nanochat's ``sample_next_token``).
 
@@ -488,7 +516,9 @@ class _SharedRow:
     ids = property(lambda self: [])
 
 
-def row_logprobs(logits: torch.Tensor, rows: Sequence[Row], tokens: Sequence[int]) -> dict[int, tuple[float, list[tuple[int, float]]]]:
+def row_logprobs(
+    logits: torch.Tensor, rows: Sequence[Row], tokens: Sequence[int]
+) -> dict[int, tuple[float, list[tuple[int, float]]]]:
     """``{b: (logprob, [(id, logprob), ...])}`` for the rows whose ``params.logprobs`` is set
     (each with its own top k), from one :func:`token_logprobs` over just those rows.
 
@@ -506,6 +536,7 @@ def row_logprobs(logits: torch.Tensor, rows: Sequence[Row], tokens: Sequence[int
 
 
 # ---- prefix cache ----------------------------------------------------------------------------
+
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the longest common prefix of two id sequences of one type, both tuples or both
@@ -584,7 +615,7 @@ class PrefixCache:
             if len(old) >= L and old[:L] == key:  # an entry holds this one already
                 self._entries.move_to_end(old)
                 return
-            if len(old) < L and key[:len(old)] == old:  # this one holds that entry
+            if len(old) < L and key[: len(old)] == old:  # this one holds that entry
                 self._drop(old)
         self._entries[key] = (k[:, :, :L].clone(), v[:, :, :L].clone())
         self.bytes += size
@@ -599,6 +630,7 @@ class PrefixCache:
 
 
 # ---- the engine ------------------------------------------------------------------------------
+
 
 def batch_bucket(n: int, max_rows: int) -> int:
     """The compiled batch size that serves ``n`` rows of a ``max_rows``-row cache: the next power of
@@ -678,6 +710,7 @@ class Engine:
 
     def _step(self):
         if self._compiled_step is None:
+
             def step(idx, k, v, pos):  # tensors only: a fresh cache object each call needs no new guard
                 cache = StaticKVCache(k, v, pos)
                 logits = self.model(idx, kv_cache=cache)[0][:, -1, :]
@@ -719,12 +752,19 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - compile errors come in many types
                 if self._compiled_ok:
                     raise
-                print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
-                      f"decoding without compile", file=sys.stderr)
+                print(
+                    f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
+                    f"decoding without compile",
+                    file=sys.stderr,
+                )
                 self.compile = False
             else:
                 self._compiled_ok = True
-                at = torch.tensor(cache.lengths[:n], device=self.device).view(1, n, 1, 1, 1).expand(new_k.size(0), n, new_k.size(2), 1, new_k.size(4))
+                at = (
+                    torch.tensor(cache.lengths[:n], device=self.device)
+                    .view(1, n, 1, 1, 1)
+                    .expand(new_k.size(0), n, new_k.size(2), 1, new_k.size(4))
+                )
                 cache.k[:, :n].scatter_(3, at, new_k[:, :n])  # the new entries, written outside the graph
                 cache.v[:, :n].scatter_(3, at, new_v[:, :n])
                 cache.lengths[:n] = [x + 1 for x in cache.lengths[:n]]
@@ -747,8 +787,15 @@ class Engine:
         cache.reset()
 
     @torch.no_grad()
-    def generate(self, prompt: Sequence[int], params: SamplingParams | None = None, *, stop_ids: Sequence[int] = (),
-                 processors: Sequence[Callable] = (), **sampling) -> Iterator[list[int | None]]:
+    def generate(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        stop_ids: Sequence[int] = (),
+        processors: Sequence[Callable] = (),
+        **sampling,
+    ) -> Iterator[list[int | None]]:
         """Stream generated tokens, one step at a time, for ``num_samples`` rows of one prompt.
 
         The prompt is prefilled once into a KV cache; each step decodes one token per row. When a
@@ -776,7 +823,9 @@ class Engine:
         if len(prompt) == 0:
             raise BarkError("the prompt is empty; give at least one token (e.g. start from <EOS>)")
         if len(prompt) > block_size:
-            raise BarkError(f"the prompt has {len(prompt)} tokens but the model's block_size is {block_size}; shorten it or use --truncate")
+            raise BarkError(
+                f"the prompt has {len(prompt)} tokens but the model's block_size is {block_size}; shorten it or use --truncate"
+            )
         n, stop = p.num_samples, set(stop_ids)
         rows = [Row(prompt, p, None if p.seed is None else p.seed + j, processors, self.device) for j in range(n)]
         cache = KVCache.for_model(self.model, 1, block_size + 1)  # a spare slot: see decode()
@@ -797,7 +846,7 @@ class Engine:
                 row.generated.append(t)
             if cache.get_pos() >= block_size:  # slide the window: re-prefill the recent half
                 cache = KVCache.for_model(self.model, n, block_size + 1)
-                recent = torch.tensor([r.ids[-(block_size // 2):] for r in rows], device=self.device)  # (n, block_size // 2)
+                recent = torch.tensor([r.ids[-(block_size // 2) :] for r in rows], device=self.device)  # (n, block_size // 2)
                 logits = self.model(recent, kv_cache=cache)[0][:, -1, :]
             else:
                 logits = self.decode(tokens, cache)

@@ -41,7 +41,7 @@ def document_windows(ids: list[int], eos_id: int, block_size: int) -> list[tuple
     shifted by one, so every id of the document is a target exactly once.
     """
     seq = [eos_id, *ids]
-    return [(seq[lo:lo + block_size], seq[lo + 1:lo + block_size + 1]) for lo in range(0, len(ids), block_size)]
+    return [(seq[lo : lo + block_size], seq[lo + 1 : lo + block_size + 1]) for lo in range(0, len(ids), block_size)]
 
 
 def split_at_eos(ids: np.ndarray, eos_id: int) -> list[list[int]]:
@@ -77,11 +77,11 @@ def ids_nll(model: GPT, tokenizer: Tokenizer, documents: list[list[int]], batch_
     token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.int64, device=device)
     out = {"nll": 0.0, "tokens": 0, "nll_bytes": 0.0, "bytes": 0, "seconds": 0.0}
     for lo in range(0, len(windows), batch_size):
-        chunk = windows[lo:lo + batch_size]
+        chunk = windows[lo : lo + batch_size]
         x = torch.full((len(chunk), T), tokenizer.pad_id, dtype=torch.long)
         y = torch.full((len(chunk), T), IGNORE_INDEX, dtype=torch.long)
         for b, (wx, wy) in enumerate(chunk):
-            x[b, :len(wx)], y[b, :len(wy)] = torch.tensor(wx), torch.tensor(wy)
+            x[b, : len(wx)], y[b, : len(wy)] = torch.tensor(wx), torch.tensor(wy)
         t0 = time.perf_counter()
         logits, _ = model(x.to(device), y.to(device))  # (B, T, vocab_size)
         sums = token_nll_and_bytes(logits, y.to(device), token_bytes)
@@ -143,12 +143,20 @@ def check_same_tokenizer(data_dir: Path, tokenizer: Tokenizer, ckpt: Path) -> No
     data_tok = Tokenizer.load(data_dir)
     n = data_tok.vocab_size
     if n > tokenizer.vocab_size or any(data_tok.id_to_bytes(i) != tokenizer.id_to_bytes(i) for i in range(n)):
-        raise BarkError(f"{data_dir} was tokenized by another tokenizer than the model in {ckpt}; pass the text file "
-                        f"instead, or a folder prepared with --tokenizer-from {ckpt}")
+        raise BarkError(
+            f"{data_dir} was tokenized by another tokenizer than the model in {ckpt}; pass the text file "
+            f"instead, or a folder prepared with --tokenizer-from {ckpt}"
+        )
 
 
-def evaluate_text(model_path: str | Path, data: str | Path, split: str = "all", val_fraction: float | None = None,
-                  device: str = "auto", batch_size: int = 16) -> dict:
+def evaluate_text(
+    model_path: str | Path,
+    data: str | Path,
+    split: str = "all",
+    val_fraction: float | None = None,
+    device: str = "auto",
+    batch_size: int = 16,
+) -> dict:
     """Evaluate a checkpoint on a text corpus or a prepared data folder: ``barkgpt eval``.
 
     Args:
@@ -179,7 +187,9 @@ def evaluate_text(model_path: str | Path, data: str | Path, split: str = "all", 
     note = None
     if (Path(data) / "meta.json").is_file():  # a prepared folder: score its tokens
         if val_fraction is not None:
-            raise BarkError(f"--val-fraction does not apply to the prepared folder {data} (its split is fixed by prepare); drop it")
+            raise BarkError(
+                f"--val-fraction does not apply to the prepared folder {data} (its split is fixed by prepare); drop it"
+            )
         val_fraction = read_meta(data).get("val_fraction") if split != "all" else None
         check_same_tokenizer(Path(data), tokenizer, ckpt)
         ids = np.concatenate([np.asarray(load_split(data, s)) for s in (("train", "val") if split == "all" else (split,))])
@@ -191,11 +201,24 @@ def evaluate_text(model_path: str | Path, data: str | Path, split: str = "all", 
             val_fraction = recorded_val_fraction(ckpt, config, data)
             if val_fraction is None:
                 val_fraction = DEFAULT_VAL_FRACTION
-                note = (f"note: {ckpt} records no split of {data}; cut val at --val-fraction {val_fraction} (prepare's "
-                        f"default); pass the value prepare used")
+                note = (
+                    f"note: {ckpt} records no split of {data}; cut val at --val-fraction {val_fraction} (prepare's "
+                    f"default); pass the value prepare used"
+                )
         r = text_nll(model, tokenizer, read_documents(data, split, val_fraction or DEFAULT_VAL_FRACTION), batch_size)
     loss = r["nll"] / r["tokens"]
-    return {"model": str(model_path), "data": str(data), "split": split, "val_fraction": val_fraction, "note": note,
-            "loss": loss, "perplexity": math.exp(min(loss, 700)), "bits_per_byte": bits_per_byte(r["nll_bytes"], r["bytes"]),
-            "tokens": r["tokens"], "bytes": r["bytes"], "unknown": r["unknown"],
-            "tokens_per_s": r["tokens"] / max(r["seconds"], 1e-9), "seconds": r["seconds"]}
+    return {
+        "model": str(model_path),
+        "data": str(data),
+        "split": split,
+        "val_fraction": val_fraction,
+        "note": note,
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700)),
+        "bits_per_byte": bits_per_byte(r["nll_bytes"], r["bytes"]),
+        "tokens": r["tokens"],
+        "bytes": r["bytes"],
+        "unknown": r["unknown"],
+        "tokens_per_s": r["tokens"] / max(r["seconds"], 1e-9),
+        "seconds": r["seconds"],
+    }

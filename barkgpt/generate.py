@@ -6,9 +6,9 @@ strings (held back until they can no longer match), chat templates, and ``--trun
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from barkgpt.checkpoint import load_checkpoint
 from barkgpt.common import BarkError, resolve_device
@@ -46,8 +46,10 @@ class TextGenerator:
         ids = self.tokenizer.encode(prompt) if prompt else [self.tokenizer.eos_id]
         if len(ids) > self.block_size:
             if not truncate:
-                raise BarkError(f"the prompt has {len(ids)} tokens but the model's block_size is {self.block_size}; shorten it or pass --truncate to keep its last {self.block_size} tokens")
-            ids = ids[-self.block_size:]
+                raise BarkError(
+                    f"the prompt has {len(ids)} tokens but the model's block_size is {self.block_size}; shorten it or pass --truncate to keep its last {self.block_size} tokens"
+                )
+            ids = ids[-self.block_size :]
         return ids
 
     def stream(self, prompt: str, truncate: bool = False, **sampling) -> Iterator[str]:

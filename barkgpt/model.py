@@ -142,7 +142,7 @@ class MoE(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        E, I, C = config.n_expert, config.intermediate_size, config.n_embd
+        E, I, C = config.n_expert, config.intermediate_size, config.n_embd  # noqa: E741 - the paper's letters: experts, width, channels
         self.n_expert, self.top_k = E, config.n_expert_per_token
         self.router = nn.Linear(C, E, bias=False)
         self.c_fc = nn.Parameter(torch.empty(E, 2 * I, C))
@@ -205,12 +205,14 @@ class GPT(nn.Module):
         self.config = config
         norm = nn.RMSNorm if config.family == "llama" else nn.LayerNorm
         kw = {} if config.family == "llama" else {"bias": config.bias}
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
-            ln_f=norm(config.n_embd, eps=config.norm_eps, **kw),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+                ln_f=norm(config.n_embd, eps=config.norm_eps, **kw),
+            )
+        )
         if config.family == "gpt2":
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -286,11 +288,13 @@ class GPT(nn.Module):
         # positions: an int start shared by all rows (training, most decoding), or (B, T) per row
         pos = kv_cache.positions(T) if kv_cache is not None else 0
         shared = isinstance(pos, int)
-        assert not shared or pos + T <= self.config.block_size, f"positions up to {pos + T} exceed block_size {self.config.block_size}"
+        assert not shared or pos + T <= self.config.block_size, (
+            f"positions up to {pos + T} exceed block_size {self.config.block_size}"
+        )
         cos_sin, attn_mask = None, None
         if self.config.family == "llama":
             if shared:
-                cos_sin = (self.rope_cos[pos:pos + T].unsqueeze(1), self.rope_sin[pos:pos + T].unsqueeze(1))  # (T, 1, hs)
+                cos_sin = (self.rope_cos[pos : pos + T].unsqueeze(1), self.rope_sin[pos : pos + T].unsqueeze(1))  # (T, 1, hs)
             else:
                 cos_sin = (self.rope_cos[pos].unsqueeze(2), self.rope_sin[pos].unsqueeze(2))  # (B, T, 1, hs)
         else:
@@ -307,7 +311,10 @@ class GPT(nn.Module):
             logits = self.lm_head(x)  # (B, T, vocab_size)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
             if self.config.n_expert and self.training:  # load balancing (Switch Transformer)
-                loss = loss + self.config.router_aux_loss_coef * sum(b.mlp.aux_loss for b in self.transformer.h) / self.config.n_layer
+                loss = (
+                    loss
+                    + self.config.router_aux_loss_coef * sum(b.mlp.aux_loss for b in self.transformer.h) / self.config.n_layer
+                )
             return logits, loss
         if kv_cache is None:
             x = x[:, [-1], :]  # inference without a cache only needs the last position
@@ -329,7 +336,7 @@ class GPT(nn.Module):
             tokens at each step.
         """
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])
+            logits, _ = self(idx[:, -self.config.block_size :])
             logits = logits[:, -1, :]  # (B, vocab_size)
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)

@@ -25,8 +25,13 @@ from barkgpt.model import GPT
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's (and Keller Jordan's) quintic
 
 
-def newton_schulz(g: torch.Tensor, steps: int = 5, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
-                  eps: float = 1e-7, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def newton_schulz(
+    g: torch.Tensor,
+    steps: int = 5,
+    coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    eps: float = 1e-7,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Approximately orthogonalize a matrix (A, B), or a stack of them (L, A, B): ``U S' V^T`` with
     ``S'`` near 1, from the SVD ``U S V^T`` of each; the iteration of ``torch.optim.Muon``, computed
     in ``dtype``. A stack runs as batched matmuls, which on a CPU costs about what one matrix does.
@@ -68,13 +73,28 @@ class Muon(torch.optim.Optimizer):
         ValueError: a parameter that is not 2-D, or an unknown ``adjust_lr_fn``.
     """
 
-    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
-                 nesterov: bool = True, ns_steps: int = 5, adjust_lr_fn: str = "original",
-                 ns_dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        adjust_lr_fn: str = "original",
+        ns_dtype: torch.dtype = torch.float32,
+    ):
         if adjust_lr_fn not in ("original", "match_rms_adamw"):
             raise ValueError(f"adjust_lr_fn must be 'original' or 'match_rms_adamw', got {adjust_lr_fn!r}")
-        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                        adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype)
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_steps=ns_steps,
+            adjust_lr_fn=adjust_lr_fn,
+            ns_dtype=ns_dtype,
+        )
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -130,13 +150,23 @@ def build_optimizers(model: GPT, cfg: TrainConfig, device: str) -> list[torch.op
         muon = {n: p for n, p in params.items() if p.dim() == 2 and ".h." in n and "router" not in n}
     rest = [(n, p) for n, p in params.items() if n not in muon]
     fused = device.startswith("cuda") or device == "cpu"
-    groups = [{"params": [p for n, p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
-              {"params": [p for n, p in rest if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0}]
-    optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)]
+    groups = [
+        {"params": [p for n, p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+        {"params": [p for n, p in rest if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0},
+    ]
+    optimizers: list[torch.optim.Optimizer] = [
+        torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    ]
     if muon:
         lr = cfg.muon_learning_rate if cfg.muon_learning_rate is not None else cfg.learning_rate
         ns_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        optimizers.append(Muon([{"params": list(muon.values()), "lr_scale": lr / cfg.learning_rate}], lr=lr,
-                               weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw", ns_dtype=ns_dtype))
+        optimizers.append(
+            Muon(
+                [{"params": list(muon.values()), "lr_scale": lr / cfg.learning_rate}],
+                lr=lr,
+                weight_decay=cfg.weight_decay,
+                adjust_lr_fn="match_rms_adamw",
+                ns_dtype=ns_dtype,
+            )
+        )
     return optimizers

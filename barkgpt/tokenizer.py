@@ -154,8 +154,14 @@ class Tokenizer:
         BarkError: unknown kind, or a special token missing from the vocabulary.
     """
 
-    def __init__(self, tk: HFTokenizer, kind: str, chat_template: str | None = None,
-                 model_max_length: int | None = None, special_tokens: dict[str, str] | None = None):
+    def __init__(
+        self,
+        tk: HFTokenizer,
+        kind: str,
+        chat_template: str | None = None,
+        model_max_length: int | None = None,
+        special_tokens: dict[str, str] | None = None,
+    ):
         if kind not in KINDS:
             raise BarkError(f"unknown tokenizer kind {kind!r}; use bpe, char or word")
         self._tk = tk
@@ -167,11 +173,15 @@ class Tokenizer:
         names = dict(zip(("pad", "eos", "bos", "unk"), SPECIAL_TOKENS))
         names.update({k: v for k, v in (special_tokens or {}).items() if v})
         if tk.token_to_id(names["eos"]) is None:
-            raise BarkError(f"the tokenizer has no {names['eos']} token; re-create it with `barkgpt prepare --input TEXT --out DIR`")
+            raise BarkError(
+                f"the tokenizer has no {names['eos']} token; re-create it with `barkgpt prepare --input TEXT --out DIR`"
+            )
         for role in ("pad", "bos", "unk"):
             if tk.token_to_id(names[role]) is None:
                 if special_tokens is None:  # our own files always hold all four
-                    raise BarkError(f"the tokenizer has no {names[role]} token; re-create it with `barkgpt prepare --input TEXT --out DIR`")
+                    raise BarkError(
+                        f"the tokenizer has no {names[role]} token; re-create it with `barkgpt prepare --input TEXT --out DIR`"
+                    )
                 names[role] = names["eos"]
         self.pad_token, self.eos_token, self.bos_token, self.unk_token = (names[r] for r in ("pad", "eos", "bos", "unk"))
         self.pad_id, self.eos_id, self.bos_id, self.unk_id = (tk.token_to_id(names[r]) for r in ("pad", "eos", "bos", "unk"))
@@ -207,19 +217,28 @@ class Tokenizer:
             if vocab_size is None:
                 raise BarkError(f"a bpe tokenizer needs a vocab size; pass --vocab-size N (N >= {BPE_MIN_VOCAB})")
             if vocab_size < BPE_MIN_VOCAB:
-                raise BarkError(f"vocab_size {vocab_size} is too small for bpe: the minimum is {BPE_MIN_VOCAB} "
-                                f"(256 bytes + 4 special tokens); pass --vocab-size {BPE_MIN_VOCAB} or more")
+                raise BarkError(
+                    f"vocab_size {vocab_size} is too small for bpe: the minimum is {BPE_MIN_VOCAB} "
+                    f"(256 bytes + 4 special tokens); pass --vocab-size {BPE_MIN_VOCAB} or more"
+                )
         elif vocab_size is not None and vocab_size < MIN_VOCAB:
-            raise BarkError(f"vocab_size {vocab_size} is too small for {kind}: the minimum is {MIN_VOCAB} "
-                            f"(4 special tokens + 1); pass --vocab-size {MIN_VOCAB} or more, or leave it unset")
+            raise BarkError(
+                f"vocab_size {vocab_size} is too small for {kind}: the minimum is {MIN_VOCAB} "
+                f"(4 special tokens + 1); pass --vocab-size {MIN_VOCAB} or more, or leave it unset"
+            )
         tk = _empty(kind)
         if kind == "bpe":
-            trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+            trainer = trainers.BpeTrainer(
+                vocab_size=vocab_size,
+                special_tokens=list(SPECIAL_TOKENS),
+                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                show_progress=False,
+            )
         else:
             # WordLevelTrainer sorts by count, then by token text, so the result is deterministic.
-            trainer = trainers.WordLevelTrainer(vocab_size=vocab_size or 2**31 - 1,
-                                                special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+            trainer = trainers.WordLevelTrainer(
+                vocab_size=vocab_size or 2**31 - 1, special_tokens=list(SPECIAL_TOKENS), show_progress=False
+            )
         tk.train_from_iterator(texts, trainer=trainer)
         if kind != "bpe" and tk.get_vocab_size(with_added_tokens=True) <= len(SPECIAL_TOKENS):
             raise BarkError(f"no text to train the {kind} tokenizer on; check that the input is not empty")
@@ -295,8 +314,9 @@ class Tokenizer:
             tk = HFTokenizer.from_file(str(tk_file))
         except Exception as e:  # tokenizers raises plain Exception on bad JSON or schema
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise BarkError(f"{tk_file} is corrupt ({reason}); "
-                            f"re-create it with `barkgpt prepare --input TEXT --out DIR`") from None
+            raise BarkError(
+                f"{tk_file} is corrupt ({reason}); re-create it with `barkgpt prepare --input TEXT --out DIR`"
+            ) from None
         config: dict = {}
         cfg_file = folder / "tokenizer_config.json"
         if cfg_file.is_file():
@@ -472,9 +492,14 @@ class Tokenizer:
         try:
             if self._template is None:
                 self._template = _jinja_env().from_string(self.chat_template)
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=self.bos_token, eos_token=self.eos_token,
-                                         pad_token=self.pad_token, unk_token=self.unk_token)
+            return self._template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+                pad_token=self.pad_token,
+                unk_token=self.unk_token,
+            )
         except jinja2.TemplateError as e:
             raise BarkError(f"chat template failed: {e}; fix the messages or the tokenizer's chat_template") from None
 

@@ -47,12 +47,31 @@ import numpy as np
 import torch
 
 from barkgpt import cpu_attention
-from barkgpt.checkpoint import (CONFIG_NAME, TrainState, find_checkpoint, load_model, read_checkpoint_config,
-                                recover_checkpoint, rng_state, save_checkpoint, set_rng_state)
-from barkgpt.common import (BarkError, atomic_write_text, bits_per_byte, compile_fn, peak_flops, progress, remove_leftovers,
-                            resolve_device, resolve_dtype, token_nll_and_bytes)
+from barkgpt.checkpoint import (
+    CONFIG_NAME,
+    TrainState,
+    find_checkpoint,
+    load_model,
+    read_checkpoint_config,
+    recover_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from barkgpt.common import (
+    BarkError,
+    atomic_write_text,
+    bits_per_byte,
+    compile_fn,
+    peak_flops,
+    progress,
+    remove_leftovers,
+    resolve_device,
+    resolve_dtype,
+    token_nll_and_bytes,
+)
 from barkgpt.config import GPTConfig, TrainConfig, config_to_dict, dump_yaml
-from barkgpt.conversations import IGNORE_INDEX, ChatRows, file_sha256, load_conversations, split_conversations
+from barkgpt.conversations import ChatRows, file_sha256, load_conversations, split_conversations
 from barkgpt.data import BUILTIN_DATASETS, TokenWindows, builtin_dataset, prepare_dataset
 from barkgpt.distributed import all_reduce_mean, full_model_state, setup, teardown, wrap_model
 from barkgpt.engine import Engine
@@ -63,8 +82,16 @@ from barkgpt.tokenizer import Tokenizer
 
 # Fine-tuning starts from a trained model on a small chat set: fewer, gentler steps than
 # TrainConfig's pretraining defaults (flags and --config still override each one).
-FINETUNE_DEFAULTS = {"max_iters": 300, "learning_rate": 3e-4, "min_lr": 3e-5, "warmup_iters": 30,
-                     "eval_interval": 50, "eval_iters": 20, "log_interval": 5, "batch_size": 8}
+FINETUNE_DEFAULTS = {
+    "max_iters": 300,
+    "learning_rate": 3e-4,
+    "min_lr": 3e-5,
+    "warmup_iters": 30,
+    "eval_interval": 50,
+    "eval_iters": 20,
+    "log_interval": 5,
+    "batch_size": 8,
+}
 
 
 def get_lr(it: int, cfg: TrainConfig) -> float:
@@ -88,17 +115,21 @@ def resolve_data(cfg: TrainConfig) -> Path:
         BarkError: no ``--data`` given, or a path that does not exist.
     """
     if cfg.data is None:
-        raise BarkError("no training data: pass --data DIR (from barkgpt prepare), a .txt/.jsonl file, "
-                        "or use a preset (barkgpt train --preset NAME)")
+        raise BarkError(
+            "no training data: pass --data DIR (from barkgpt prepare), a .txt/.jsonl file, "
+            "or use a preset (barkgpt train --preset NAME)"
+        )
     target = Path(cfg.out_dir) / "data"
     src = Path(cfg.data)
     if (src / "meta.json").is_file():
         return src
     if not src.exists():
         names = ", ".join(sorted(BUILTIN_DATASETS)) or "none registered"
-        raise BarkError(f"--data {src} does not exist; prepare data with barkgpt prepare --input FILE --out DIR, pass a "
-                        f".txt/.jsonl file, or name a built-in generated dataset ({names}; in Python, import the module "
-                        f"that registers it first)")
+        raise BarkError(
+            f"--data {src} does not exist; prepare data with barkgpt prepare --input FILE --out DIR, pass a "
+            f".txt/.jsonl file, or name a built-in generated dataset ({names}; in Python, import the module "
+            f"that registers it first)"
+        )
     if not (target / "meta.json").is_file():
         prepare_dataset(src, target, tokenizer=cfg.tokenizer, vocab_size=cfg.tokenizer_vocab_size)
     return target
@@ -171,8 +202,7 @@ def model_loss(model: GPT, batch: tuple) -> torch.Tensor:
 
 
 @torch.no_grad()
-def estimate_loss(model: GPT, source, cfg: TrainConfig, block_size: int, device: str, autocast,
-                  token_bytes: np.ndarray) -> dict:
+def estimate_loss(model: GPT, source, cfg: TrainConfig, block_size: int, device: str, autocast, token_bytes: np.ndarray) -> dict:
     """Loss and bits per byte over ``source.eval_batches`` of each split (``eval_iters`` batches
     of ``batch_size``; evenly spaced, the same every time: see ``TokenWindows.eval_batches``).
 
@@ -316,6 +346,7 @@ def signal_hook_from_env() -> Callable[[str, int], None] | None:
             fired.append(True)
             os.kill(os.getpid(), signum)
             time.sleep(0.01)  # SIGKILL lands here; a SIGINT's handler runs at the next bytecode
+
     return hook
 
 
@@ -377,8 +408,10 @@ def build_model(model_cfg: GPTConfig, cfg: TrainConfig, tokenizer: Tokenizer, de
             model_cfg = dataclasses.replace(model_cfg, vocab_size=saved_shape["vocab_size"])
         diff = [k for k, v in dataclasses.asdict(model_cfg).items() if saved_shape[k] != v]
         if diff:
-            raise BarkError(f"--resume: the checkpoint in {resume_from.parent / 'last'} has a different model "
-                            f"({', '.join(f'{k}={saved_shape[k]}' for k in diff)}); use the same model flags or a new --out-dir")
+            raise BarkError(
+                f"--resume: the checkpoint in {resume_from.parent / 'last'} has a different model "
+                f"({', '.join(f'{k}={saved_shape[k]}' for k in diff)}); use the same model flags or a new --out-dir"
+            )
     elif cfg.init_from != "scratch":
         model, _ = load_model(cfg.init_from, device)
         if model.config.vocab_size < tokenizer.vocab_size:  # fine-tuning added tokens (chat roles)
@@ -389,8 +422,10 @@ def build_model(model_cfg: GPTConfig, cfg: TrainConfig, tokenizer: Tokenizer, de
         torch.manual_seed(cfg.seed)
         model = GPT(model_cfg).to(device)
     if model.config.vocab_size < tokenizer.vocab_size:
-        raise BarkError(f"vocab_size {model.config.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}; "
-                        f"drop --vocab-size to use the tokenizer's")
+        raise BarkError(
+            f"vocab_size {model.config.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}; "
+            f"drop --vocab-size to use the tokenizer's"
+        )
     return model.train()
 
 
@@ -441,9 +476,13 @@ class Trainer:
         if ctx.is_main:
             self.prepare_out_dir()
         self.setup_runtime()
-        self.info = {"data": {k: self.source.meta.get(k) for k in ("source", "source_sha256", "tokenizer", "train_tokens",
-                                                                   "val_tokens", "val_fraction")},
-                     "run_id": self.state.run_id}
+        self.info = {
+            "data": {
+                k: self.source.meta.get(k)
+                for k in ("source", "source_sha256", "tokenizer", "train_tokens", "val_tokens", "val_fraction")
+            },
+            "run_id": self.state.run_id,
+        }
         self.token_bytes = np.asarray(self.tokenizer.token_bytes(), dtype=np.int64)
         self.hook = signal_hook_from_env() or (lambda point, step: None)
         self.snap, self.last_is_current = None, self.resumed
@@ -462,8 +501,10 @@ class Trainer:
         """
         last, ctx = self.out_dir / "last", self.ctx
         if state.world_size != ctx.world_size:
-            raise BarkError(f"--resume: {last} was written by {state.world_size} process(es) and this run has "
-                            f"{ctx.world_size}; resume with --nproc {state.world_size} (the batch stream depends on it)")
+            raise BarkError(
+                f"--resume: {last} was written by {state.world_size} process(es) and this run has "
+                f"{ctx.world_size}; resume with --nproc {state.world_size} (the batch stream depends on it)"
+            )
         if len(state.optimizer or []) != len(self.optimizers):
             raise BarkError(f"--resume: {last} was trained with another --optimizer; resume with the same one")
         for opt, opt_state in zip(self.optimizers, state.optimizer):
@@ -493,8 +534,14 @@ class Trainer:
         step, redo = self.state.step, self.state.eval_pending
         for path in (self.metrics_path, self.samples_path):
             if path.exists():
-                rewrite_rows(path, [r for r in read_rows(path) if r["step"] < step or r["step"] == step and not (
-                    redo and (path == self.samples_path or "val_loss" in r))])
+                rewrite_rows(
+                    path,
+                    [
+                        r
+                        for r in read_rows(path)
+                        if r["step"] < step or r["step"] == step and not (redo and (path == self.samples_path or "val_loss" in r))
+                    ],
+                )
 
     def setup_runtime(self) -> None:
         """The CPU kernel and denormal setting, ``torch.compile``, autocast and the loss scaler;
@@ -506,17 +553,22 @@ class Trainer:
             torch.set_flush_denormal(True)  # denormal floats in grads/optimizer state are ~100x slower on x86 (reset on return)
         if cfg.compile:
             self.model = compile_fn(self.model, device)
-        self.autocast = (torch.autocast(device.split(":")[0], dtype=getattr(torch, self.dtype)) if self.dtype != "float32"
-                         else contextlib.nullcontext())
+        self.autocast = (
+            torch.autocast(device.split(":")[0], dtype=getattr(torch, self.dtype))
+            if self.dtype != "float32"
+            else contextlib.nullcontext()
+        )
         self.scaler = torch.amp.GradScaler(enabled=self.dtype == "float16")
         self.tokens_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps * self.block_size * ctx.world_size
         self.flops_per_token, self.peak = self.raw_model.flops_per_token(), peak_flops(device)
         if not self.quiet:
             ranks = f" x {ctx.world_size} ranks ({'FSDP' if ctx.fsdp else 'DDP'})" if ctx.enabled else ""
-            print(f"model: {self.model_cfg.family}, {self.raw_model.num_params() / 1e6:.2f}M parameters, "
-                  f"{self.flops_per_token / 1e6:.1f} MFLOPs/token, head_dim {self.model_cfg.head_dim}; "
-                  f"{self.tokens_per_iter:,} tokens/iteration; device {device}{ranks}, dtype {self.dtype}, "
-                  f"optimizer {cfg.optimizer}; data {self.source.describe(self.block_size)}")
+            print(
+                f"model: {self.model_cfg.family}, {self.raw_model.num_params() / 1e6:.2f}M parameters, "
+                f"{self.flops_per_token / 1e6:.1f} MFLOPs/token, head_dim {self.model_cfg.head_dim}; "
+                f"{self.tokens_per_iter:,} tokens/iteration; device {device}{ranks}, dtype {self.dtype}, "
+                f"optimizer {cfg.optimizer}; data {self.source.describe(self.block_size)}"
+            )
 
     # ---- the loop
 
@@ -568,14 +620,18 @@ class Trainer:
         lr = get_lr(st.step, cfg)
         set_lr(self.optimizers, lr)
         rows = cfg.batch_size * self.ctx.world_size
-        batches = [to_device(self.source.batch("train", rows, self.block_size, self.rng, self.rank_rows), self.device)
-                   for _ in range(cfg.gradient_accumulation_steps)]
+        batches = [
+            to_device(self.source.batch("train", rows, self.block_size, self.rng, self.rank_rows), self.device)
+            for _ in range(cfg.gradient_accumulation_steps)
+        ]
         self.hook("forward", st.step)
         loss = self.forward_backward_or_uncompile(batches)
         self.last_loss = all_reduce_mean(loss.item(), self.ctx)
         if not math.isfinite(self.last_loss):
-            raise BarkError(f"the loss became {self.last_loss} at step {st.step}; the last good checkpoint in "
-                            f"{self.out_dir / 'last'} is kept. Lower --learning-rate or set --grad-clip 1.0")
+            raise BarkError(
+                f"the loss became {self.last_loss} at step {st.step}; the last good checkpoint in "
+                f"{self.out_dir / 'last'} is kept. Lower --learning-rate or set --grad-clip 1.0"
+            )
         with self.sigint.critical():  # the update: all of it, or (before it) none of it
             self.update(lr, t_step)
         if self.bar is not None:
@@ -584,8 +640,10 @@ class Trainer:
             st.elapsed_s = self.elapsed0 + time.perf_counter() - self.t_start
             losses = self.evaluate()
             if self.bar is not None:
-                self.bar.write(f"step {st.step}: train {losses['train']:.4f}, val {losses['val']:.4f} "
-                               f"(perplexity {math.exp(losses['val']):.2f})")
+                self.bar.write(
+                    f"step {st.step}: train {losses['train']:.4f}, val {losses['val']:.4f} "
+                    f"(perplexity {math.exp(losses['val']):.2f})"
+                )
             self.t_log, self.tok_log = time.perf_counter(), 0  # keep eval time out of tokens/s
 
     def forward_backward_or_uncompile(self, batches: list[tuple]) -> torch.Tensor:
@@ -650,9 +708,17 @@ class Trainer:
         tps = self.tok_log / max(now - self.t_log, 1e-9)
         st.elapsed_s = self.elapsed0 + now - self.t_start
         share = expert_share(self.raw_model)
-        self.log({"step": st.step, "train_loss": round(self.last_loss, 5), "lr": lr, "tokens_per_s": round(tps, 1),
-                  "elapsed_s": round(st.elapsed_s, 3), **({"mfu": round(self.mfu(tps), 4)} if self.peak else {}),
-                  **({"expert_share": share} if share else {})})
+        self.log(
+            {
+                "step": st.step,
+                "train_loss": round(self.last_loss, 5),
+                "lr": lr,
+                "tokens_per_s": round(tps, 1),
+                "elapsed_s": round(st.elapsed_s, 3),
+                **({"mfu": round(self.mfu(tps), 4)} if self.peak else {}),
+                **({"expert_share": share} if share else {}),
+            }
+        )
         self.t_log, self.tok_log = now, 0
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
@@ -673,12 +739,20 @@ class Trainer:
         st = self.state
         st.eval_pending = True  # until last/ holds this evaluation's outcome
         # eager model: a compiled one would recompile for eval mode and no_grad, for ~20 forwards
-        losses = estimate_loss(self.raw_model, self.source, self.cfg, self.block_size, self.device, self.autocast,
-                               self.token_bytes)
+        losses = estimate_loss(
+            self.raw_model, self.source, self.cfg, self.block_size, self.device, self.autocast, self.token_bytes
+        )
         self.hook("eval", st.step)
-        self.log({"step": st.step, "val_loss": round(losses["val"], 5), "val_perplexity": round(math.exp(min(losses["val"], 50)), 4),
-                  "val_bpb": round(losses["val_bpb"], 5), "eval_train_loss": round(losses["train"], 5),
-                  "elapsed_s": round(st.elapsed_s, 3)})
+        self.log(
+            {
+                "step": st.step,
+                "val_loss": round(losses["val"], 5),
+                "val_perplexity": round(math.exp(min(losses["val"], 50)), 4),
+                "val_bpb": round(losses["val_bpb"], 5),
+                "eval_train_loss": round(losses["train"], 5),
+                "elapsed_s": round(st.elapsed_s, 3),
+            }
+        )
         self.write_sample()
         if losses["val"] < st.best_val_loss:
             self.save("best", losses)  # before last/ records it as the best
@@ -697,9 +771,13 @@ class Trainer:
         """Sample one document (or reply to ``cfg.sample_prompt``), at most 64 tokens, seeded by
         the step; rank 0 appends it to ``samples.jsonl``."""
         tok, step = self.tokenizer, self.state.step
-        ids = (tok.encode(self.cfg.sample_prompt) if self.cfg.sample_prompt else [tok.eos_id])[-self.block_size:]
-        toks = [s[0] for s in Engine(self.raw_model).generate(ids, max_new_tokens=min(64, self.block_size), temperature=0.8,
-                                                               top_k=50, seed=step, stop_ids=[tok.eos_id])]
+        ids = (tok.encode(self.cfg.sample_prompt) if self.cfg.sample_prompt else [tok.eos_id])[-self.block_size :]
+        toks = [
+            s[0]
+            for s in Engine(self.raw_model).generate(
+                ids, max_new_tokens=min(64, self.block_size), temperature=0.8, top_k=50, seed=step, stop_ids=[tok.eos_id]
+            )
+        ]
         self.raw_model.train()
         text = tok.decode([t for t in toks if t is not None and t != tok.eos_id])
         if self.ctx.is_main:  # every rank samples (an FSDP forward needs them all); rank 0 writes
@@ -749,9 +827,17 @@ class Trainer:
         st = self.state
         total = self.elapsed0 + time.perf_counter() - self.t_start
         tps = (st.step - self.step0) * self.tokens_per_iter / max(self.loop_s, 1e-9)
-        return {"step": st.step, "train_loss": self.last_loss, "val_loss": self.losses["val"] if self.losses else None,
-                "best_val_loss": st.best_val_loss, "tokens_per_s": tps, "mfu": self.mfu(tps),
-                "train_seconds": self.loop_s, "elapsed_s": total, "interrupted": interrupted}
+        return {
+            "step": st.step,
+            "train_loss": self.last_loss,
+            "val_loss": self.losses["val"] if self.losses else None,
+            "best_val_loss": st.best_val_loss,
+            "tokens_per_s": tps,
+            "mfu": self.mfu(tps),
+            "train_seconds": self.loop_s,
+            "elapsed_s": total,
+            "interrupted": interrupted,
+        }
 
 
 def resume_checkpoint(out_dir: Path) -> Path:
@@ -773,9 +859,11 @@ def no_checkpoint_error(out_dir: Path) -> BarkError:
     last = out_dir / "last"
     kept = [name for name in ("best", "metrics.jsonl", "samples.jsonl") if (out_dir / name).exists()]
     if kept:
-        return BarkError(f"--resume found no checkpoint in {last}, but {out_dir} holds a run ({', '.join(kept)}) that "
-                         f"cannot be resumed; keep it and train into a new --out-dir (--init-from {out_dir / 'best'} "
-                         f"starts from its best model), or delete {out_dir} to start over there")
+        return BarkError(
+            f"--resume found no checkpoint in {last}, but {out_dir} holds a run ({', '.join(kept)}) that "
+            f"cannot be resumed; keep it and train into a new --out-dir (--init-from {out_dir / 'best'} "
+            f"starts from its best model), or delete {out_dir} to start over there"
+        )
     return BarkError(f"--resume found no checkpoint in {last}; drop --resume to start a new run in {out_dir}")
 
 
@@ -797,8 +885,15 @@ def recorded_best(best: Path, run_id: str) -> float:
     return float(val) if isinstance(val, (int, float)) and math.isfinite(val) else float("inf")
 
 
-def finetune(model_path: str | Path, data: str | Path, cfg: TrainConfig, val_fraction: float = 0.1,
-             group_field: str = "tree_id", resume: bool = False, quiet: bool = False) -> dict:
+def finetune(
+    model_path: str | Path,
+    data: str | Path,
+    cfg: TrainConfig,
+    val_fraction: float = 0.1,
+    group_field: str = "tree_id",
+    resume: bool = False,
+    quiet: bool = False,
+) -> dict:
     """Fine-tune a trained model on conversations (supervised fine-tuning on assistant turns).
 
     Loads the conversations (:func:`conversations.load_conversations`), splits them by
@@ -837,7 +932,9 @@ def finetune(model_path: str | Path, data: str | Path, cfg: TrainConfig, val_fra
         changes["sample_prompt"] = tokenizer.apply_chat_template([first_user])
     cfg = dataclasses.replace(cfg, **changes)
     if not quiet and added:
-        print(f"added {added} chat role tokens (<|system|> <|user|> <|assistant|>) and their chat template; "
-              f"embeddings grow from {base.vocab_size} to {tokenizer.vocab_size} rows")
+        print(
+            f"added {added} chat role tokens (<|system|> <|user|> <|assistant|>) and their chat template; "
+            f"embeddings grow from {base.vocab_size} to {tokenizer.vocab_size} rows"
+        )
     model_cfg = dataclasses.replace(base, vocab_size=max(base.vocab_size, tokenizer.vocab_size))
     return train(model_cfg, cfg, resume=resume, quiet=quiet, source=source)

@@ -46,21 +46,23 @@ def main() -> None:
     a = p.parse_args()
 
     import torch
+    from bench_train import write_results
 
     from barkgpt.config import build_configs
     from barkgpt.engine import Engine
     from barkgpt.model import GPT
-    from bench_train import write_results
 
     model_cfg, _ = build_configs("shakespeare-bpe", overrides={"vocab_size": 2048})
     torch.manual_seed(0)
     model = GPT(model_cfg).eval()
     n = model_cfg.block_size - 1
+
     def engine_path(engine):
         def cached():
             t = time.perf_counter()
             toks = [s[0] for s in engine.generate([0], max_new_tokens=n, temperature=0)]
             return len(toks) / (time.perf_counter() - t), toks
+
         return cached
 
     def naive():
@@ -70,8 +72,12 @@ def main() -> None:
         return n / (time.perf_counter() - t), out[0, 1:].tolist()
 
     with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:  # the exports, read by HF and llama.cpp while timing
-        paths = {"kv_cache_compiled": engine_path(Engine(model, compile=True)), "kv_cache_eager": engine_path(Engine(model)),
-                 "naive": naive, **exported_paths(model, n, Path(tmp))}
+        paths = {
+            "kv_cache_compiled": engine_path(Engine(model, compile=True)),
+            "kv_cache_eager": engine_path(Engine(model)),
+            "naive": naive,
+            **exported_paths(model, n, Path(tmp)),
+        }
         t = time.perf_counter()
         paths["kv_cache_compiled"]()  # warm up: compiles
         compile_s = time.perf_counter() - t
@@ -87,12 +93,23 @@ def main() -> None:
             for name, fn in paths.items():
                 tps, toks[name] = fn()
                 rows[name].append(tps)
-            assert toks["kv_cache_compiled"] == toks["kv_cache_eager"] == toks["naive"], "cached and naive greedy decoding disagree"
-    summary = {"tokens": n, "torch_threads": torch.get_num_threads(), "compile_seconds": round(compile_s, 1),
-               **({"hf_static_compile_seconds": round(warm["hf_generate_static_compiled"], 1)} if "hf_generate_static_compiled" in warm else {}),
-               **{f"{name}_tokens_per_s": round(statistics.median(r), 1) for name, r in rows.items()},
-               "greedy_tokens_equal_to_ours": {name: leading_equal(toks["kv_cache_compiled"], t) for name, t in toks.items()
-                                               if name != "kv_cache_compiled"}}
+            assert toks["kv_cache_compiled"] == toks["kv_cache_eager"] == toks["naive"], (
+                "cached and naive greedy decoding disagree"
+            )
+    summary = {
+        "tokens": n,
+        "torch_threads": torch.get_num_threads(),
+        "compile_seconds": round(compile_s, 1),
+        **(
+            {"hf_static_compile_seconds": round(warm["hf_generate_static_compiled"], 1)}
+            if "hf_generate_static_compiled" in warm
+            else {}
+        ),
+        **{f"{name}_tokens_per_s": round(statistics.median(r), 1) for name, r in rows.items()},
+        "greedy_tokens_equal_to_ours": {
+            name: leading_equal(toks["kv_cache_compiled"], t) for name, t in toks.items() if name != "kv_cache_compiled"
+        },
+    }
     ours = summary["kv_cache_compiled_tokens_per_s"]
     for name in paths:
         if name != "kv_cache_compiled":
@@ -113,11 +130,11 @@ def exported_paths(model, n: int, tmp: Path) -> dict:
     import importlib.util
 
     import torch
+    from bench_train import SHARED
 
     from barkgpt.checkpoint import save_checkpoint
     from barkgpt.common import compile_fn
     from barkgpt.tokenizer import Tokenizer
-    from bench_train import SHARED
 
     paths = {}
     shared = SHARED / "data" / "tinyshakespeare.txt"
@@ -140,9 +157,11 @@ def exported_paths(model, n: int, tmp: Path) -> dict:
         def hf_path(m):
             def run():
                 t = time.perf_counter()
-                out = m.generate(torch.tensor([[0]]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0)
+                out = m.generate(
+                    torch.tensor([[0]]), max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+                )
                 return n / (time.perf_counter() - t), out[0, 1:].tolist()
+
             return run
 
         paths["hf_generate"] = hf_path(hf)
@@ -153,8 +172,13 @@ def exported_paths(model, n: int, tmp: Path) -> dict:
 
         from barkgpt.export.gguf import export_gguf
 
-        llm = Llama(model_path=str(export_gguf(tmp / "ckpt", tmp / "m.gguf", outtype="f32")), n_ctx=model.config.block_size,
-                    n_threads=threads, n_threads_batch=threads, verbose=False)
+        llm = Llama(
+            model_path=str(export_gguf(tmp / "ckpt", tmp / "m.gguf", outtype="f32")),
+            n_ctx=model.config.block_size,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
 
         def llama_cpp():
             t = time.perf_counter()

@@ -42,12 +42,12 @@ def main() -> None:
     a = p.parse_args()
 
     import torch
+    from bench_train import write_results
 
     from barkgpt.config import build_configs
     from barkgpt.data import prepare_dataset
     from barkgpt.model import GPT
     from barkgpt.train import train
-    from bench_train import write_results
 
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         if a.if_gpu:
@@ -60,25 +60,42 @@ def main() -> None:
     data = OUT / "tinystories-gpt2"
     if not (data / "meta.json").is_file():
         prepare_dataset(text, data, tokenizer="bpe", vocab_size=50257)
-    over = dict(data=str(data), out_dir=str(OUT / "gpu-run"), device=a.device, max_iters=a.steps, warmup_iters=10,
-                eval_interval=10 ** 9, eval_iters=1, log_interval=5, batch_size=a.batch_size,
-                gradient_accumulation_steps=a.grad_accum)
+    over = dict(
+        data=str(data),
+        out_dir=str(OUT / "gpu-run"),
+        device=a.device,
+        max_iters=a.steps,
+        warmup_iters=10,
+        eval_interval=10**9,
+        eval_iters=1,
+        log_interval=5,
+        batch_size=a.batch_size,
+        gradient_accumulation_steps=a.grad_accum,
+    )
     if a.smoke:
         over.update(n_layer=2, n_head=2, n_embd=64, block_size=128, compile=False, dtype="float32")
     model_cfg, cfg = build_configs("gpt2-124m", overrides=over)
     r = train(model_cfg, cfg, quiet=False)
-    rows = [json.loads(l) for l in open(OUT / "gpu-run" / "metrics.jsonl") if '"tokens_per_s"' in l]
+    rows = [json.loads(line) for line in open(OUT / "gpu-run" / "metrics.jsonl") if '"tokens_per_s"' in line]
     steady = [x for x in rows if x["step"] > 20] or rows
     tps = statistics.median(x["tokens_per_s"] for x in steady)
     meta = json.loads((data / "meta.json").read_text())
     with torch.device("meta"):
         m = GPT(dataclasses.replace(model_cfg, vocab_size=meta["vocab_size"]))
     mfus = [x["mfu"] for x in steady if "mfu" in x]
-    summary = {"device": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu (smoke)",
-               "params": m.num_params(), "vocab_size": meta["vocab_size"], "flops_per_token": m.flops_per_token(),
-               "tokens_per_step": a.batch_size * a.grad_accum * model_cfg.block_size, "steps": a.steps,
-               "dtype": cfg.dtype, "compile": cfg.compile, "steady_tokens_per_s": round(tps, 1),
-               "mfu": round(statistics.median(mfus), 4) if mfus else None, "final_train_loss": round(r["train_loss"], 4)}
+    summary = {
+        "device": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu (smoke)",
+        "params": m.num_params(),
+        "vocab_size": meta["vocab_size"],
+        "flops_per_token": m.flops_per_token(),
+        "tokens_per_step": a.batch_size * a.grad_accum * model_cfg.block_size,
+        "steps": a.steps,
+        "dtype": cfg.dtype,
+        "compile": cfg.compile,
+        "steady_tokens_per_s": round(tps, 1),
+        "mfu": round(statistics.median(mfus), 4) if mfus else None,
+        "final_train_loss": round(r["train_loss"], 4),
+    }
     print(json.dumps(summary))
     if not a.smoke:
         write_results("gpu: gpt2-124m preset, bf16 + compile", summary)

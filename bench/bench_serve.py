@@ -72,9 +72,26 @@ def start_server(model: Path, *flags: str) -> tuple[subprocess.Popen, str]:
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # the server picks its threads
     env["BARKGPT_API_KEY"] = "bench"
-    proc = subprocess.Popen([sys.executable, "-m", "barkgpt", "serve", "--model", str(model), "--port", str(port),
-                             "--model-name", "bench", "--max-batch-size", "16", *flags], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "barkgpt",
+            "serve",
+            "--model",
+            str(model),
+            "--port",
+            str(port),
+            "--model-name",
+            "bench",
+            "--max-batch-size",
+            "16",
+            *flags,
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base = f"http://127.0.0.1:{port}"
     for _ in range(3000):
         try:
@@ -99,7 +116,10 @@ def engine_tokens_per_s(model_dir: Path, max_tokens: int, repeats: int = 8) -> f
     torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
     model, tok, _ = load_checkpoint(model_dir, torch.device("cpu"))
     engine, ids = Engine(model, compile=True), tok.encode("ROMEO:")
-    run = lambda seed: sum(1 for _ in engine.generate(ids, max_new_tokens=max_tokens, temperature=0.8, seed=seed))  # noqa: E731
+
+    def run(seed):  # tokens generated for one seeded sample
+        return sum(1 for _ in engine.generate(ids, max_new_tokens=max_tokens, temperature=0.8, seed=seed))
+
     with torch.inference_mode():
         run(0)  # compile
         t0, tokens = time.perf_counter(), sum(run(i) for i in range(repeats))
@@ -110,8 +130,15 @@ async def one_request(client, max_tokens: int, seed: int) -> tuple[float, int]:
     """Stream one completion; return (time to first token in s, completion tokens)."""
     t0 = time.perf_counter()
     ttft, tokens, last = None, 0, None
-    body = {"model": "bench", "prompt": "ROMEO:", "max_tokens": max_tokens, "temperature": 0.8, "seed": seed,
-            "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": "bench",
+        "prompt": "ROMEO:",
+        "max_tokens": max_tokens,
+        "temperature": 0.8,
+        "seed": seed,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     async with client.stream("POST", "/v1/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
@@ -129,8 +156,9 @@ async def load(base: str, concurrency: int, requests: int, max_tokens: int) -> d
     """``requests`` requests spread over ``concurrency`` clients that each send one at a time."""
     import httpx2 as httpx  # what the openai client itself depends on
 
-    client = httpx.AsyncClient(base_url=base, headers={"Authorization": "Bearer bench"}, timeout=300,
-                               limits=httpx.Limits(max_connections=concurrency))
+    client = httpx.AsyncClient(
+        base_url=base, headers={"Authorization": "Bearer bench"}, timeout=300, limits=httpx.Limits(max_connections=concurrency)
+    )
     results = []
 
     async def worker(w: int):
@@ -145,9 +173,15 @@ async def load(base: str, concurrency: int, requests: int, max_tokens: int) -> d
     wall = time.perf_counter() - t0
     ttfts = sorted(r[0] for r in results)
     tokens = sum(r[1] for r in results)
-    return {"concurrency": concurrency, "requests": len(results), "tokens": tokens, "seconds": round(wall, 2),
-            "tokens_per_s": round(tokens / wall, 1), "ttft_p50_ms": round(1000 * statistics.median(ttfts), 1),
-            "ttft_p99_ms": round(1000 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))], 1)}
+    return {
+        "concurrency": concurrency,
+        "requests": len(results),
+        "tokens": tokens,
+        "seconds": round(wall, 2),
+        "tokens_per_s": round(tokens / wall, 1),
+        "ttft_p50_ms": round(1000 * statistics.median(ttfts), 1),
+        "ttft_p99_ms": round(1000 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))], 1),
+    }
 
 
 def make_chat_model() -> Path:
@@ -158,16 +192,52 @@ def make_chat_model() -> Path:
     text = REPO.parent / "shared" / "data" / "tinystories-train-sample.txt"
     if not text.is_file():
         sys.exit(f"needs {text} (the shared/ folder beside the repo)")
-    subprocess.run([sys.executable, "-m", "barkgpt", "train", "--preset", "tinystories", "--data", str(text),
-                    "--block-size", "512", "--max-iters", "40", "--warmup-iters", "5", "--eval-interval", "40",
-                    "--eval-iters", "2", "--batch-size", "4", "--gradient-accumulation-steps", "1", "--compile", "false",
-                    "--out-dir", str(out)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "barkgpt",
+            "train",
+            "--preset",
+            "tinystories",
+            "--data",
+            str(text),
+            "--block-size",
+            "512",
+            "--max-iters",
+            "40",
+            "--warmup-iters",
+            "5",
+            "--eval-interval",
+            "40",
+            "--eval-iters",
+            "2",
+            "--batch-size",
+            "4",
+            "--gradient-accumulation-steps",
+            "1",
+            "--compile",
+            "false",
+            "--out-dir",
+            str(out),
+        ],
+        check=True,
+    )
     return out
 
 
-CHAT_TURNS = ["Tell me a story about a cat.", "What did the cat find?", "Where did it go next?", "Who did it meet?",
-              "What did they say?", "Was anyone sad?", "How did they help?", "What happened at night?",
-              "How did the story end?", "What is the lesson?"]
+CHAT_TURNS = [
+    "Tell me a story about a cat.",
+    "What did the cat find?",
+    "Where did it go next?",
+    "Who did it meet?",
+    "What did they say?",
+    "Was anyone sad?",
+    "How did they help?",
+    "What happened at night?",
+    "How did the story end?",
+    "What is the lesson?",
+]
 
 
 async def chat_ttfts(base: str, max_tokens: int) -> tuple[list[float], list[str]]:
@@ -206,9 +276,14 @@ def chat_bench(max_tokens: int) -> dict:
         try:
             asyncio.run(chat_ttfts(base, 2))  # warm up
             out[name] = dict(zip(("ttft_s", "replies"), asyncio.run(chat_ttfts(base, max_tokens))))
-            with urllib.request.urlopen(urllib.request.Request(base + "/metrics", headers={"Authorization": "Bearer bench"})) as r:
-                out[name]["metrics"] = {l.split()[0]: float(l.split()[1]) for l in r.read().decode().splitlines()
-                                        if l.startswith("barkgpt_prefix_cache")}
+            with urllib.request.urlopen(
+                urllib.request.Request(base + "/metrics", headers={"Authorization": "Bearer bench"})
+            ) as r:
+                out[name]["metrics"] = {
+                    line.split()[0]: float(line.split()[1])
+                    for line in r.read().decode().splitlines()
+                    if line.startswith("barkgpt_prefix_cache")
+                }
         finally:
             proc.terminate()
             proc.wait(timeout=30)
@@ -221,9 +296,15 @@ def chat_bench(max_tokens: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--requests", type=int, default=64, help="requests per round at 16 clients (4 each: less ramp-up and tail); "
-                                                            "1 client sends a quarter of them, 4 clients half")
-    p.add_argument("--rounds", type=int, default=4, help="rounds of (1, 4, 16 clients), interleaved so machine noise hits every level")
+    p.add_argument(
+        "--requests",
+        type=int,
+        default=64,
+        help="requests per round at 16 clients (4 each: less ramp-up and tail); 1 client sends a quarter of them, 4 clients half",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=4, help="rounds of (1, 4, 16 clients), interleaved so machine noise hits every level"
+    )
     p.add_argument("--chat", action="store_true", help="also the 10-turn prefix-cache chat on a briefly trained 512-token model")
     p.add_argument("--chat-max-tokens", type=int, default=24, help="reply tokens per chat turn")
     a = p.parse_args()
@@ -240,8 +321,16 @@ def main() -> None:
         for r in range(a.rounds):
             rounds.append({c: asyncio.run(load(servers["compiled"][1], c, n, a.max_tokens)) for c, n in levels.items()})
             eager16.append(asyncio.run(load(servers["eager"][1], 16, levels[16], a.max_tokens)))
-            print(json.dumps({"round": r, **{f"tokens_per_s_{c}": x["tokens_per_s"] for c, x in rounds[-1].items()},
-                              "eager_tokens_per_s_16": eager16[-1]["tokens_per_s"]}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "round": r,
+                        **{f"tokens_per_s_{c}": x["tokens_per_s"] for c, x in rounds[-1].items()},
+                        "eager_tokens_per_s_16": eager16[-1]["tokens_per_s"],
+                    }
+                ),
+                flush=True,
+            )
     finally:
         for proc, _ in servers.values():
             proc.terminate()
@@ -251,18 +340,32 @@ def main() -> None:
     for c in levels:  # each level over all rounds
         xs = [rd[c] for rd in rounds]
         wall, tokens = sum(x["seconds"] for x in xs), sum(x["tokens"] for x in xs)
-        rows.append({"concurrency": c, "requests": sum(x["requests"] for x in xs), "tokens": tokens, "seconds": round(wall, 2),
-                     "tokens_per_s": round(tokens / wall, 1), "ttft_p50_ms": statistics.median(x["ttft_p50_ms"] for x in xs),
-                     "ttft_p99_ms": max(x["ttft_p99_ms"] for x in xs)})
+        rows.append(
+            {
+                "concurrency": c,
+                "requests": sum(x["requests"] for x in xs),
+                "tokens": tokens,
+                "seconds": round(wall, 2),
+                "tokens_per_s": round(tokens / wall, 1),
+                "ttft_p50_ms": statistics.median(x["ttft_p50_ms"] for x in xs),
+                "ttft_p99_ms": max(x["ttft_p99_ms"] for x in xs),
+            }
+        )
         print(json.dumps(rows[-1]))
     per_round = [round(rd[16]["tokens_per_s"] / rd[1]["tokens_per_s"], 2) for rd in rounds]
     on_off = [round(rd[16]["tokens_per_s"] / e["tokens_per_s"], 2) for rd, e in zip(rounds, eager16)]
     server_1 = statistics.median(rd[1]["tokens_per_s"] for rd in rounds)
-    summary = {"max_tokens": a.max_tokens, "rounds": a.rounds, "levels": rows, "ratio_16_vs_1_per_round": per_round,
-               "ratio_16_vs_1": round(statistics.median(per_round), 2),
-               "eager_tokens_per_s_16": statistics.median(e["tokens_per_s"] for e in eager16),
-               "compiled_vs_eager_16": round(statistics.median(on_off), 2),
-               "engine_compiled_tokens_per_s_1": engine_1, "server_1_vs_engine": round(server_1 / engine_1, 2)}
+    summary = {
+        "max_tokens": a.max_tokens,
+        "rounds": a.rounds,
+        "levels": rows,
+        "ratio_16_vs_1_per_round": per_round,
+        "ratio_16_vs_1": round(statistics.median(per_round), 2),
+        "eager_tokens_per_s_16": statistics.median(e["tokens_per_s"] for e in eager16),
+        "compiled_vs_eager_16": round(statistics.median(on_off), 2),
+        "engine_compiled_tokens_per_s_1": engine_1,
+        "server_1_vs_engine": round(server_1 / engine_1, 2),
+    }
     if a.chat:
         summary["chat"] = chat_bench(a.chat_max_tokens)
     print(json.dumps({k: v for k, v in summary.items() if k not in ("levels",)}))

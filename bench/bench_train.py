@@ -92,7 +92,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="rounds of (ours preset, reference, ours gpt2), back to back")
     p.add_argument("--full", action="store_true", help="also run 2000 iterations each and compare val loss")
     p.add_argument("--no-compile", action="store_true", help="run ours with --compile false (the preset compiles)")
-    p.add_argument("--budget", type=float, default=0, help="also train each for this many seconds of wall clock and compare val loss")
+    p.add_argument(
+        "--budget", type=float, default=0, help="also train each for this many seconds of wall clock and compare val loss"
+    )
     a = p.parse_args()
 
     text = SHARED / "data" / "tinyshakespeare.txt"
@@ -109,11 +111,18 @@ def main() -> None:
 
     preset_model, preset_train = build_configs("shakespeare-char")
     # one shape for both sides, read from the preset and passed to the reference as flags
-    shape = {"n_layer": preset_model.n_layer, "n_head": preset_model.n_head, "n_embd": preset_model.n_embd,
-             "block_size": preset_model.block_size, "batch_size": preset_train.batch_size}
+    shape = {
+        "n_layer": preset_model.n_layer,
+        "n_head": preset_model.n_head,
+        "n_embd": preset_model.n_embd,
+        "block_size": preset_model.block_size,
+        "batch_size": preset_train.batch_size,
+    }
     compile_over = {"compile": False} if a.no_compile else {}
-    variants = {"preset": {"optimizer": "adamw", **compile_over},  # the preset's model and learning rate, AdamW
-                "gpt2": {**gpt2_overrides(shape), **compile_over}}
+    variants = {
+        "preset": {"optimizer": "adamw", **compile_over},  # the preset's model and learning rate, AdamW
+        "gpt2": {**gpt2_overrides(shape), **compile_over},
+    }
 
     def ours(iters, over):
         return run_json([sys.executable, "-c", OURS, str(data), str(OUT / "run"), str(iters), json.dumps(over)])
@@ -133,18 +142,29 @@ def main() -> None:
         rows["barkgpt_gpt2"].append(ours(a.iters, variants["gpt2"]))
         print(json.dumps({"round": r, **{k: v[-1] for k, v in rows.items()}}), flush=True)
     if flops["reference"]["params"] != rows["reference"][0]["params"]:
-        sys.exit(f"the reference reports {rows['reference'][0]['params']} parameters but its model counts "
-                 f"{flops['reference']['params']} here; reference_gpt.py changed: update flop_accounting()")
-    summary = {"iters": a.iters, "rounds": a.rounds,
-               "reference_tokens_per_s": statistics.median(x["tokens_per_s"] for x in rows["reference"])}
+        sys.exit(
+            f"the reference reports {rows['reference'][0]['params']} parameters but its model counts "
+            f"{flops['reference']['params']} here; reference_gpt.py changed: update flop_accounting()"
+        )
+    summary = {
+        "iters": a.iters,
+        "rounds": a.rounds,
+        "reference_tokens_per_s": statistics.median(x["tokens_per_s"] for x in rows["reference"]),
+    }
     for prefix, key in (("", "barkgpt"), ("gpt2_", "barkgpt_gpt2")):
         pairs = list(zip(rows["reference"], rows[key]))  # each round's runs, back to back
         ratios = [round(o["tokens_per_s"] / r["tokens_per_s"], 3) for r, o in pairs]
         steady = [round(o["steady_tokens_per_s"] / r["tokens_per_s"], 3) for r, o in pairs]
-        summary.update({f"{key}_tokens_per_s": statistics.median(x["tokens_per_s"] for x in rows[key]),
-                        f"{prefix}ratio": statistics.median(ratios), f"{prefix}ratio_per_round": ratios,
-                        f"{key}_steady_tokens_per_s": statistics.median(x["steady_tokens_per_s"] for x in rows[key]),
-                        f"{prefix}steady_ratio": statistics.median(steady), f"{prefix}steady_ratio_per_round": steady})
+        summary.update(
+            {
+                f"{key}_tokens_per_s": statistics.median(x["tokens_per_s"] for x in rows[key]),
+                f"{prefix}ratio": statistics.median(ratios),
+                f"{prefix}ratio_per_round": ratios,
+                f"{key}_steady_tokens_per_s": statistics.median(x["steady_tokens_per_s"] for x in rows[key]),
+                f"{prefix}steady_ratio": statistics.median(steady),
+                f"{prefix}steady_ratio_per_round": steady,
+            }
+        )
     # model FLOPs per second, ours over the reference's: the steady ratio weighted by the FLOPs per token
     summary["steady_flops_ratio"] = round(summary["steady_ratio"] * flops["preset"]["vs_reference_flops"], 3)
     summary["gpt2_steady_flops_ratio"] = round(summary["gpt2_steady_ratio"] * flops["gpt2"]["vs_reference_flops"], 3)
@@ -177,9 +197,18 @@ def gpt2_overrides(shape: dict) -> dict:
     n_embd, block_size, batch_size), every head its own keys and values, a 4 * n_embd MLP, biases,
     tied embeddings, no dropout, LayerNorm eps 1e-5 (PyTorch's default, which the reference keeps),
     and AdamW with the reference's hyperparameters."""
-    return {**shape, "family": "gpt2", "n_kv_head": shape["n_head"], "intermediate_size": 4 * shape["n_embd"],
-            "bias": True, "tie_embeddings": True, "dropout": 0.0, "norm_eps": 1e-5,
-            **REFERENCE_SCHEDULE, **REFERENCE_FIXED}
+    return {
+        **shape,
+        "family": "gpt2",
+        "n_kv_head": shape["n_head"],
+        "intermediate_size": 4 * shape["n_embd"],
+        "bias": True,
+        "tie_embeddings": True,
+        "dropout": 0.0,
+        "norm_eps": 1e-5,
+        **REFERENCE_SCHEDULE,
+        **REFERENCE_FIXED,
+    }
 
 
 def flop_accounting(ref_path: Path, ref_vocab: int, our_vocab: int, variants: dict) -> dict:
@@ -215,20 +244,32 @@ def flop_accounting(ref_path: Path, ref_vocab: int, our_vocab: int, variants: di
     ref_flops = 6 * (ref_params - ref_model.wpe.weight.numel()) + 12 * c.n_layer * c.n_embd * c.block_size
     same_arch = same.num_params()
     if same_arch != ref_params:
-        sys.exit(f"our gpt2 model has {same_arch:,} parameters at the reference's {ref_vocab}-token vocabulary and the "
-                 f"reference {ref_params:,}: the architectures differ; fix gpt2_overrides() to match reference_gpt.py")
-    out = {"formula": "6 * (params - wpe) + 12 * n_layer * n_embd * block_size (PaLM appendix B; GPT.flops_per_token)",
-           "reference": {"params": ref_params, "flops_per_token": ref_flops}}
+        sys.exit(
+            f"our gpt2 model has {same_arch:,} parameters at the reference's {ref_vocab}-token vocabulary and the "
+            f"reference {ref_params:,}: the architectures differ; fix gpt2_overrides() to match reference_gpt.py"
+        )
+    out = {
+        "formula": "6 * (params - wpe) + 12 * n_layer * n_embd * block_size (PaLM appendix B; GPT.flops_per_token)",
+        "reference": {"params": ref_params, "flops_per_token": ref_flops},
+    }
     lines = [f"FLOPs/token: reference {ref_flops / 1e6:.3f}M ({ref_params:,} params, vocab {ref_vocab})"]
     for name, over in variants.items():
         m = ours(over, our_vocab)
-        out[name] = {"family": m.config.family, "params": m.num_params(), "flops_per_token": m.flops_per_token(),
-                     "vs_reference_flops": round(m.flops_per_token() / ref_flops, 4)}
-        lines.append(f"{name} ({m.config.family}): {out[name]['vs_reference_flops']}x the reference's FLOPs/token "
-                     f"({m.flops_per_token() / 1e6:.3f}M, {m.num_params():,} params)")
+        out[name] = {
+            "family": m.config.family,
+            "params": m.num_params(),
+            "flops_per_token": m.flops_per_token(),
+            "vs_reference_flops": round(m.flops_per_token() / ref_flops, 4),
+        }
+        lines.append(
+            f"{name} ({m.config.family}): {out[name]['vs_reference_flops']}x the reference's FLOPs/token "
+            f"({m.flops_per_token() / 1e6:.3f}M, {m.num_params():,} params)"
+        )
     extra = out["gpt2"]["params"] - ref_params
-    lines.append(f"gpt2 params equal the reference's at its {ref_vocab}-token vocabulary; here ours has {extra:+,}: "
-                 f"{our_vocab - ref_vocab} special tokens x n_embd {c.n_embd} in the tied embedding")
+    lines.append(
+        f"gpt2 params equal the reference's at its {ref_vocab}-token vocabulary; here ours has {extra:+,}: "
+        f"{our_vocab - ref_vocab} special tokens x n_embd {c.n_embd} in the tied embedding"
+    )
     out["note"] = "; ".join(lines)
     return out
 
@@ -239,12 +280,21 @@ def write_results(title: str, summary: dict) -> None:
     import os
     import platform
 
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    cpu = (
+        next(
+            (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+            platform.processor(),
+        )
+        if os.path.exists("/proc/cpuinfo")
+        else platform.processor()
+    )
     import torch
 
     with open(REPO / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
-        f.write(f"\n## {title}\n{datetime.date.today()}, {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                f"{torch.get_num_threads()} threads\n\n```\n{json.dumps(summary, indent=1)}\n```\n")
+        f.write(
+            f"\n## {title}\n{datetime.date.today()}, {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads\n\n```\n{json.dumps(summary, indent=1)}\n```\n"
+        )
 
 
 if __name__ == "__main__":

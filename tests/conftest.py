@@ -14,7 +14,7 @@ os.environ.setdefault("BARKGPT_PROGRESS", "")  # keep progress bars out of test 
 
 # Register the Bark toy's generated datasets ("bark", "bark-chat") for tests that train on them
 # in-process, as the CLI does before `train` (barkgpt.bark is an edge the core never imports).
-import barkgpt.bark  # noqa: E402, F401
+import barkgpt.bark  # noqa: F401 - registers the bark and bark-chat datasets for in-process training
 
 
 @pytest.fixture
@@ -28,8 +28,10 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def tiny_text() -> str:
     """A few KB of varied text (ASCII, accents, CJK, emoji) for tokenizer training."""
-    base = ("The quick brown fox jumps over the lazy dog. Café, naïve, résumé. 東京は大きい。 "
-            "Emoji 🐶🐕 woof! Numbers 12345 and symbols #@$%^&*().\n")
+    base = (
+        "The quick brown fox jumps over the lazy dog. Café, naïve, résumé. 東京は大きい。 "
+        "Emoji 🐶🐕 woof! Numbers 12345 and symbols #@$%^&*().\n"
+    )
     return base * 40
 
 

@@ -9,8 +9,17 @@ from pathlib import Path
 import pytest
 
 from barkgpt import bark, data
-from barkgpt.bark import (BARK_CHAT_VOCAB, BARK_VOCAB, bark_chat_conversations, bark_chat_rows, bark_chat_tokenizer,
-                          bark_documents, bark_tokenizer, follows_bark_rule, prepare_bark)
+from barkgpt.bark import (
+    BARK_CHAT_VOCAB,
+    BARK_VOCAB,
+    bark_chat_conversations,
+    bark_chat_rows,
+    bark_chat_tokenizer,
+    bark_documents,
+    bark_tokenizer,
+    follows_bark_rule,
+    prepare_bark,
+)
 from barkgpt.config import TrainConfig
 from barkgpt.data import load_split
 from barkgpt.tokenizer import Tokenizer
@@ -23,6 +32,7 @@ def barkgpt(*args, cwd=REPO):
 
 
 # ---- vocabularies ---------------------------------------------------------------------------
+
 
 def test_bark_vocab_ids_are_fixed():
     tok = bark_tokenizer()
@@ -40,8 +50,12 @@ def test_bark_chat_vocab_and_template():
     tok = bark_chat_tokenizer()
     assert tok.vocab_size == len(BARK_CHAT_VOCAB) == 31 and tok.id_to_token(4) == "User:"
     assert tok.apply_chat_template([{"role": "user", "content": "speak"}]) == "User: speak Assistant:"
-    convo = [{"role": "system", "content": "be a dog"}, {"role": "user", "content": "speak"},
-             {"role": "assistant", "content": "woof arf"}, {"role": "user", "content": "sit"}]
+    convo = [
+        {"role": "system", "content": "be a dog"},
+        {"role": "user", "content": "speak"},
+        {"role": "assistant", "content": "woof arf"},
+        {"role": "user", "content": "sit"},
+    ]
     text = tok.apply_chat_template(convo)
     assert text == "User: speak Assistant: woof arf <EOS> User: sit Assistant:"  # system skipped
     assert tok.unk_id not in tok.encode(text)
@@ -56,6 +70,7 @@ def test_bark_tokenizers_save_and_load_the_same(tmp_path):
 
 
 # ---- the `bark` corpus ----------------------------------------------------------------------
+
 
 def test_bark_documents_format_and_determinism():
     docs = list(bark_documents(500, seed=7))
@@ -90,6 +105,7 @@ def test_the_bark_corpus_keeps_its_fingerprint(tmp_path):
 
 # ---- the `bark-chat` set and its rule -------------------------------------------------------
 
+
 def test_bark_rule_and_generated_conversations():
     assert follows_bark_rule("speak", "woof arf woof")
     assert follows_bark_rule("sit", "arf") and not follows_bark_rule("sit", "arf arf")
@@ -118,6 +134,7 @@ def test_bark_chat_rows_masks_only_the_replies():
 
 # ---- the hook -------------------------------------------------------------------------------
 
+
 def test_importing_bark_registers_its_datasets():
     assert data.builtin_dataset("bark") is bark.build_bark
     assert data.builtin_dataset("bark-chat") is bark.build_bark_chat
@@ -139,12 +156,15 @@ def test_open_source_reaches_the_bark_corpora_through_the_hook(tmp_path):
 def test_without_the_edge_module_bark_is_just_a_missing_path(tmp_path):
     """The core does not know the toy: in a process that never imports barkgpt.bark, `bark` is a
     path that does not exist, and the error says how to make a name built in."""
-    code = ("import sys; from barkgpt.config import TrainConfig; from barkgpt.train import open_source\n"
-            "try: open_source(TrainConfig(data='bark', out_dir=sys.argv[1]))\n"
-            "except Exception as e: print(type(e).__name__, e)\n"
-            "print('barkgpt.bark' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=120)
+    code = (
+        "import sys; from barkgpt.config import TrainConfig; from barkgpt.train import open_source\n"
+        "try: open_source(TrainConfig(data='bark', out_dir=sys.argv[1]))\n"
+        "except Exception as e: print(type(e).__name__, e)\n"
+        "print('barkgpt.bark' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "run")], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     error, loaded = out.stdout.strip().splitlines()
     assert error.startswith("BarkError --data bark does not exist") and "none registered" in error
@@ -153,9 +173,36 @@ def test_without_the_edge_module_bark_is_just_a_missing_path(tmp_path):
 
 def test_the_cli_trains_on_a_builtin_dataset(tmp_path):
     """`barkgpt train --data bark` reaches the hook because the CLI imports the edge module."""
-    out = barkgpt("train", "--data", "bark", "--out-dir", str(tmp_path / "run"), "--n-layer", "1", "--n-head", "2",
-                  "--n-embd", "16", "--block-size", "16", "--max-iters", "2", "--warmup-iters", "1", "--eval-interval", "2",
-                  "--eval-iters", "1", "--batch-size", "4", "--compile", "false", "--device", "cpu", cwd=tmp_path)
+    out = barkgpt(
+        "train",
+        "--data",
+        "bark",
+        "--out-dir",
+        str(tmp_path / "run"),
+        "--n-layer",
+        "1",
+        "--n-head",
+        "2",
+        "--n-embd",
+        "16",
+        "--block-size",
+        "16",
+        "--max-iters",
+        "2",
+        "--warmup-iters",
+        "1",
+        "--eval-interval",
+        "2",
+        "--eval-iters",
+        "1",
+        "--batch-size",
+        "4",
+        "--compile",
+        "false",
+        "--device",
+        "cpu",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     assert "done: step 2" in out.stdout
     assert (tmp_path / "run" / "data" / "meta.json").is_file()
@@ -167,13 +214,17 @@ def test_eval_bark_rejects_zero_samples(tmp_path):
     from barkgpt.model import GPT
 
     tok = bark_chat_tokenizer()
-    save_checkpoint(tmp_path / "ckpt", GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2,
-                                                     n_kv_head=1, n_embd=16)), tok)
+    save_checkpoint(
+        tmp_path / "ckpt",
+        GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_kv_head=1, n_embd=16)),
+        tok,
+    )
     out = barkgpt("eval", "--model", str(tmp_path / "ckpt"), "--device", "cpu", "--bark", "--samples", "0", cwd=tmp_path)
     assert (out.returncode, out.stderr.strip()) == (2, "error: the number of samples must be at least 1, got 0")
 
 
 # ---- bark-chat end to end -------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def bark_chat_run(tmp_path_factory):
@@ -182,7 +233,9 @@ def bark_chat_run(tmp_path_factory):
     from barkgpt.train import train
 
     out = tmp_path_factory.mktemp("bark-chat") / "run"
-    model, cfg = build_configs("bark-chat", None, {"out_dir": str(out), "max_iters": 250, "eval_interval": 250, "warmup_iters": 20})
+    model, cfg = build_configs(
+        "bark-chat", None, {"out_dir": str(out), "max_iters": 250, "eval_interval": 250, "warmup_iters": 20}
+    )
     train(model, cfg, quiet=True, source=bark_chat_rows(2000))
     return out
 
@@ -199,8 +252,13 @@ def test_bark_chat_replies_follow_the_command_rule(bark_chat_run):
 @pytest.mark.slow
 def test_bark_chat_holds_a_multi_turn_conversation(bark_chat_run):
     commands = ["speak", "sit", "play", "growl", "hello there", "sit"]
-    out = subprocess.run([sys.executable, "-m", "barkgpt", "chat", "--model", str(bark_chat_run), "--temperature", "0",
-                          "--device", "cpu"], cwd=REPO, input="\n".join(commands) + "\n", capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "barkgpt", "chat", "--model", str(bark_chat_run), "--temperature", "0", "--device", "cpu"],
+        cwd=REPO,
+        input="\n".join(commands) + "\n",
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     replies = out.stdout.splitlines()
     assert len(replies) == len(commands)

@@ -25,7 +25,9 @@ def saved(tmp_path):
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=1, n_head=2, n_kv_head=1, n_embd=16))
-    save_checkpoint(tmp_path / "run" / "last", model, Tokenizer.from_words(["<PAD>", "<EOS>", "<BOS>", "<UNK>", *"abcdefg"]), {"step": 3})
+    save_checkpoint(
+        tmp_path / "run" / "last", model, Tokenizer.from_words(["<PAD>", "<EOS>", "<BOS>", "<UNK>", *"abcdefg"]), {"step": 3}
+    )
     return tmp_path / "run", model
 
 
@@ -45,9 +47,14 @@ def test_a_checkpoint_left_at_last_old_is_found_by_every_loader(saved):
     assert not (run / "last.old").exists()
 
 
-@pytest.mark.parametrize("field, value, tensor", [("vocab_size", 12, r"transformer\.wte\.weight is \(11, 16\) in the weights but \(12, 16\)"),
-                                                  ("n_embd", 32, r"\S+ is \("),
-                                                  ("n_kv_head", 2, r"transformer\.h\.0\.attn\.c_attn\.weight is \(32, 16\)")])
+@pytest.mark.parametrize(
+    "field, value, tensor",
+    [
+        ("vocab_size", 12, r"transformer\.wte\.weight is \(11, 16\) in the weights but \(12, 16\)"),
+        ("n_embd", 32, r"\S+ is \("),
+        ("n_kv_head", 2, r"transformer\.h\.0\.attn\.c_attn\.weight is \(32, 16\)"),
+    ],
+)
 def test_a_config_that_does_not_match_the_weights_is_one_line_naming_the_tensor(saved, field, value, tensor):
     from barkgpt.checkpoint import load_model
 
@@ -67,8 +74,12 @@ def test_sample_with_a_mismatched_config_prints_one_line(saved):
     config = json.loads(path.read_text())
     config["model"]["vocab_size"] = 40
     path.write_text(json.dumps(config))
-    out = subprocess.run([sys.executable, "-m", "barkgpt", "sample", "--model", str(run), "--device", "cpu"],
-                         cwd=REPO, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "barkgpt", "sample", "--model", str(run), "--device", "cpu"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "transformer.wte.weight is (11, 16) in the weights but (40, 16)" in out.stderr
 
@@ -99,14 +110,29 @@ def test_train_state_round_trips_through_last_and_restores_the_random_streams(tm
     model(torch.zeros(1, 4, dtype=torch.int64), torch.zeros(1, 4, dtype=torch.int64))[1].backward()
     opt.step()
     sampler = np.random.default_rng(5)
-    state = TrainState(step=7, best_val_loss=1.25, tokens_seen=448, elapsed_s=3.5, eval_pending=True, world_size=1,
-                       sampler=sampler.bit_generator.state, rng=rng_state(), optimizer=[opt.state_dict()])
+    state = TrainState(
+        step=7,
+        best_val_loss=1.25,
+        tokens_seen=448,
+        elapsed_s=3.5,
+        eval_pending=True,
+        world_size=1,
+        sampler=sampler.bit_generator.state,
+        rng=rng_state(),
+        optimizer=[opt.state_dict()],
+    )
     want = (random.random(), np.random.rand(), torch.rand(1).item(), sampler.integers(1 << 30))
     tok = Tokenizer.from_words(["<PAD>", "<EOS>", "<BOS>", "<UNK>", *"abcdefg"])
     save_checkpoint(tmp_path / "last", model, tok, {"step": 7}, state)
     back = TrainState.load(tmp_path / "last")
     assert (back.step, back.best_val_loss, back.tokens_seen, back.elapsed_s, back.run_id, back.eval_pending) == (
-        7, 1.25, 448, 3.5, state.run_id, True)
+        7,
+        1.25,
+        448,
+        3.5,
+        state.run_id,
+        True,
+    )
     assert torch.equal(back.optimizer[0]["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
     set_rng_state(back.rng)
     resumed = np.random.default_rng()
@@ -117,8 +143,17 @@ def test_train_state_round_trips_through_last_and_restores_the_random_streams(tm
 def test_train_state_reads_an_older_runs_dict_and_refuses_unknown_keys():
     from barkgpt.checkpoint import TrainState
 
-    old = TrainState.from_dict({"step": 3, "best_val_loss": 2.0, "tokens_seen": 96, "optimizer": {"state": {}},
-                                "sampler": None, "rng": None, "run_id": None})
+    old = TrainState.from_dict(
+        {
+            "step": 3,
+            "best_val_loss": 2.0,
+            "tokens_seen": 96,
+            "optimizer": {"state": {}},
+            "sampler": None,
+            "rng": None,
+            "run_id": None,
+        }
+    )
     assert old.optimizer == [{"state": {}}] and old.world_size == 1 and not old.eval_pending and len(old.run_id) == 32
     with pytest.raises(BarkError, match="^trainer state has unknown keys scheduler: .* another --out-dir$") as e:
         TrainState.from_dict({"step": 3, "scheduler": {}})

@@ -19,7 +19,7 @@ def run(*args, ok=True):
 def assert_one_line_error(out, *words):
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
-    lines = [l for l in out.stderr.splitlines() if l.strip()]
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
     for w in words:
         assert w in lines[0], lines[0]
@@ -30,9 +30,33 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     (root / "in.txt").write_text("ROMEO: O, she doth teach the torches to burn bright!\n" * 300)
     run("prepare", "--input", str(root / "in.txt"), "--tokenizer", "char", "--out", str(root / "data"))
-    run("train", "--data", str(root / "data"), "--out-dir", str(root / "run"), "--n-layer", "2", "--n-head", "2",
-        "--n-embd", "32", "--block-size", "32", "--max-iters", "30", "--warmup-iters", "3", "--eval-interval", "15",
-        "--eval-iters", "2", "--batch-size", "8", "--compile", "false")
+    run(
+        "train",
+        "--data",
+        str(root / "data"),
+        "--out-dir",
+        str(root / "run"),
+        "--n-layer",
+        "2",
+        "--n-head",
+        "2",
+        "--n-embd",
+        "32",
+        "--block-size",
+        "32",
+        "--max-iters",
+        "30",
+        "--warmup-iters",
+        "3",
+        "--eval-interval",
+        "15",
+        "--eval-iters",
+        "2",
+        "--batch-size",
+        "8",
+        "--compile",
+        "false",
+    )
     return root
 
 
@@ -48,8 +72,14 @@ def test_end_to_end(trained):
 
 @pytest.mark.slow
 def test_chat_reads_stdin(trained):
-    out = subprocess.run([sys.executable, "-m", "barkgpt", "chat", "--model", str(trained / "run"), "--max-new-tokens", "5"],
-                         input="hello\nagain\n", capture_output=True, text=True, cwd=REPO, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "barkgpt", "chat", "--model", str(trained / "run"), "--max-new-tokens", "5"],
+        input="hello\nagain\n",
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip()  # replies may hold newlines: only check something came back
 
@@ -59,7 +89,9 @@ def test_sampling_errors(trained):
     assert_one_line_error(run("sample", "--model", str(trained / "run"), "--temperature", "-1", ok=False), "temperature")
     assert_one_line_error(run("sample", "--model", str(trained / "run"), "--top-p", "1.5", ok=False), "top_p")
     assert_one_line_error(run("sample", "--model", str(trained / "run"), "--top-k", "-2", ok=False), "top_k")
-    assert_one_line_error(run("sample", "--model", str(trained / "run"), "--prompt", "x" * 100, ok=False), "block_size", "--truncate")
+    assert_one_line_error(
+        run("sample", "--model", str(trained / "run"), "--prompt", "x" * 100, ok=False), "block_size", "--truncate"
+    )
     run("sample", "--model", str(trained / "run"), "--prompt", "x" * 100, "--truncate", "--max-new-tokens", "3")
 
 
@@ -68,18 +100,27 @@ def test_config_errors(tmp_path):
     assert_one_line_error(run("train", "--n-head", "4", "--n-kv-head", "3", "--print-config", ok=False), "n_kv_head")
     assert_one_line_error(run("train", "--preset", "barkk", ok=False), "bark")
     assert_one_line_error(run("train", "--max-iters", "lots", ok=False), "--max-iters")
-    assert_one_line_error(run("train", "--data", str(tmp_path / "nope"), "--out-dir", str(tmp_path / "r"), ok=False), "does not exist")
+    assert_one_line_error(
+        run("train", "--data", str(tmp_path / "nope"), "--out-dir", str(tmp_path / "r"), ok=False), "does not exist"
+    )
     assert_one_line_error(run("sample", "--model", str(tmp_path), ok=False), "no checkpoint")
 
 
 def test_prepare_errors(tmp_path):
-    assert_one_line_error(run("prepare", "--input", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o"), ok=False), "missing.txt")
+    assert_one_line_error(
+        run("prepare", "--input", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o"), ok=False), "missing.txt"
+    )
     (tmp_path / "empty.txt").write_text("")
     assert_one_line_error(run("prepare", "--input", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o"), ok=False), "empty")
     (tmp_path / "bad.txt").write_bytes(b"hello \xff\xfe world\n" * 10)
-    assert_one_line_error(run("prepare", "--input", str(tmp_path / "bad.txt"), "--out", str(tmp_path / "o"), ok=False), "--errors replace")
+    assert_one_line_error(
+        run("prepare", "--input", str(tmp_path / "bad.txt"), "--out", str(tmp_path / "o"), ok=False), "--errors replace"
+    )
     (tmp_path / "ok.txt").write_text("some text here\n" * 50)
-    assert_one_line_error(run("prepare", "--input", str(tmp_path / "ok.txt"), "--out", str(tmp_path / "o"), "--vocab-size", "100", ok=False), "vocab")
+    assert_one_line_error(
+        run("prepare", "--input", str(tmp_path / "ok.txt"), "--out", str(tmp_path / "o"), "--vocab-size", "100", ok=False),
+        "vocab",
+    )
 
 
 @pytest.mark.slow
@@ -94,6 +135,7 @@ def test_corrupt_weights_are_a_clear_error(trained, tmp_path):
 
 
 # ---- the parser and the texts that describe it (issue 14: docs that drifted from the code) --------
+
 
 def subcommands(parser=None) -> dict:
     """Verb -> its subparser, in the order ``barkgpt --help`` lists them."""
@@ -124,9 +166,11 @@ def test_preset_help_names_every_preset():
 
 
 def test_help_of_every_verb_does_not_import_torch():
-    code = ("import sys\nfrom barkgpt.cli import main\nfor verb in ([], *[[v] for v in sys.argv[1:]]):\n"
-            "    try:\n        main([*verb, '--help'])\n    except SystemExit:\n        pass\n"
-            "print('torch' in sys.modules, file=sys.stderr)")
+    code = (
+        "import sys\nfrom barkgpt.cli import main\nfor verb in ([], *[[v] for v in sys.argv[1:]]):\n"
+        "    try:\n        main([*verb, '--help'])\n    except SystemExit:\n        pass\n"
+        "print('torch' in sys.modules, file=sys.stderr)"
+    )
     out = subprocess.run([sys.executable, "-c", code, *subcommands()], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert out.returncode == 0 and out.stderr.strip() == "False", out.stderr
     assert out.stdout.count("usage: barkgpt") == 1 + len(subcommands())
@@ -175,8 +219,11 @@ def test_every_documented_command_names_a_real_verb_flag_and_format():
             continue
         options = {s for a in verbs[verb]._actions for s in a.option_strings}
         formats = [c for a in verbs[verb]._actions if not a.option_strings for c in (a.choices or ())]
-        bad += [f"{where}: `barkgpt {verb}` has no {t.split('=')[0]}" for t in rest
-                if t.startswith("--") and t.split("=")[0] not in options]
+        bad += [
+            f"{where}: `barkgpt {verb}` has no {t.split('=')[0]}"
+            for t in rest
+            if t.startswith("--") and t.split("=")[0] not in options
+        ]
         if rest and not rest[0].startswith("-") and rest[0] != "..." and not set(rest[0].split("|")) <= set(formats):
             bad.append(f"{where}: `barkgpt {verb}` takes no argument {rest[0]!r}")
     assert not bad, "\n".join(bad)

@@ -41,10 +41,13 @@ def test_flags_override_preset():
     assert model.n_layer == 3 and train.max_iters == 7
 
 
-@pytest.mark.parametrize("kw, words", [
-    (dict(n_embd=30, n_head=4), ["n_embd", "n_head", "divisible"]),
-    (dict(n_head=4, n_kv_head=3), ["n_kv_head", "divisible"]),
-])
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        (dict(n_embd=30, n_head=4), ["n_embd", "n_head", "divisible"]),
+        (dict(n_head=4, n_kv_head=3), ["n_kv_head", "divisible"]),
+    ],
+)
 def test_cross_field_errors_name_the_fields(kw, words):
     with pytest.raises(BarkError) as e:
         GPTConfig(**kw)
@@ -93,10 +96,17 @@ def test_warmup_must_be_shorter_than_run():
         TrainConfig(max_iters=50, warmup_iters=100)
 
 
-@pytest.mark.parametrize("kw, word", [
-    (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"),
-    (dict(top_k=-1), "top_k"), (dict(min_p=1.0), "min_p"), (dict(max_new_tokens=0), "max_new_tokens"),
-])
+@pytest.mark.parametrize(
+    "kw, word",
+    [
+        (dict(temperature=-1), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-1), "top_k"),
+        (dict(min_p=1.0), "min_p"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+    ],
+)
 def test_bad_sampling_values(kw, word):
     with pytest.raises(BarkError, match=word):
         SampleConfig(**kw)
@@ -116,11 +126,13 @@ def test_non_finite_numbers_are_refused_everywhere(tmp_path):
     (tmp_path / "run.yaml").write_text("train:\n  learning_rate: .inf\n")
     with pytest.raises(BarkError, match="learning_rate must be a finite number"):
         build_configs(config=str(tmp_path / "run.yaml"))
-    for make, name in ((lambda: TrainConfig(learning_rate=float("nan")), "learning_rate"),
-                       (lambda: TrainConfig(grad_clip=float("inf")), "grad_clip"),
-                       (lambda: GPTConfig(rope_theta=float("nan")), "rope_theta"),
-                       (lambda: SampleConfig(top_p=float("nan")), "top_p"),
-                       (lambda: ServeConfig(shutdown_timeout=float("inf")), "shutdown_timeout")):
+    for make, name in (
+        (lambda: TrainConfig(learning_rate=float("nan")), "learning_rate"),
+        (lambda: TrainConfig(grad_clip=float("inf")), "grad_clip"),
+        (lambda: GPTConfig(rope_theta=float("nan")), "rope_theta"),
+        (lambda: SampleConfig(top_p=float("nan")), "top_p"),
+        (lambda: ServeConfig(shutdown_timeout=float("inf")), "shutdown_timeout"),
+    ):
         with pytest.raises(BarkError, match=f"{name} must be a finite number"):
             make()
 
@@ -128,8 +140,11 @@ def test_non_finite_numbers_are_refused_everywhere(tmp_path):
 def test_serve_limits_are_checked():
     from barkgpt.config import ServeConfig
 
-    for kw, word in ((dict(max_queue=0), "max_queue"), (dict(max_run_params=0), "max_run_params"),
-                     (dict(max_run_memory=0), "max_run_memory")):
+    for kw, word in (
+        (dict(max_queue=0), "max_queue"),
+        (dict(max_run_params=0), "max_run_params"),
+        (dict(max_run_memory=0), "max_run_memory"),
+    ):
         with pytest.raises(BarkError, match=word):
             ServeConfig(**kw)
 

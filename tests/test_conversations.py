@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 
 from barkgpt.common import BarkError
-from barkgpt.conversations import (IGNORE_INDEX, encode_conversation, load_conversations, pack_conversations, pack_rows,
-                                   split_conversations)
+from barkgpt.conversations import (
+    IGNORE_INDEX,
+    encode_conversation,
+    load_conversations,
+    pack_conversations,
+    pack_rows,
+    split_conversations,
+)
 from barkgpt.tokenizer import CHAT_TOKENS, SPECIAL_TOKENS, Tokenizer
 
 # A fixed word vocabulary with the word chat template ("User: ... Assistant: ... <EOS>").
@@ -29,25 +35,37 @@ def chat_tok(tiny_tokenizer):
 
 
 def test_reads_openai_and_sharegpt_rows(tmp_path):
-    path = write_jsonl(tmp_path / "c.jsonl", [
-        {"tree_id": "a", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                                      {"role": "assistant", "content": "Hello."}]},
-        "",
-        {"conversations": [{"from": "human", "value": "Hey"}, {"from": "gpt", "value": "Yo"}]},
-    ])
+    path = write_jsonl(
+        tmp_path / "c.jsonl",
+        [
+            {
+                "tree_id": "a",
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello."},
+                ],
+            },
+            "",
+            {"conversations": [{"from": "human", "value": "Hey"}, {"from": "gpt", "value": "Yo"}]},
+        ],
+    )
     convs = load_conversations(path)
     assert [m["role"] for m in convs[0]["messages"]] == ["system", "user", "assistant"]
     assert convs[1]["messages"] == [{"role": "user", "content": "Hey"}, {"role": "assistant", "content": "Yo"}]
     assert [c["group"] for c in convs] == ["a", "#3"]  # no tree_id: a group of its own
 
 
-@pytest.mark.parametrize("row, match", [
-    ("{not json", "line 1 is not valid JSON"),
-    ({"text": "hi"}, "neither a 'messages' list"),
-    ({"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]}, "unknown role 'tool'"),
-    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]}, "needs a string 'content'"),
-    ({"messages": [{"role": "user", "content": "only a question"}]}, "no assistant turn"),
-])
+@pytest.mark.parametrize(
+    "row, match",
+    [
+        ("{not json", "line 1 is not valid JSON"),
+        ({"text": "hi"}, "neither a 'messages' list"),
+        ({"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]}, "unknown role 'tool'"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]}, "needs a string 'content'"),
+        ({"messages": [{"role": "user", "content": "only a question"}]}, "no assistant turn"),
+    ],
+)
 def test_bad_rows_are_one_line_errors(tmp_path, row, match):
     with pytest.raises(BarkError, match=match):
         load_conversations(write_jsonl(tmp_path / "bad.jsonl", [row]))
@@ -74,16 +92,23 @@ def test_real_conversations_render_and_mask_exactly_their_replies(shared_data, c
         assert chat_tok.decode([i for i, m in zip(ids, mask) if m]) == replies
         assert chat_tok.decode(ids) == chat_tok.apply_chat_template(messages, add_generation_prompt=False)
     # a reply that looks like a turn boundary in the plain-text template is still all target
-    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "line one\nline two"},
-             {"role": "assistant", "content": "Sure.\nUser: not a turn"}]
+    plain = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "line one\nline two"},
+        {"role": "assistant", "content": "Sure.\nUser: not a turn"},
+    ]
     ids, mask = encode_conversation(tiny_tokenizer, plain)
     assert tiny_tokenizer.decode([i for i, m in zip(ids, mask) if m]).strip() == "Sure.\nUser: not a turn<EOS>"
 
 
 def test_assistant_mask_covers_exactly_the_replies_and_their_eos(chat_tok):
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Café? 🐶"},
-                {"role": "assistant", "content": "Oui, café."}, {"role": "user", "content": "Bye"},
-                {"role": "assistant", "content": "Woof! 東京"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Café? 🐶"},
+        {"role": "assistant", "content": "Oui, café."},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Woof! 東京"},
+    ]
     ids, mask = encode_conversation(chat_tok, messages)
     assert ids == chat_tok.encode(chat_tok.apply_chat_template(messages, add_generation_prompt=False))
     targets = chat_tok.decode([i for i, m in zip(ids, mask) if m])

@@ -23,13 +23,16 @@ def kernel():
 
 def sdpa(q, k, v):
     """PyTorch's causal attention on (B, T, heads, D) tensors."""
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                       enable_gqa=q.size(2) != k.size(2))
+    y = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=q.size(2) != k.size(2)
+    )
     return y.transpose(1, 2)
 
 
-@pytest.mark.parametrize("B,T,H,H_kv,D", [(12, 64, 4, 1, 32), (2, 7, 4, 2, 16), (3, 33, 2, 2, 32), (2, 9, 3, 1, 32),
-                                          (1, 2, 1, 1, 16), (2, 256, 2, 1, 16)])
+@pytest.mark.parametrize(
+    "B,T,H,H_kv,D",
+    [(12, 64, 4, 1, 32), (2, 7, 4, 2, 16), (3, 33, 2, 2, 32), (2, 9, 3, 1, 32), (1, 2, 1, 1, 16), (2, 256, 2, 1, 16)],
+)
 def test_outputs_and_gradients_match_sdpa(kernel, B, T, H, H_kv, D):
     torch.manual_seed(0)
     qkv = torch.randn(B, T, H + 2 * H_kv, D) * 2  # q, k, v as strided views of one projection, as in the model
@@ -58,8 +61,9 @@ def test_usable_only_where_the_kernel_applies(kernel):
 
 def test_model_losses_and_gradients_match_and_compile(kernel):
     """A llama model with the kernel gives SDPA's loss and gradients, eager and compiled."""
-    cfg = GPTConfig(family="llama", vocab_size=65, block_size=32, n_layer=2, n_head=4, n_kv_head=1, n_embd=128,
-                    intermediate_size=256)
+    cfg = GPTConfig(
+        family="llama", vocab_size=65, block_size=32, n_layer=2, n_head=4, n_kv_head=1, n_embd=128, intermediate_size=256
+    )
     torch.manual_seed(0)
     model = GPT(cfg)
     x, y = torch.randint(0, 65, (4, 32)), torch.randint(0, 65, (4, 32))
@@ -86,11 +90,16 @@ def test_disabled_by_environment(monkeypatch):
     assert cpu_attention.load() is False and not cpu_attention.usable(torch.zeros(2, 64, 4, 32))
 
 
-@pytest.mark.parametrize("k_shape,v_shape", [((2, 8, 1, 16), (2, 8, 2, 16)),  # k and v differ
-                                             ((2, 4, 1, 16), (2, 4, 1, 16)),  # shorter than q
-                                             ((1, 8, 1, 16), (1, 8, 1, 16)),  # fewer batch rows
-                                             ((2, 8, 1, 32), (2, 8, 1, 32)),  # another head size
-                                             ((2, 8, 3, 16), (2, 8, 3, 16))])  # 4 heads over 3
+@pytest.mark.parametrize(
+    "k_shape,v_shape",
+    [
+        ((2, 8, 1, 16), (2, 8, 2, 16)),  # k and v differ
+        ((2, 4, 1, 16), (2, 4, 1, 16)),  # shorter than q
+        ((1, 8, 1, 16), (1, 8, 1, 16)),  # fewer batch rows
+        ((2, 8, 1, 32), (2, 8, 1, 32)),  # another head size
+        ((2, 8, 3, 16), (2, 8, 3, 16)),
+    ],
+)  # 4 heads over 3
 def test_mismatched_shapes_raise(kernel, k_shape, v_shape):
     """The kernel indexes k and v with q's sizes: a mismatch is a RuntimeError, never an out-of-bounds read."""
     q = torch.randn(2, 8, 4, 16)

@@ -10,8 +10,7 @@ import pytest
 
 from barkgpt import data
 from barkgpt.common import BarkError
-from barkgpt.data import (builtin_dataset, get_batch, load_split, prepare_dataset, prepare_documents, read_meta,
-                          register_dataset)
+from barkgpt.data import builtin_dataset, get_batch, load_split, prepare_dataset, prepare_documents, read_meta, register_dataset
 from barkgpt.tokenizer import Tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -34,7 +33,12 @@ def test_prepare_text_writes_bins_meta_and_tokenizer(text_file, tmp_path):
     out = tmp_path / "out"
     meta = prepare_dataset(text_file, out, tokenizer="char")
     assert sorted(p.name for p in out.iterdir()) == [
-        "meta.json", "tokenizer.json", "tokenizer_config.json", "train.bin", "val.bin"]
+        "meta.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "train.bin",
+        "val.bin",
+    ]
     assert read_meta(out) == meta == json.loads((out / "meta.json").read_text())
     assert meta["tokenizer"] == "char" and meta["dtype"] == "uint16" and meta["val_fraction"] == 0.1
     assert meta["source_sha256"] == hashlib.sha256(TEXT.encode()).hexdigest()
@@ -72,8 +76,7 @@ def test_prepare_bpe_defaults_and_round_trip(text_file, tmp_path):
 def test_chunked_encoding_equals_whole_encoding(tmp_path, monkeypatch):
     # Tiny chunks force many cuts; indentation, blank-line runs, CRLF and a long unspaced line
     # are where a careless cut would change byte-level BPE's pre-tokens.
-    text = ("def f(x):\n    return x  \n\n\n\nclass A:\r\n\r\n  pass \t\n" + "é" * 150 + "\n"
-            + "word " * 30 + "\n") * 12
+    text = ("def f(x):\n    return x  \n\n\n\nclass A:\r\n\r\n  pass \t\n" + "é" * 150 + "\n" + "word " * 30 + "\n") * 12
     (tmp_path / "in.txt").write_text(text)
     monkeypatch.setattr(data, "CHUNK_BYTES", 37)
     monkeypatch.setattr(data, "BATCH_BYTES", 100)
@@ -82,7 +85,7 @@ def test_chunked_encoding_equals_whole_encoding(tmp_path, monkeypatch):
     train = tokens(tmp_path / "out", "train")
     head = tok.decode(train[:-1])
     assert train == tok.encode(head) + [tok.eos_id]
-    assert tokens(tmp_path / "out", "val") == tok.encode(text[len(head):]) + [tok.eos_id]
+    assert tokens(tmp_path / "out", "val") == tok.encode(text[len(head) :]) + [tok.eos_id]
 
 
 @pytest.fixture
@@ -105,8 +108,7 @@ def test_tiny_shakespeare_char(shakespeare, tmp_path):
 def test_folder_input_one_document_per_file(tmp_path):
     folder = tmp_path / "docs"
     folder.mkdir()
-    docs = {"b.txt": "bravo bravo\nbravo", "a.txt": "alpha alpha alpha\n", "c.txt": "charlie " * 20,
-            "empty.txt": ""}
+    docs = {"b.txt": "bravo bravo\nbravo", "a.txt": "alpha alpha alpha\n", "c.txt": "charlie " * 20, "empty.txt": ""}
     for name, text in docs.items():
         (folder / name).write_text(text)
     (folder / "notes.md").write_text("ignored")
@@ -156,8 +158,12 @@ def test_non_utf8_input_names_offset_and_replace(tmp_path):
 
 @pytest.mark.parametrize("case", ["missing", "empty", "empty_folder", "no_text_jsonl"])
 def test_empty_or_missing_input_raises(case, tmp_path):
-    path = {"missing": tmp_path / "nope.txt", "empty": tmp_path / "empty.txt",
-            "empty_folder": tmp_path / "folder", "no_text_jsonl": tmp_path / "blank.jsonl"}[case]
+    path = {
+        "missing": tmp_path / "nope.txt",
+        "empty": tmp_path / "empty.txt",
+        "empty_folder": tmp_path / "folder",
+        "no_text_jsonl": tmp_path / "blank.jsonl",
+    }[case]
     if case == "empty":
         path.write_text("")
     elif case == "empty_folder":
@@ -165,8 +171,9 @@ def test_empty_or_missing_input_raises(case, tmp_path):
         (path / "readme.md").write_text("not a .txt")
     elif case == "no_text_jsonl":
         path.write_text('{"text": ""}\n\n{"text": ""}\n')
-    message = {"missing": "does not exist", "empty": "is empty", "empty_folder": "no .txt files",
-               "no_text_jsonl": "no text"}[case]
+    message = {"missing": "does not exist", "empty": "is empty", "empty_folder": "no .txt files", "no_text_jsonl": "no text"}[
+        case
+    ]
     with pytest.raises(BarkError, match=message):
         prepare_dataset(path, tmp_path / "out", "char")
     assert not (tmp_path / "out" / "meta.json").exists()

@@ -15,12 +15,35 @@ import sys
 import pytest
 
 torch = pytest.importorskip("torch")
-pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(), reason="this PyTorch has no torch.distributed"),
-              pytest.mark.integration]
+pytestmark = [
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="this PyTorch has no torch.distributed"),
+    pytest.mark.integration,
+]
 
-COMMON = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--log-interval", "1",
-          "--eval-iters", "2", "--warmup-iters", "1", "--lr-decay-iters", "5", "--compile", "false", "--device", "cpu",
-          "--gradient-accumulation-steps", "2"]  # accumulation: no_sync on all but the last micro-batch
+COMMON = [
+    "--n-layer",
+    "2",
+    "--n-head",
+    "2",
+    "--n-embd",
+    "32",
+    "--block-size",
+    "32",
+    "--log-interval",
+    "1",
+    "--eval-iters",
+    "2",
+    "--warmup-iters",
+    "1",
+    "--lr-decay-iters",
+    "5",
+    "--compile",
+    "false",
+    "--device",
+    "cpu",
+    "--gradient-accumulation-steps",
+    "2",
+]  # accumulation: no_sync on all but the last micro-batch
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +70,22 @@ def train_losses(run) -> list[float]:
 @pytest.fixture(scope="module")
 def two_rank_run(data):
     out = data.parent / "two"
-    r = barkgpt("train", "--data", str(data), "--out-dir", str(out), "--batch-size", "2", "--max-iters", "5",
-                "--eval-interval", "5", "--nproc", "2", *COMMON)
+    r = barkgpt(
+        "train",
+        "--data",
+        str(data),
+        "--out-dir",
+        str(out),
+        "--batch-size",
+        "2",
+        "--max-iters",
+        "5",
+        "--eval-interval",
+        "5",
+        "--nproc",
+        "2",
+        *COMMON,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("done: step 5") == 1  # rank 0 alone reports
     return out
@@ -57,8 +94,25 @@ def two_rank_run(data):
 def test_two_ranks_match_one_process(data, two_rank_run, tmp_path):
     from barkgpt.cli import main
 
-    assert main(["train", "--data", str(data), "--out-dir", str(tmp_path / "one"), "--batch-size", "4",
-                 "--max-iters", "5", "--eval-interval", "5", *COMMON]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--out-dir",
+                str(tmp_path / "one"),
+                "--batch-size",
+                "4",
+                "--max-iters",
+                "5",
+                "--eval-interval",
+                "5",
+                *COMMON,
+            ]
+        )
+        == 0
+    )
     one, two = train_losses(tmp_path / "one"), train_losses(two_rank_run)
     assert len(one) == len(two) == 5
     assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5, (one, two)
@@ -83,8 +137,24 @@ def test_fsdp_matches_ddp_and_saves_a_plain_checkpoint(data, two_rank_run):
     from barkgpt.generate import load_generator
 
     out = data.parent / "fsdp"
-    r = barkgpt("train", "--data", str(data), "--out-dir", str(out), "--batch-size", "2", "--max-iters", "5",
-                "--eval-interval", "5", "--nproc", "2", "--fsdp", "true", *COMMON)
+    r = barkgpt(
+        "train",
+        "--data",
+        str(data),
+        "--out-dir",
+        str(out),
+        "--batch-size",
+        "2",
+        "--max-iters",
+        "5",
+        "--eval-interval",
+        "5",
+        "--nproc",
+        "2",
+        "--fsdp",
+        "true",
+        *COMMON,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "FSDP" in r.stdout
     assert max(abs(a - b) for a, b in zip(train_losses(out), train_losses(two_rank_run))) < 1e-5

@@ -5,8 +5,16 @@ import torch
 
 from barkgpt.common import BarkError
 from barkgpt.config import GPTConfig, SamplingParams
-from barkgpt.engine import (Engine, KVCache, PrefixCache, Row, apply_repetition_penalty, process_logits,
-                            sample_next_token, token_logprobs)
+from barkgpt.engine import (
+    Engine,
+    KVCache,
+    PrefixCache,
+    Row,
+    apply_repetition_penalty,
+    process_logits,
+    sample_next_token,
+    token_logprobs,
+)
 from barkgpt.model import GPT
 
 
@@ -20,7 +28,7 @@ def model(request):
 def test_greedy_kv_cache_equals_naive(model):
     for prompt in ([1], [5, 9, 2, 33, 7], list(range(3, 20))):
         fast = [s[0] for s in Engine(model).generate(prompt, max_new_tokens=32 - len(prompt), temperature=0)]
-        naive = model.generate(torch.tensor([prompt]), 32 - len(prompt))[0, len(prompt):].tolist()
+        naive = model.generate(torch.tensor([prompt]), 32 - len(prompt))[0, len(prompt) :].tolist()
         assert fast == naive
 
 
@@ -92,7 +100,7 @@ def test_per_row_settings_filter_each_row_as_alone():
     rows = [Row([1], SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m)) for t, k, p, m in settings]
     batched = torch.softmax(process_logits(logits, rows), dim=-1)
     for b, row in enumerate(rows):
-        torch.testing.assert_close(batched[b:b + 1], torch.softmax(process_logits(logits[b:b + 1], [row]), dim=-1))
+        torch.testing.assert_close(batched[b : b + 1], torch.softmax(process_logits(logits[b : b + 1], [row]), dim=-1))
     assert (batched[0] > 0).sum() == 5 and (batched[3] > 0).sum() <= 3
 
 
@@ -155,8 +163,12 @@ def test_a_row_hook_constrains_every_token(model):
 
 
 def test_sampling_settings_are_validated_once_in_sampling_params(model):
-    for kw, word in ((dict(temperature=-1), "temperature"), (dict(presence_penalty=3), "presence_penalty"),
-                     (dict(frequency_penalty=-2.5), "frequency_penalty"), (dict(logprobs=-1), "logprobs")):
+    for kw, word in (
+        (dict(temperature=-1), "temperature"),
+        (dict(presence_penalty=3), "presence_penalty"),
+        (dict(frequency_penalty=-2.5), "frequency_penalty"),
+        (dict(logprobs=-1), "logprobs"),
+    ):
         with pytest.raises(BarkError, match=word):
             SamplingParams(**kw)
     with pytest.raises(BarkError, match="top_p"):

@@ -56,8 +56,24 @@ def test_eval_reports_unknown_characters_instead_of_failing(tmp_path):
     char = Tokenizer.train("char", ["the quick brown fox jumps over the lazy dog\n"])
     save_random_model(tmp_path / "ckpt", char)
     (tmp_path / "new.txt").write_text("the dog § ate ¶ 🐶 café\n", encoding="utf-8")
-    out = subprocess.run([sys.executable, "-m", "barkgpt", "eval", "--model", str(tmp_path / "ckpt"), "--data",
-                          str(tmp_path / "new.txt"), "--json", "--device", "cpu"], cwd=REPO, capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "barkgpt",
+            "eval",
+            "--model",
+            str(tmp_path / "ckpt"),
+            "--data",
+            str(tmp_path / "new.txt"),
+            "--json",
+            "--device",
+            "cpu",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout)
     assert r["unknown"] == 4  # § ¶ 🐶 é
@@ -86,8 +102,19 @@ def char_run(tmp_path_factory):
     (root / "t.txt").write_text("".join(f"To be, or not to be, that is question {i}.\n" for i in range(100)))
     prepare_dataset(root / "t.txt", root / "data", tokenizer="char", val_fraction=0.3)
     model = GPTConfig(block_size=16, n_layer=1, n_head=2, n_kv_head=1, n_embd=16)
-    train(model, TrainConfig(data=str(root / "data"), out_dir=str(root / "run"), batch_size=4, max_iters=4,
-                             warmup_iters=1, eval_interval=4, eval_iters=2), quiet=True)
+    train(
+        model,
+        TrainConfig(
+            data=str(root / "data"),
+            out_dir=str(root / "run"),
+            batch_size=4,
+            max_iters=4,
+            warmup_iters=1,
+            eval_interval=4,
+            eval_iters=2,
+        ),
+        quiet=True,
+    )
     return root
 
 
@@ -133,8 +160,15 @@ def test_training_and_eval_give_the_same_bpb_for_the_same_model_and_text(tmp_pat
     np.array([eos, *ids, eos], dtype=np.uint16).tofile(tmp_path / "data" / "val.bin")
     model = save_random_model(tmp_path / "ckpt", tiny_tokenizer, block_size=len(ids) + 1)
     cfg = TrainConfig(eval_iters=1, batch_size=2, warmup_iters=0)
-    train_bpb = estimate_loss(model, TokenWindows(tmp_path / "data"), cfg, len(ids) + 1, "cpu", contextlib.nullcontext(),
-                              np.array(tiny_tokenizer.token_bytes()))["val_bpb"]
+    train_bpb = estimate_loss(
+        model,
+        TokenWindows(tmp_path / "data"),
+        cfg,
+        len(ids) + 1,
+        "cpu",
+        contextlib.nullcontext(),
+        np.array(tiny_tokenizer.token_bytes()),
+    )["val_bpb"]
     text = evaluate_text(tmp_path / "ckpt", tmp_path / "doc.txt", device="cpu")
     folder = evaluate_text(tmp_path / "ckpt", tmp_path / "data", split="val", device="cpu")
     assert text["bytes"] == folder["bytes"] == len(TEXT.encode("utf-8"))
@@ -143,8 +177,12 @@ def test_training_and_eval_give_the_same_bpb_for_the_same_model_and_text(tmp_pat
 
 
 def eval_cli(*args, cwd=REPO):
-    out = subprocess.run([sys.executable, "-m", "barkgpt", "eval", "--device", "cpu", "--json", *map(str, args)],
-                         cwd=cwd, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "barkgpt", "eval", "--device", "cpu", "--json", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout), out.stderr
 
@@ -185,12 +223,22 @@ def test_eval_refuses_a_prepared_folder_of_another_tokenizer(char_run, tmp_path,
         evaluate_text(char_run / "run", char_run / "data", split="val", val_fraction=0.3, device="cpu")
 
 
-@pytest.mark.parametrize("args, message", [
-    ([], "error: barkgpt eval needs --data FILE (a text to score) or --bark (the Bark chat rule check)"),
-    (["--data", "missing.txt"], "error: input missing.txt does not exist; pass a .txt file, a folder of .txt files or a .jsonl file"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "error: barkgpt eval needs --data FILE (a text to score) or --bark (the Bark chat rule check)"),
+        (
+            ["--data", "missing.txt"],
+            "error: input missing.txt does not exist; pass a .txt file, a folder of .txt files or a .jsonl file",
+        ),
+    ],
+)
 def test_eval_cli_errors_are_one_line(tmp_path, args, message):
     save_random_model(tmp_path / "ckpt", Tokenizer.train("char", [TEXT]))
-    out = subprocess.run([sys.executable, "-m", "barkgpt", "eval", "--model", str(tmp_path / "ckpt"), "--device", "cpu", *args],
-                         cwd=tmp_path, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "barkgpt", "eval", "--model", str(tmp_path / "ckpt"), "--device", "cpu", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert (out.returncode, out.stderr.strip()) == (2, message)

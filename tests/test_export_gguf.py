@@ -16,19 +16,26 @@ import torch
 
 gguf = pytest.importorskip("gguf", reason="the export extra (gguf) is not installed")
 
-from barkgpt.checkpoint import save_checkpoint  # noqa: E402
-from barkgpt.cli import main  # noqa: E402
-from barkgpt.config import GPTConfig  # noqa: E402
-from barkgpt.export.gguf import export_gguf  # noqa: E402
-from barkgpt.generate import TextGenerator  # noqa: E402
-from barkgpt.model import GPT  # noqa: E402
-from barkgpt.tokenizer import Tokenizer  # noqa: E402
+from barkgpt.checkpoint import save_checkpoint
+from barkgpt.cli import main
+from barkgpt.config import GPTConfig
+from barkgpt.export.gguf import export_gguf
+from barkgpt.generate import TextGenerator
+from barkgpt.model import GPT
+from barkgpt.tokenizer import Tokenizer
 
-TEXTS = ["ROMEO: what light through yonder window breaks?", "Café naïve 東京は大きい 🐶🐕 woof!",
-         "  leading spaces, trailing  \n\n\ttabs and 12345 numbers 3.14", "don't you'll we've I'm <EOS> after special",
-         "User: hi\nAssistant: hello<EOS>\n", "symbols #@$%^&*() and ünïcödé ß ﬁ"]
-needs_llama = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
-                                 reason="llama-cpp-python is not installed (make test builds it: compiling llama.cpp takes 9-18 min)")
+TEXTS = [
+    "ROMEO: what light through yonder window breaks?",
+    "Café naïve 東京は大きい 🐶🐕 woof!",
+    "  leading spaces, trailing  \n\n\ttabs and 12345 numbers 3.14",
+    "don't you'll we've I'm <EOS> after special",
+    "User: hi\nAssistant: hello<EOS>\n",
+    "symbols #@$%^&*() and ünïcödé ß ﬁ",
+]
+needs_llama = pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None,
+    reason="llama-cpp-python is not installed (make test builds it: compiling llama.cpp takes 9-18 min)",
+)
 
 
 def randomize(model: GPT, seed: int = 0) -> GPT:
@@ -36,7 +43,10 @@ def randomize(model: GPT, seed: int = 0) -> GPT:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if p.dim() >= 2 else 0.1) + (0 if p.dim() >= 2 or name.endswith("bias") else 1))
+            p.copy_(
+                torch.randn(p.shape, generator=gen) * (0.3 if p.dim() >= 2 else 0.1)
+                + (0 if p.dim() >= 2 or name.endswith("bias") else 1)
+            )
     return model.eval()
 
 
@@ -48,8 +58,16 @@ def bpe(tiny_text):
 def checkpoint(tmp_path, tokenizer, family="llama", **kw):
     if family == "moe":
         family, kw = "llama", {"n_expert": 4, "n_expert_per_token": 2, "intermediate_size": 96, **kw}
-    cfg = GPTConfig(family=family, vocab_size=tokenizer.vocab_size, block_size=96, n_layer=2, n_head=4,
-                    n_kv_head=2 if family == "llama" else None, n_embd=64, **kw)
+    cfg = GPTConfig(
+        family=family,
+        vocab_size=tokenizer.vocab_size,
+        block_size=96,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2 if family == "llama" else None,
+        n_embd=64,
+        **kw,
+    )
     model = randomize(GPT(cfg))
     save_checkpoint(tmp_path / f"ck-{family}", model, tokenizer)
     return tmp_path / f"ck-{family}", model
@@ -90,10 +108,19 @@ def llama_cpp_logits(path, ids):
     """llama.cpp's logits (len(ids), vocab) for one sequence, with an F32 KV cache."""
     from llama_cpp import GGML_TYPE_F32, Llama
 
-    llm = Llama(model_path=str(path), n_ctx=96, n_batch=96, logits_all=True, verbose=False, n_threads=1,
-                type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, seed=0)
+    llm = Llama(
+        model_path=str(path),
+        n_ctx=96,
+        n_batch=96,
+        logits_all=True,
+        verbose=False,
+        n_threads=1,
+        type_k=GGML_TYPE_F32,
+        type_v=GGML_TYPE_F32,
+        seed=0,
+    )
     llm.eval(ids)
-    return llm, np.array(llm.scores[:len(ids)])
+    return llm, np.array(llm.scores[: len(ids)])
 
 
 def ggml_gelu(monkeypatch):
@@ -101,8 +128,9 @@ def ggml_gelu(monkeypatch):
     output rounded to fp16; GGML_GELU_FP16): up to ~5e-3 off in the logits of these random
     models, so without this the gpt2 family could only be held to 1e-2."""
     gelu = torch.nn.functional.gelu
-    monkeypatch.setattr(torch.nn.functional, "gelu",
-                        lambda x, approximate="none": gelu(x.half().float(), approximate=approximate).half().float())
+    monkeypatch.setattr(
+        torch.nn.functional, "gelu", lambda x, approximate="none": gelu(x.half().float(), approximate=approximate).half().float()
+    )
 
 
 @needs_llama
@@ -166,7 +194,10 @@ def test_q_and_k_are_written_for_llama_cpps_rope(tmp_path, bpe):
     x = torch.randn(c.n_embd, generator=torch.Generator().manual_seed(0))  # one residual vector (C,)
     cos, sin = rope_cache(8, hs, c.rope_theta)  # (8, hs) each
     m, n = 7, 2  # query and key positions: scores depend on m - n only through RoPE
-    ours_q, ours_k = apply_rope((wq @ x).view(c.n_head, hs), cos[m], sin[m]), apply_rope((wk @ x).view(c.n_kv_head, hs), cos[n], sin[n])
+    ours_q, ours_k = (
+        apply_rope((wq @ x).view(c.n_head, hs), cos[m], sin[m]),
+        apply_rope((wk @ x).view(c.n_kv_head, hs), cos[n], sin[n]),
+    )
     theirs_q = adjacent_pair_rope((exported["blk.1.attn_q.weight"].view(-1, c.n_embd) @ x).view(c.n_head, hs), m, c.rope_theta)
     theirs_k = adjacent_pair_rope((exported["blk.1.attn_k.weight"].view(-1, c.n_embd) @ x).view(c.n_kv_head, hs), n, c.rope_theta)
     ours, theirs = ours_q @ ours_k.T, theirs_q @ theirs_k.T  # (n_head, n_kv_head) scores

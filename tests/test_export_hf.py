@@ -16,17 +16,21 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="the export extra (transformers) is not installed")
 
-from barkgpt.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from barkgpt.cli import main  # noqa: E402
-from barkgpt.common import BarkError  # noqa: E402
-from barkgpt.config import GPTConfig  # noqa: E402
-from barkgpt.export.hf import export_hf, import_hf  # noqa: E402
-from barkgpt.generate import TextGenerator  # noqa: E402
-from barkgpt.model import GPT  # noqa: E402
-from barkgpt.tokenizer import Tokenizer  # noqa: E402
+from barkgpt.checkpoint import load_checkpoint, save_checkpoint
+from barkgpt.cli import main
+from barkgpt.common import BarkError
+from barkgpt.config import GPTConfig
+from barkgpt.export.hf import export_hf, import_hf
+from barkgpt.generate import TextGenerator
+from barkgpt.model import GPT
+from barkgpt.tokenizer import Tokenizer
 
-SAMPLES = ["ROMEO: what light through yonder window breaks?", "Café naïve 東京 🐶 <EOS> woof  spaces\n\nnew lines",
-           "The quick brown fox. 12345 #@$%", "User: speak Assistant: woof arf <EOS>"]
+SAMPLES = [
+    "ROMEO: what light through yonder window breaks?",
+    "Café naïve 東京 🐶 <EOS> woof  spaces\n\nnew lines",
+    "The quick brown fox. 12345 #@$%",
+    "User: speak Assistant: woof arf <EOS>",
+]
 
 
 def randomize(model: GPT, seed: int = 0) -> GPT:
@@ -48,17 +52,32 @@ def tokenizers_by_kind(tiny_text):
     """One trained tokenizer per kind; the word one is Bark's fixed vocabulary."""
     from barkgpt.bark import bark_tokenizer
 
-    return {"bpe": Tokenizer.train("bpe", [tiny_text], 320), "char": Tokenizer.train("char", [tiny_text]),
-            "word": bark_tokenizer()}
+    return {
+        "bpe": Tokenizer.train("bpe", [tiny_text], 320),
+        "char": Tokenizer.train("char", [tiny_text]),
+        "word": bark_tokenizer(),
+    }
 
 
 def make_checkpoint(tmp_path, family: str, tokenizer: Tokenizer, tie: bool = True) -> tuple:
-    cfg = GPTConfig(family=family, vocab_size=tokenizer.vocab_size, block_size=64, n_layer=2, n_head=4,
-                    n_kv_head=2 if family == "llama" else None, n_embd=32, tie_embeddings=tie)
+    cfg = GPTConfig(
+        family=family,
+        vocab_size=tokenizer.vocab_size,
+        block_size=64,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2 if family == "llama" else None,
+        n_embd=32,
+        tie_embeddings=tie,
+    )
     model = randomize(GPT(cfg))
     path = tmp_path / f"ckpt-{family}"
-    save_checkpoint(path, model, tokenizer, info={"step": 7, "tokens_seen": 1234, "val_loss": 2.5,
-                                                   "data": {"source": "tiny.txt", "source_sha256": "ab" * 32}})
+    save_checkpoint(
+        path,
+        model,
+        tokenizer,
+        info={"step": 7, "tokens_seen": 1234, "val_loss": 2.5, "data": {"source": "tiny.txt", "source_sha256": "ab" * 32}},
+    )
     return path, model
 
 
@@ -83,14 +102,19 @@ def test_export_parity(tmp_path, tokenizers_by_kind, family, kind):
         ids = tokenizer.encode(text)
         assert hf_tok(text)["input_ids"] == ids, text
         assert hf_tok.decode(ids) == tokenizer.decode(ids)
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "speak"},
-                {"role": "assistant", "content": "woof"}, {"role": "user", "content": "speak"}]
-    assert hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
-        tokenizer.apply_chat_template(messages)
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "speak"},
+        {"role": "assistant", "content": "woof"},
+        {"role": "user", "content": "speak"},
+    ]
+    assert hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == tokenizer.apply_chat_template(
+        messages
+    )
 
     # a batch of prompts: fp32 logits at every position within 1e-4
     stream = tokenizer.encode(" ".join(SAMPLES) * 4)
-    batch = torch.tensor([stream[i * 20:i * 20 + 24] for i in range(3)])
+    batch = torch.tensor([stream[i * 20 : i * 20 + 24] for i in range(3)])
     with torch.no_grad():
         ours, _ = model(batch, targets=batch)
         theirs = hf_model(batch).logits
@@ -100,15 +124,30 @@ def test_export_parity(tmp_path, tokenizers_by_kind, family, kind):
     prompt = batch[0, :16].tolist()
     steps = TextGenerator(model, tokenizer).engine.generate(prompt, max_new_tokens=32, temperature=0.0, stop_ids=[])
     ours_gen = [s[0] for s in steps]
-    theirs_gen = hf_model.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                                   eos_token_id=None, pad_token_id=tokenizer.pad_id)[0, 16:].tolist()
+    theirs_gen = hf_model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=32,
+        min_new_tokens=32,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=tokenizer.pad_id,
+    )[0, 16:].tolist()
     assert len(ours_gen) == 32 and ours_gen == theirs_gen
 
 
 def test_mixture_of_experts_exports_to_mixtral(tmp_path, tokenizers_by_kind):
     tokenizer = tokenizers_by_kind["bpe"]
-    cfg = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
-                    intermediate_size=48, n_expert=4, n_expert_per_token=2)
+    cfg = GPTConfig(
+        vocab_size=tokenizer.vocab_size,
+        block_size=64,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        n_embd=32,
+        intermediate_size=48,
+        n_expert=4,
+        n_expert_per_token=2,
+    )
     model = randomize(GPT(cfg))
     save_checkpoint(tmp_path / "moe", model, tokenizer)
     hf_model, _ = load_hf(export_hf(tmp_path / "moe", tmp_path / "hf"))
@@ -116,10 +155,13 @@ def test_mixture_of_experts_exports_to_mixtral(tmp_path, tokenizers_by_kind):
     ids = torch.tensor([tokenizer.encode(s)[:12] for s in SAMPLES[:3]])
     with torch.no_grad():
         assert (model(ids, targets=ids)[0] - hf_model(ids).logits).abs().max().item() < 1e-4
-        theirs = hf_model.generate(ids[:1], max_new_tokens=32, min_new_tokens=32, do_sample=False, eos_token_id=None,
-                                   pad_token_id=0)[0, 12:].tolist()
-    assert [s[0] for s in TextGenerator(model, tokenizer).engine.generate(ids[0].tolist(), max_new_tokens=32, temperature=0.0,
-                                                                          stop_ids=[])] == theirs
+        theirs = hf_model.generate(
+            ids[:1], max_new_tokens=32, min_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, 12:].tolist()
+    assert [
+        s[0]
+        for s in TextGenerator(model, tokenizer).engine.generate(ids[0].tolist(), max_new_tokens=32, temperature=0.0, stop_ids=[])
+    ] == theirs
     # transformers 5 saves experts in its own layout (or 4.x's): either imports back to the same logits
     hf_model.save_pretrained(tmp_path / "resaved")
     tokenizer.save(tmp_path / "resaved")
@@ -135,9 +177,23 @@ def test_export_files(tmp_path, tokenizers_by_kind):
     ckpt, _ = make_checkpoint(tmp_path, "llama", tokenizers_by_kind["bpe"])
     out = export_hf(ckpt, tmp_path / "hf")
     config = json.loads((out / "config.json").read_text())
-    for key in ("architectures", "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "max_position_embeddings",
-                "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype"):
+    for key in (
+        "architectures",
+        "model_type",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "rms_norm_eps",
+        "rope_theta",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "torch_dtype",
+    ):
         assert key in config, key
     assert config["rope_parameters"]["rope_theta"] == config["rope_theta"] and config["num_key_value_heads"] == 2
     with safe_open(str(out / "model.safetensors"), "pt") as f:
@@ -159,14 +215,29 @@ def hf_gpt2_tokenizer(tiny_text, folder):
     tk = HFTokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator([tiny_text], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tk.train_from_iterator(
+        [tiny_text],
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     tk.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
     folder.mkdir(parents=True, exist_ok=True)
     tk.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
-        "unk_token": {"content": "<|endoftext|>", "special": True}, "model_max_length": 1024}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "GPT2Tokenizer",
+                "bos_token": "<|endoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": {"content": "<|endoftext|>", "special": True},
+                "model_max_length": 1024,
+            }
+        )
+    )
     return tk.get_vocab_size()
 
 
@@ -176,14 +247,25 @@ def test_import_parity(tmp_path, tiny_text, family):
     vocab = hf_gpt2_tokenizer(tiny_text, src)
     torch.manual_seed(0)
     if family == "gpt2":
-        cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                                      bos_token_id=0, eos_token_id=0)
+        cfg = transformers.GPT2Config(
+            vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
+        )
         hf_model = transformers.GPT2LMHeadModel(cfg)
     else:  # untied head, grouped-query attention, a non-default rope_theta
-        cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                       tie_word_embeddings=False, rope_theta=5000.0, rms_norm_eps=1e-6,
-                                       bos_token_id=0, eos_token_id=0)
+        cfg = transformers.LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+            rope_theta=5000.0,
+            rms_norm_eps=1e-6,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
         hf_model = transformers.LlamaForCausalLM(cfg)
     with torch.no_grad():
         for p in hf_model.parameters():  # HF initialises norms to 1 and biases to 0: make them matter
@@ -206,15 +288,53 @@ def test_import_parity(tmp_path, tiny_text, family):
 def test_import_then_finetune(tmp_path, tiny_text, capsys):
     src = tmp_path / "src"
     vocab = hf_gpt2_tokenizer(tiny_text, src)
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=vocab, n_positions=32, n_embd=32, n_layer=1,
-                                                         n_head=2)).save_pretrained(src)
+    transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=vocab, n_positions=32, n_embd=32, n_layer=1, n_head=2)
+    ).save_pretrained(src)
     assert main(["import", "hf", "--model", str(src), "--out", str(tmp_path / "imp")]) == 0
     (tmp_path / "text.txt").write_text(tiny_text)
-    assert main(["prepare", "--input", str(tmp_path / "text.txt"), "--out", str(tmp_path / "data"),
-                 "--tokenizer-from", str(tmp_path / "imp")]) == 0
-    assert main(["train", "--data", str(tmp_path / "data"), "--init-from", str(tmp_path / "imp"),
-                 "--out-dir", str(tmp_path / "run"), "--max-iters", "3", "--eval-interval", "3", "--eval-iters", "1",
-                 "--batch-size", "2", "--warmup-iters", "1", "--compile", "false", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "--input",
+                str(tmp_path / "text.txt"),
+                "--out",
+                str(tmp_path / "data"),
+                "--tokenizer-from",
+                str(tmp_path / "imp"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(tmp_path / "data"),
+                "--init-from",
+                str(tmp_path / "imp"),
+                "--out-dir",
+                str(tmp_path / "run"),
+                "--max-iters",
+                "3",
+                "--eval-interval",
+                "3",
+                "--eval-iters",
+                "1",
+                "--batch-size",
+                "2",
+                "--warmup-iters",
+                "1",
+                "--compile",
+                "false",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert main(["sample", "--model", str(tmp_path / "run"), "--max-new-tokens", "5", "--device", "cpu"]) == 0
 
 

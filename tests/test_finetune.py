@@ -15,10 +15,17 @@ from barkgpt.conversations import encode_conversation, pack_conversations
 from barkgpt.model import GPT
 
 REPO = Path(__file__).resolve().parents[1]
-TALK = [{"role": "user", "content": "Hi there, dog"}, {"role": "assistant", "content": "Woof!"},
-        {"role": "user", "content": "Sit."}, {"role": "assistant", "content": "Arf arf."}]
-OTHER = [{"role": "system", "content": "Be a dog."}, {"role": "user", "content": "Play?"},
-         {"role": "assistant", "content": "Ruff ruff ruff!"}]
+TALK = [
+    {"role": "user", "content": "Hi there, dog"},
+    {"role": "assistant", "content": "Woof!"},
+    {"role": "user", "content": "Sit."},
+    {"role": "assistant", "content": "Arf arf."},
+]
+OTHER = [
+    {"role": "system", "content": "Be a dog."},
+    {"role": "user", "content": "Play?"},
+    {"role": "assistant", "content": "Ruff ruff ruff!"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -105,16 +112,38 @@ def base_run(shared_data, tmp_path_factory):
     (root / "stories.txt").write_text(text, encoding="utf-8")
     prepare_dataset(root / "stories.txt", root / "data", tokenizer="bpe", vocab_size=400)
     model = GPTConfig(block_size=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=48)
-    train(model, TrainConfig(data=str(root / "data"), out_dir=str(root / "base"), batch_size=16, max_iters=60,
-                             warmup_iters=5, eval_interval=60, eval_iters=2, learning_rate=3e-3, min_lr=3e-4), quiet=True)
+    train(
+        model,
+        TrainConfig(
+            data=str(root / "data"),
+            out_dir=str(root / "base"),
+            batch_size=16,
+            max_iters=60,
+            warmup_iters=5,
+            eval_interval=60,
+            eval_iters=2,
+            learning_rate=3e-3,
+            min_lr=3e-4,
+        ),
+        quiet=True,
+    )
     lines = (shared_data / "chat-sample.jsonl").read_text(encoding="utf-8").splitlines()[:120]
     (root / "chat.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root
 
 
 def ft_config(out_dir, **kw):
-    base = dict(out_dir=str(out_dir), batch_size=8, max_iters=40, warmup_iters=4, eval_interval=20, eval_iters=4,
-                log_interval=5, learning_rate=2e-3, min_lr=2e-4)
+    base = dict(
+        out_dir=str(out_dir),
+        batch_size=8,
+        max_iters=40,
+        warmup_iters=4,
+        eval_interval=20,
+        eval_iters=4,
+        log_interval=5,
+        learning_rate=2e-3,
+        min_lr=2e-4,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -151,18 +180,50 @@ def test_finetune_resume_reproduces_the_uninterrupted_run(base_run):
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         return {r["step"]: r["train_loss"] for r in rows if "train_loss" in r}
 
-    finetune(base_run / "base", base_run / "chat.jsonl", ft_config(base_run / "straight", max_iters=20, lr_decay_iters=20, eval_iters=1), quiet=True)
-    finetune(base_run / "base", base_run / "chat.jsonl", ft_config(base_run / "split", max_iters=10, lr_decay_iters=20, eval_iters=1), quiet=True)
-    finetune(base_run / "base", base_run / "chat.jsonl", ft_config(base_run / "split", max_iters=20, lr_decay_iters=20, eval_iters=1),
-             resume=True, quiet=True)
+    finetune(
+        base_run / "base",
+        base_run / "chat.jsonl",
+        ft_config(base_run / "straight", max_iters=20, lr_decay_iters=20, eval_iters=1),
+        quiet=True,
+    )
+    finetune(
+        base_run / "base",
+        base_run / "chat.jsonl",
+        ft_config(base_run / "split", max_iters=10, lr_decay_iters=20, eval_iters=1),
+        quiet=True,
+    )
+    finetune(
+        base_run / "base",
+        base_run / "chat.jsonl",
+        ft_config(base_run / "split", max_iters=20, lr_decay_iters=20, eval_iters=1),
+        resume=True,
+        quiet=True,
+    )
     assert train_losses(base_run / "straight") == train_losses(base_run / "split")
 
 
 def test_finetune_cli_bad_data_is_one_line(base_run, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"prompt": "x"}\n')
-    out = subprocess.run([sys.executable, "-m", "barkgpt", "finetune", "--model", str(base_run / "base"), "--data", str(bad),
-                          "--out-dir", str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "barkgpt",
+            "finetune",
+            "--model",
+            str(base_run / "base"),
+            "--data",
+            str(bad),
+            "--out-dir",
+            str(tmp_path / "run"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2
-    assert out.stderr.strip() == (f"error: {bad} line 2 has neither a 'messages' list (OpenAI format) nor a 'conversations' "
-                                  f"list (ShareGPT format); convert it to one of them")
+    assert out.stderr.strip() == (
+        f"error: {bad} line 2 has neither a 'messages' list (OpenAI format) nor a 'conversations' "
+        f"list (ShareGPT format); convert it to one of them"
+    )

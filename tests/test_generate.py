@@ -50,7 +50,9 @@ def test_word_replies_continue_the_prompt_with_a_space():
     g = TextGenerator(model, tok)
     prompt = "User: speak Assistant:"
     [c] = g.complete(prompt, max_new_tokens=5, temperature=0)
-    ids = tok.encode(prompt) + [s[0] for s in g.engine.generate(tok.encode(prompt), max_new_tokens=c.completion_tokens, temperature=0)]
+    ids = tok.encode(prompt) + [
+        s[0] for s in g.engine.generate(tok.encode(prompt), max_new_tokens=c.completion_tokens, temperature=0)
+    ]
     expected = tok.decode([i for i in ids if i != tok.eos_id])
     assert prompt + c.text == expected
 

@@ -27,7 +27,20 @@ ALLOWED = {
     # The Bark toy (STYLE.md section 3): an edge over the core it needs, imported only by the CLI;
     # it registers its corpora with data.register_dataset instead of the core naming them.
     "bark": {"tokenizer", "data", "conversations", "common"},
-    "train": {"model", "data", "conversations", "engine", "checkpoint", "config", "common", "tokenizer", "optim", "distributed", "cpu_attention", "runlog"},
+    "train": {
+        "model",
+        "data",
+        "conversations",
+        "engine",
+        "checkpoint",
+        "config",
+        "common",
+        "tokenizer",
+        "optim",
+        "distributed",
+        "cpu_attention",
+        "runlog",
+    },
     "evaluate": {"checkpoint", "common", "conversations", "data", "generate", "model", "tokenizer"},
     "optim": {"model", "config", "common"},
     "distributed": {"common"},
@@ -36,9 +49,26 @@ ALLOWED = {
     "cli": None,  # anything, inside the subcommand's function
     # The server, split by concern (issue 14): app (wiring only), serving + streaming (the OpenAI
     # routes and their responses), host (the model and its scheduler), metrics, security, errors,
-    # protocol + native_protocol (schemas), web (the page and run routes), runs + runfiles (run folders).
-    **{f"server.{m}": SERVER for m in ("__init__", "protocol", "native_protocol", "errors", "scheduler", "security",
-                                       "app", "host", "metrics", "serving", "streaming", "web", "runfiles")},
+    # protocol + native_protocol (schemas), web (the page and run routes), runs + runfiles (run folders), run_limits (size estimates).
+    **{
+        f"server.{m}": SERVER
+        for m in (
+            "__init__",
+            "protocol",
+            "native_protocol",
+            "errors",
+            "scheduler",
+            "security",
+            "app",
+            "host",
+            "metrics",
+            "serving",
+            "streaming",
+            "web",
+            "runfiles",
+            "run_limits",
+        )
+    },
     # runs: data for the dataset hook's names (a run's data that is a generated corpus, not a path).
     "server.runs": SERVER | {"data"},
     "export.__init__": set(),
@@ -104,8 +134,17 @@ def test_core_modules_never_name_the_bark_toy():
 
 
 def test_the_bark_pattern_tells_the_toy_from_the_package():
-    for text in ("data == 'bark'", "runs/bark", "Bark chat", "prepare_bark", "Tokenizer.bark()", "bark-chat",
-                 "from barkgpt.bark import x", "BARK_VOCAB", "follows_bark_rule"):
+    for text in (
+        "data == 'bark'",
+        "runs/bark",
+        "Bark chat",
+        "prepare_bark",
+        "Tokenizer.bark()",
+        "bark-chat",
+        "from barkgpt.bark import x",
+        "BARK_VOCAB",
+        "follows_bark_rule",
+    ):
         assert BARK_NAME.search(text), text
     for text in ("import barkgpt", "BarkGPT", "raise BarkError(x)", "async def _bark_error(request, exc)", "barkgpt.data"):
         assert not BARK_NAME.search(text), text
@@ -114,4 +153,3 @@ def test_the_bark_pattern_tells_the_toy_from_the_package():
 def test_no_core_module_imports_the_bark_module():
     importers = sorted(name for name, allowed in ALLOWED.items() if allowed is not None and "bark" in allowed)
     assert importers == [], importers  # only the CLI (allowed=None) may; the table says so
-

@@ -9,8 +9,11 @@ from barkgpt.config import GPTConfig
 from barkgpt.engine import KVCache
 from barkgpt.model import GPT
 
-FAMILIES = [dict(family="llama", n_kv_head=1), dict(family="gpt2", n_kv_head=2),
-            dict(family="llama", n_kv_head=1, n_expert=4, n_expert_per_token=2)]  # Mixture-of-Experts
+FAMILIES = [
+    dict(family="llama", n_kv_head=1),
+    dict(family="gpt2", n_kv_head=2),
+    dict(family="llama", n_kv_head=1, n_expert=4, n_expert_per_token=2),
+]  # Mixture-of-Experts
 
 
 def make(family, n_kv_head, **kw):
@@ -119,8 +122,9 @@ def test_moe_routes_each_token_to_its_top_k_experts():
             p = moe.router(x[b, t]).softmax(-1)
             w, e = p.topk(2)
             w = w / w.sum()
-            ref = sum(wi * moe.c_proj[ei] @ (F.silu(moe.c_fc[ei, :n] @ x[b, t]) * (moe.c_fc[ei, n:] @ x[b, t]))
-                      for wi, ei in zip(w, e))
+            ref = sum(
+                wi * moe.c_proj[ei] @ (F.silu(moe.c_fc[ei, :n] @ x[b, t]) * (moe.c_fc[ei, n:] @ x[b, t])) for wi, ei in zip(w, e)
+            )
             assert torch.allclose(out[b, t], ref, atol=1e-5)
     assert moe.expert_tokens is None  # counted in training only
     moe.train()(x)
@@ -158,8 +162,11 @@ def test_attention_dropout_applies_with_a_mask():
     """Packed fine-tuning rows pass an explicit mask: attention dropout must apply there too
     (it used to be dropped silently on the masked path)."""
     torch.manual_seed(0)
-    attn = GPT(GPTConfig(family="gpt2", n_layer=1, n_head=2, n_kv_head=2, n_embd=32, block_size=16, vocab_size=64,
-                         dropout=0.5)).transformer.h[0].attn
+    attn = (
+        GPT(GPTConfig(family="gpt2", n_layer=1, n_head=2, n_kv_head=2, n_embd=32, block_size=16, vocab_size=64, dropout=0.5))
+        .transformer.h[0]
+        .attn
+    )
     attn.resid_dropout = torch.nn.Identity()  # leave only the attention dropout
     x = torch.randn(2, 8, 32)
     mask = torch.ones(8, 8, dtype=torch.bool).tril().expand(2, 1, 8, 8)  # (B, 1, T, T) causal

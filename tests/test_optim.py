@@ -39,8 +39,7 @@ def test_newton_schulz_orthogonalizes():
 
 
 def test_parameter_split():
-    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, n_expert=4,
-                          n_expert_per_token=2))
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, n_expert=4, n_expert_per_token=2))
     adamw_only = build_optimizers(model, TrainConfig(optimizer="adamw"), "cpu")
     assert len(adamw_only) == 1 and sum(len(g["params"]) for g in adamw_only[0].param_groups) == len(list(model.parameters()))
     adamw, muon = build_optimizers(model, TrainConfig(optimizer="muon", learning_rate=1e-3, muon_learning_rate=2e-2), "cpu")
@@ -66,10 +65,28 @@ def tiny_run(tmp_path, tiny_text, name, **over):
         (tmp_path / "t.txt").write_text(tiny_text)
         prepare_dataset(tmp_path / "t.txt", data, tokenizer="char")
     model_over = {k: over.pop(k) for k in list(over) if k in GPTConfig.__dataclass_fields__}
-    model_cfg, cfg = build_configs(None, None, {"data": str(data), "out_dir": str(tmp_path / name), "n_layer": 2, "n_head": 2,
-                                                "n_embd": 32, "block_size": 32, "batch_size": 8, "max_iters": 40,
-                                                "eval_interval": 40, "eval_iters": 2, "log_interval": 10, "warmup_iters": 4,
-                                                "compile": False, "device": "cpu", **model_over, **over})
+    model_cfg, cfg = build_configs(
+        None,
+        None,
+        {
+            "data": str(data),
+            "out_dir": str(tmp_path / name),
+            "n_layer": 2,
+            "n_head": 2,
+            "n_embd": 32,
+            "block_size": 32,
+            "batch_size": 8,
+            "max_iters": 40,
+            "eval_interval": 40,
+            "eval_iters": 2,
+            "log_interval": 10,
+            "warmup_iters": 4,
+            "compile": False,
+            "device": "cpu",
+            **model_over,
+            **over,
+        },
+    )
     result = train(model_cfg, cfg, quiet=True)
     rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     return result, rows
@@ -93,9 +110,22 @@ def _resume(tmp_path, tiny_text):
     from barkgpt.config import build_configs
     from barkgpt.train import train
 
-    model_cfg, cfg = build_configs(None, None, {"data": str(tmp_path / "data"), "out_dir": str(tmp_path / "muon"), "n_layer": 2,
-                                                "n_head": 2, "n_embd": 32, "block_size": 32, "max_iters": 50,
-                                                "warmup_iters": 4, "compile": False, "device": "cpu"})
+    model_cfg, cfg = build_configs(
+        None,
+        None,
+        {
+            "data": str(tmp_path / "data"),
+            "out_dir": str(tmp_path / "muon"),
+            "n_layer": 2,
+            "n_head": 2,
+            "n_embd": 32,
+            "block_size": 32,
+            "max_iters": 50,
+            "warmup_iters": 4,
+            "compile": False,
+            "device": "cpu",
+        },
+    )
     train(model_cfg, cfg, resume=True, quiet=True)
 
 

@@ -44,8 +44,10 @@ def test_written_rows_read_back_and_non_finite_numbers_become_none(tmp_path):
     append_row(path, {"step": 2, "train_loss": float("inf"), "expert_share": [0.5, 0.5]})
     rows = read_rows(path)
     assert rows[0]["step"] == 1 and math.isnan(rows[0]["train_loss"])
-    assert [finite_or_none(r) for r in rows] == [{"step": 1, "train_loss": None, "lr": 1e-3},
-                                                {"step": 2, "train_loss": None, "expert_share": [0.5, 0.5]}]
+    assert [finite_or_none(r) for r in rows] == [
+        {"step": 1, "train_loss": None, "lr": 1e-3},
+        {"step": 2, "train_loss": None, "expert_share": [0.5, 0.5]},
+    ]
     json.dumps([finite_or_none(r) for r in rows], allow_nan=False)  # what the page sends is valid JSON
     rewrite_rows(path, rows[1:])
     assert [r["step"] for r in read_rows(path)] == [2]
@@ -71,8 +73,9 @@ def test_the_page_reads_metrics_with_the_same_parser_as_train(tmp_path):
     pytest.importorskip("fastapi")
     from barkgpt.server.runfiles import read_jsonl, read_metrics
 
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train_loss": NaN}\n{"note": "no step"}\n{torn\n'
-                                            '{"step": 2, "val_loss": 2.4}\n[3]\n')
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 1, "train_loss": NaN}\n{"note": "no step"}\n{torn\n{"step": 2, "val_loss": 2.4}\n[3]\n'
+    )
     assert read_metrics(tmp_path) == [{"step": 1, "train_loss": None}, {"step": 2, "val_loss": 2.4}]
     (tmp_path / "samples.jsonl").write_text('{"step": 1, "text": "a"}\n{"text": "no step"}\n{"step": 2, "te')
     assert read_jsonl(tmp_path / "samples.jsonl") == [{"step": 1, "text": "a"}]

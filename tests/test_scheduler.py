@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from barkgpt.common import BarkError
+from barkgpt.config import SamplingParams
 from barkgpt.engine import Engine, KVCache
 from barkgpt.model import GPT
-from barkgpt.config import SamplingParams
 from barkgpt.server.scheduler import QueueFull, Scheduler
 
 
@@ -25,6 +25,7 @@ def run(scheduler, coro):
             return await asyncio.wait_for(coro(), timeout=20)
         finally:
             scheduler.stop()
+
     return asyncio.run(main())
 
 
@@ -126,8 +127,10 @@ def test_same_prompt_is_prefilled_once_and_each_copy_samples_alone(model):
         prefills.clear()
         assert run(sched, together) == shared and len(prefills) == 2
         sched = Scheduler(Engine(model), stop_ids=[])
-        alone = run(sched, lambda: asyncio.gather(*[collect(sched.submit(prompt, SamplingParams(max_new_tokens=6, seed=s)))
-                                                    for s in seeds[:1]]))
+        alone = run(
+            sched,
+            lambda: asyncio.gather(*[collect(sched.submit(prompt, SamplingParams(max_new_tokens=6, seed=s))) for s in seeds[:1]]),
+        )
     finally:
         hook.remove()
     assert n_prefills == 1
@@ -177,6 +180,7 @@ def test_compiled_step_serves_joining_and_leaving_rows_without_recompiling(model
 def test_prefix_cache_reuses_a_previous_turn_and_changes_no_token(model):
     """Turn 2's prompt starts with turn 1's prompt and reply: the cache serves those positions,
     and the tokens equal those without a cache, greedy and seeded."""
+
     def chat(engine):
         sched = Scheduler(engine, stop_ids=[])
 

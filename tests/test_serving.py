@@ -8,21 +8,25 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from barkgpt.common import BarkError  # noqa: E402
-from barkgpt.config import ServeConfig  # noqa: E402
-from barkgpt.server import native_protocol as N  # noqa: E402
-from barkgpt.server import protocol as P  # noqa: E402
-from barkgpt.server.errors import ApiError  # noqa: E402
-from barkgpt.server.host import ModelHost  # noqa: E402
-from barkgpt.server.serving import check_model, sampling_for  # noqa: E402
-from barkgpt.server.streaming import count_usage  # noqa: E402
+from barkgpt.common import BarkError
+from barkgpt.config import ServeConfig
+from barkgpt.server import native_protocol as N
+from barkgpt.server import protocol as P
+from barkgpt.server.errors import ApiError
+from barkgpt.server.host import ModelHost
+from barkgpt.server.serving import check_model, sampling_for
+from barkgpt.server.streaming import count_usage
 
 
 def test_sampling_for_fills_the_rest_of_the_context_or_names_what_does_not_fit():
     ids = list(range(10))
     assert sampling_for(ids, P.CompletionRequest(prompt="x"), 32).max_new_tokens == 22  # the rest of the context
-    assert sampling_for(ids, P.ChatCompletionRequest(messages=[{"role": "user", "content": "x"}],
-                                                     max_completion_tokens=22), 32).max_new_tokens == 22
+    assert (
+        sampling_for(
+            ids, P.ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], max_completion_tokens=22), 32
+        ).max_new_tokens
+        == 22
+    )
     assert sampling_for(ids, N.GenerateRequest(prompt="x", max_tokens=5), 32).max_new_tokens == 5
     with pytest.raises(ApiError) as e:
         sampling_for(ids, P.CompletionRequest(prompt="x", max_tokens=23), 32)
@@ -75,8 +79,14 @@ def test_the_error_handlers_shape_every_error_like_openai(tmp_path):
     r = client.post("/fail", json={})
     assert (r.status_code, r.json()["error"]["param"]) == (400, "prompt")
     r = client.post("/fail", content=b"{", headers={"Content-Type": "application/json"})
-    assert r.json()["error"] == {"message": "the body is not valid JSON", "type": "invalid_request_error",
-                                 "param": None, "code": None}
+    assert r.json()["error"] == {
+        "message": "the body is not valid JSON",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
+    }
     assert client.get("/nowhere").json()["error"]["message"] == "no route GET /nowhere"
     assert (client.get("/fail").status_code, client.get("/fail").json()["error"]["message"]) == (
-        405, "GET is not allowed on /fail")
+        405,
+        "GET is not allowed on /fail",
+    )

@@ -22,7 +22,8 @@ FIXED = ("<PAD>", "<EOS>", "a", "b", "User:", "Assistant:", "hello", "<BOS>", "<
 
 # Text rich in multi-byte characters, for round trips and streaming.
 UNICODE_TEXT = st.text(st.characters(codec="utf-8"), max_size=60) | st.text(
-    st.sampled_from(list("ab \n\t😀🐶東京é̈€𝄞")), max_size=40)
+    st.sampled_from(list("ab \n\t😀🐶東京é̈€𝄞")), max_size=40
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,7 @@ def stream(tok, ids, skip_special_tokens=False):
 
 
 # ---- bpe ------------------------------------------------------------------------------------
+
 
 def test_bpe_vocab_and_special_ids(bpe):
     assert bpe.kind == "bpe"
@@ -87,6 +89,7 @@ def test_decode_skips_special_tokens_and_out_of_range_ids(bpe):
 
 # ---- special tokens -------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["bpe", "char", "word", "fixed"])
 def test_special_tokens_in_text_encode_to_their_ids(kind, bpe, char, word):
     tok = {"bpe": bpe, "char": char, "word": word, "fixed": Tokenizer.from_words(FIXED)}[kind]
@@ -98,6 +101,7 @@ def test_special_tokens_in_text_encode_to_their_ids(kind, bpe, char, word):
 
 
 # ---- char -----------------------------------------------------------------------------------
+
 
 def test_char_round_trip_is_exact_for_seen_characters(char):
     text = "  The dog\tsleeps.\n\n東京 😀\r\nwoof!  "
@@ -121,6 +125,7 @@ def test_char_vocab_cap_keeps_most_frequent():
 
 # ---- word -----------------------------------------------------------------------------------
 
+
 def test_word_unknown_words_map_to_unk_and_decode_joins_with_spaces(word):
     ids = word.encode("a  b\n\tzebra")
     assert ids == [word.token_to_id("a"), word.token_to_id("b"), word.unk_id]
@@ -141,6 +146,7 @@ def test_word_and_char_with_no_text_raise():
 
 # ---- fixed word vocabularies ----------------------------------------------------------------
 
+
 def test_from_words_ids_are_positions():
     tok = Tokenizer.from_words(FIXED)
     assert tok.kind == "word" and tok.vocab_size == len(FIXED)
@@ -153,12 +159,15 @@ def test_from_words_ids_are_positions():
     assert Tokenizer.from_words(FIXED, chat_template="{{ 'x' }}").apply_chat_template([]) == "x"
 
 
-@pytest.mark.parametrize("vocab, problem", [
-    (("<PAD>", "<EOS>", "<BOS>", "a"), "lacks the special token"),
-    ((*SPECIAL_TOKENS, "a", "a"), "repeats 'a'"),
-    ((*SPECIAL_TOKENS, "a b"), "without whitespace"),
-    ((*SPECIAL_TOKENS, ""), "without whitespace"),
-])
+@pytest.mark.parametrize(
+    "vocab, problem",
+    [
+        (("<PAD>", "<EOS>", "<BOS>", "a"), "lacks the special token"),
+        ((*SPECIAL_TOKENS, "a", "a"), "repeats 'a'"),
+        ((*SPECIAL_TOKENS, "a b"), "without whitespace"),
+        ((*SPECIAL_TOKENS, ""), "without whitespace"),
+    ],
+)
 def test_from_words_rejects_a_bad_vocabulary(vocab, problem):
     with pytest.raises(BarkError, match=problem):
         Tokenizer.from_words(vocab)
@@ -167,8 +176,12 @@ def test_from_words_rejects_a_bad_vocabulary(vocab, problem):
 def test_word_chat_template():
     tok = Tokenizer.from_words(FIXED)
     assert tok.apply_chat_template([{"role": "user", "content": "hello"}]) == "User: hello Assistant:"
-    convo = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"},
-             {"role": "assistant", "content": "a b"}, {"role": "user", "content": "hello"}]
+    convo = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "a b"},
+        {"role": "user", "content": "hello"},
+    ]
     text = tok.apply_chat_template(convo)
     assert text == "User: hello Assistant: a b <EOS> User: hello Assistant:"  # system skipped
     assert tok.apply_chat_template(convo[:3], add_generation_prompt=False) == "User: hello Assistant: a b <EOS> "
@@ -176,8 +189,12 @@ def test_word_chat_template():
 
 
 def test_generic_chat_template(bpe):
-    convo = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
+    convo = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye"},
+    ]
     assert bpe.apply_chat_template(convo) == "System: Be brief.\nUser: Hi\nAssistant: Hello.<EOS>\nUser: Bye\nAssistant:"
     assert bpe.apply_chat_template(convo[:1], add_generation_prompt=False) == "System: Be brief.\n"
 
@@ -190,6 +207,7 @@ def test_chat_template_rejects_bad_messages(bpe):
 
 
 # ---- save / load ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["bpe", "char", "word", "fixed"])
 def test_save_load_gives_identical_encodings_and_config(kind, bpe, char, word, tmp_path):
@@ -210,7 +228,11 @@ def test_save_load_gives_identical_encodings_and_config(kind, bpe, char, word, t
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert config["add_bos_token"] is False
     assert (config["bos_token"], config["eos_token"], config["pad_token"], config["unk_token"]) == (
-        "<BOS>", "<EOS>", "<PAD>", "<UNK>")
+        "<BOS>",
+        "<EOS>",
+        "<PAD>",
+        "<UNK>",
+    )
     # Without tokenizer_config.json the kind is inferred from tokenizer.json.
     (tmp_path / "tokenizer_config.json").unlink()
     assert Tokenizer.load(tmp_path / "tokenizer.json").kind == tok.kind
@@ -229,6 +251,7 @@ def test_load_missing_or_corrupt_raises(tmp_path):
 
 
 # ---- streaming decode -----------------------------------------------------------------------
+
 
 def test_streaming_holds_back_partial_characters(bpe):
     ids = bpe.encode("😀")

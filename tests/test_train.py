@@ -30,14 +30,24 @@ def char_data(tmp_path_factory):
 
 def tiny(out_dir, data, **kw):
     model = GPTConfig(block_size=16, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
-    base = dict(data=str(data), out_dir=str(out_dir), batch_size=4, max_iters=20, warmup_iters=2,
-                eval_interval=10, eval_iters=2, log_interval=1, learning_rate=3e-3, min_lr=3e-4)
+    base = dict(
+        data=str(data),
+        out_dir=str(out_dir),
+        batch_size=4,
+        max_iters=20,
+        warmup_iters=2,
+        eval_interval=10,
+        eval_iters=2,
+        log_interval=1,
+        learning_rate=3e-3,
+        min_lr=3e-4,
+    )
     base.update(kw)
     return model, TrainConfig(**base)
 
 
 def losses(out_dir):
-    rows = [json.loads(l) for l in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["train_loss"] for r in rows if "train_loss" in r}
 
 
@@ -46,8 +56,16 @@ def test_loss_falls_and_files_are_written(tmp_path, char_data):
 
     result = train(*tiny(tmp_path / "run", char_data, max_iters=40), quiet=True)
     run = tmp_path / "run"
-    for f in ("config.yaml", "metrics.jsonl", "loss.png", "samples.jsonl", "last/model.safetensors",
-              "last/trainer_state.pt", "last/tokenizer.json", "best/config.json"):
+    for f in (
+        "config.yaml",
+        "metrics.jsonl",
+        "loss.png",
+        "samples.jsonl",
+        "last/model.safetensors",
+        "last/trainer_state.pt",
+        "last/tokenizer.json",
+        "best/config.json",
+    ):
         assert (run / f).is_file(), f
     curve = losses(run)
     assert curve[40] < curve[1] - 0.5
@@ -81,7 +99,11 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, char_data):
 
     train(*tiny(tmp_path / "run", char_data, max_iters=10), quiet=True)
     with pytest.raises(BarkError, match="loss became"):
-        train(*tiny(tmp_path / "run", char_data, max_iters=40, learning_rate=1e6, min_lr=1e5, grad_clip=0.0), resume=True, quiet=True)
+        train(
+            *tiny(tmp_path / "run", char_data, max_iters=40, learning_rate=1e6, min_lr=1e5, grad_clip=0.0),
+            resume=True,
+            quiet=True,
+        )
     load_model(tmp_path / "run" / "last")  # still loadable
 
 
@@ -129,9 +151,34 @@ def test_sigkill_during_checkpoint_write_leaves_a_loadable_checkpoint(tmp_path):
 
 
 def test_ctrl_c_saves_last_and_exits_cleanly(tmp_path, char_data):
-    cmd = [sys.executable, "-m", "barkgpt", "train", "--data", str(char_data), "--out-dir", str(tmp_path / "run"),
-           "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16", "--max-iters", "100000",
-           "--warmup-iters", "2", "--eval-interval", "100000", "--log-interval", "1", "--batch-size", "4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "barkgpt",
+        "train",
+        "--data",
+        str(char_data),
+        "--out-dir",
+        str(tmp_path / "run"),
+        "--n-layer",
+        "2",
+        "--n-head",
+        "2",
+        "--n-embd",
+        "32",
+        "--block-size",
+        "16",
+        "--max-iters",
+        "100000",
+        "--warmup-iters",
+        "2",
+        "--eval-interval",
+        "100000",
+        "--log-interval",
+        "1",
+        "--batch-size",
+        "4",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 60

@@ -74,8 +74,14 @@ def gguf_tensors(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str,
             out["output.weight"] = sd["lm_head.weight"]
     else:
         out["position_embd.weight"] = sd["transformer.wpe.weight"]
-        names = {"ln_1": "attn_norm", "ln_2": "ffn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
-                 "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+        names = {
+            "ln_1": "attn_norm",
+            "ln_2": "ffn_norm",
+            "attn.c_attn": "attn_qkv",
+            "attn.c_proj": "attn_output",
+            "mlp.c_fc": "ffn_up",
+            "mlp.c_proj": "ffn_down",
+        }
         for i in range(c.n_layer):
             for ours, theirs in names.items():
                 for s in ("weight", "bias"):
@@ -111,14 +117,18 @@ def check_tokenizer(tokenizer: Tokenizer) -> dict:
             pre-tokenizer is not the byte-level GPT-2 one.
     """
     if tokenizer.kind != "bpe":
-        raise BarkError(f"llama.cpp has no {tokenizer.kind}-level tokenizer, so this model cannot be exported to GGUF; "
-                        f"train it on data prepared with --tokenizer bpe (or export it with `barkgpt export hf`)")
+        raise BarkError(
+            f"llama.cpp has no {tokenizer.kind}-level tokenizer, so this model cannot be exported to GGUF; "
+            f"train it on data prepared with --tokenizer bpe (or export it with `barkgpt export hf`)"
+        )
     spec = tokenizer.spec()
     pre = spec.get("pre_tokenizer") or {}
     pres = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     if not any(p.get("type") == "ByteLevel" and p.get("use_regex", True) for p in pres) or len(pres) != 1:
-        raise BarkError("this BPE tokenizer does not split text with GPT-2's byte-level regex, which is the only BPE "
-                        "pre-tokenizer barkgpt can map to llama.cpp faithfully; export it with `barkgpt export hf`")
+        raise BarkError(
+            "this BPE tokenizer does not split text with GPT-2's byte-level regex, which is the only BPE "
+            "pre-tokenizer barkgpt can map to llama.cpp faithfully; export it with `barkgpt export hf`"
+        )
     return spec
 
 
@@ -149,8 +159,9 @@ def export_gguf(model_path: str | Path, out: str | Path, outtype: str = "f16", f
     spec = check_tokenizer(tokenizer)
     c = model.config
     arch = "llama" if c.family == "llama" else "gpt2"
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[
+        outtype
+    ]
 
     def write(tmp: Path) -> None:
         w = gguf.GGUFWriter(str(tmp), arch)

@@ -52,6 +52,7 @@ def check_target(out: str | Path, force: bool) -> Path:
 
 # ---- weights ----------------------------------------------------------------------------------
 
+
 def to_hf_state(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
     """Our state dict -> the HF class's (``LlamaForCausalLM`` or ``GPT2LMHeadModel``) tensor names.
 
@@ -75,8 +76,9 @@ def to_hf_state(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, 
             out[h + "input_layernorm.weight"] = sd[p + "ln_1.weight"]
             out[h + "post_attention_layernorm.weight"] = sd[p + "ln_2.weight"]
             for s in b:
-                out[h + f"self_attn.q_proj.{s}"], out[h + f"self_attn.k_proj.{s}"], out[h + f"self_attn.v_proj.{s}"] = \
-                    sd[p + f"attn.c_attn.{s}"].split([q, kv, kv], dim=0)
+                out[h + f"self_attn.q_proj.{s}"], out[h + f"self_attn.k_proj.{s}"], out[h + f"self_attn.v_proj.{s}"] = sd[
+                    p + f"attn.c_attn.{s}"
+                ].split([q, kv, kv], dim=0)
                 out[h + f"self_attn.o_proj.{s}"] = sd[p + f"attn.c_proj.{s}"]
             if c.n_expert:
                 out[h + "block_sparse_moe.gate.weight"] = sd[p + "mlp.router.weight"]
@@ -90,6 +92,7 @@ def to_hf_state(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, 
                     out[h + f"mlp.down_proj.{s}"] = sd[p + f"mlp.c_proj.{s}"]
         out["model.norm.weight"] = sd["transformer.ln_f.weight"]
     else:
+
         def bias(name: str, n: int) -> torch.Tensor:
             return sd[name] if name in sd else torch.zeros(n, dtype=sd["transformer.wte.weight"].dtype)
 
@@ -126,7 +129,9 @@ def from_hf_state(hf: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, t
 
     def get(name: str) -> torch.Tensor:
         if name not in hf:
-            raise BarkError(f"the Hugging Face weights lack {name}; the folder is incomplete or not a standard {hf_architecture(c)}")
+            raise BarkError(
+                f"the Hugging Face weights lack {name}; the folder is incomplete or not a standard {hf_architecture(c)}"
+            )
         return hf[name]
 
     out: dict[str, torch.Tensor] = {}
@@ -151,8 +156,9 @@ def from_hf_state(hf: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, t
             else:
                 x = h + "block_sparse_moe."
                 out[p + "mlp.router.weight"] = get(x + "gate.weight")
-                out[p + "mlp.c_fc"] = torch.stack([torch.cat([get(x + f"experts.{e}.w1.weight"), get(x + f"experts.{e}.w3.weight")])
-                                                   for e in range(c.n_expert)])
+                out[p + "mlp.c_fc"] = torch.stack(
+                    [torch.cat([get(x + f"experts.{e}.w1.weight"), get(x + f"experts.{e}.w3.weight")]) for e in range(c.n_expert)]
+                )
                 out[p + "mlp.c_proj"] = torch.stack([get(x + f"experts.{e}.w2.weight") for e in range(c.n_expert)])
         out["transformer.ln_f.weight"] = get("model.norm.weight")
     else:
@@ -165,7 +171,10 @@ def from_hf_state(hf: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, t
             for lin in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
                 out[p + f"{lin}.weight"] = get(p + f"{lin}.weight").t()
                 out[p + f"{lin}.bias"] = get(p + f"{lin}.bias")
-        out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = get("transformer.ln_f.weight"), get("transformer.ln_f.bias")
+        out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = (
+            get("transformer.ln_f.weight"),
+            get("transformer.ln_f.bias"),
+        )
     if not c.tie_embeddings:
         out["lm_head.weight"] = get("lm_head.weight")
     return {k: v.float().contiguous() for k, v in out.items()}
@@ -173,33 +182,68 @@ def from_hf_state(hf: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, t
 
 # ---- configs ----------------------------------------------------------------------------------
 
+
 def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> dict:
     """The HF ``config.json`` for a model: every size field explicit, readable by transformers 4.x
     (``rope_theta``) and 5.x (``rope_parameters``)."""
     c = config
     ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
-    common = {"vocab_size": c.vocab_size, "tie_word_embeddings": c.tie_embeddings, "torch_dtype": "float32",
-              "use_cache": True, "initializer_range": 0.02, **ids}
+    common = {
+        "vocab_size": c.vocab_size,
+        "tie_word_embeddings": c.tie_embeddings,
+        "torch_dtype": "float32",
+        "use_cache": True,
+        "initializer_range": 0.02,
+        **ids,
+    }
     arch = {"architectures": [hf_architecture(c)], "model_type": hf_model_type(c)}
-    moe = {"num_local_experts": c.n_expert, "num_experts_per_tok": c.n_expert_per_token,
-           "router_aux_loss_coef": c.router_aux_loss_coef, "output_router_logits": False,
-           "sliding_window": None} if c.n_expert else {}
+    moe = (
+        {
+            "num_local_experts": c.n_expert,
+            "num_experts_per_tok": c.n_expert_per_token,
+            "router_aux_loss_coef": c.router_aux_loss_coef,
+            "output_router_logits": False,
+            "sliding_window": None,
+        }
+        if c.n_expert
+        else {}
+    )
     if c.family == "llama":
         return {
             **arch,
-            "hidden_size": c.n_embd, "intermediate_size": c.intermediate_size,
-            "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
-            "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim, "hidden_act": "silu",
-            "max_position_embeddings": c.block_size, "rms_norm_eps": c.norm_eps,
-            "rope_theta": c.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
-            "attention_bias": c.bias, "mlp_bias": c.bias, "attention_dropout": 0.0, **common, **moe,
+            "hidden_size": c.n_embd,
+            "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": c.n_layer,
+            "num_attention_heads": c.n_head,
+            "num_key_value_heads": c.n_kv_head,
+            "head_dim": c.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": c.block_size,
+            "rms_norm_eps": c.norm_eps,
+            "rope_theta": c.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+            "attention_bias": c.bias,
+            "mlp_bias": c.bias,
+            "attention_dropout": 0.0,
+            **common,
+            **moe,
         }
     return {
         **arch,
-        "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": c.intermediate_size,
-        "n_positions": c.block_size, "n_ctx": c.block_size, "activation_function": "gelu_new",
-        "layer_norm_epsilon": c.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-        "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+        "n_embd": c.n_embd,
+        "n_layer": c.n_layer,
+        "n_head": c.n_head,
+        "n_inner": c.intermediate_size,
+        "n_positions": c.block_size,
+        "n_ctx": c.block_size,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": c.norm_eps,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
         **common,
     }
 
@@ -220,7 +264,9 @@ def gpt_config_from_hf(hf: dict) -> GPTConfig:
     if family == "llama":
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise BarkError(f"rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported; barkgpt imports plain RoPE models")
+            raise BarkError(
+                f"rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported; barkgpt imports plain RoPE models"
+            )
         if hf.get("hidden_act", "silu") != "silu":
             raise BarkError(f"hidden_act {hf['hidden_act']!r} is not supported; barkgpt's llama family uses silu (SwiGLU)")
         bias = bool(hf.get("attention_bias", False))
@@ -234,27 +280,53 @@ def gpt_config_from_hf(hf: dict) -> GPTConfig:
         n_head = hf["num_attention_heads"]
         if hf.get("head_dim") not in (None, hf["hidden_size"] // n_head):
             raise BarkError(f"head_dim {hf['head_dim']} is not hidden_size / num_attention_heads; not supported")
-        return GPTConfig(family="llama", vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 2048),
-                         n_layer=hf["num_hidden_layers"], n_head=n_head,
-                         n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=hf["hidden_size"],
-                         intermediate_size=hf["intermediate_size"], bias=bias,
-                         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-                         norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=tie,
-                         **({"n_expert": hf["num_local_experts"], "n_expert_per_token": hf.get("num_experts_per_tok", 2),
-                             "router_aux_loss_coef": hf.get("router_aux_loss_coef", 0.01)} if mixtral else {}))
+        return GPTConfig(
+            family="llama",
+            vocab_size=hf["vocab_size"],
+            block_size=hf.get("max_position_embeddings", 2048),
+            n_layer=hf["num_hidden_layers"],
+            n_head=n_head,
+            n_kv_head=hf.get("num_key_value_heads") or n_head,
+            n_embd=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            bias=bias,
+            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            tie_embeddings=tie,
+            **(
+                {
+                    "n_expert": hf["num_local_experts"],
+                    "n_expert_per_token": hf.get("num_experts_per_tok", 2),
+                    "router_aux_loss_coef": hf.get("router_aux_loss_coef", 0.01),
+                }
+                if mixtral
+                else {}
+            ),
+        )
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
         raise BarkError(f"activation_function {act!r} is not supported; barkgpt's gpt2 family uses gelu_new")
     if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
-        raise BarkError("this GPT-2 scales attention differently (scale_attn_by_inverse_layer_idx / scale_attn_weights); not supported")
+        raise BarkError(
+            "this GPT-2 scales attention differently (scale_attn_by_inverse_layer_idx / scale_attn_weights); not supported"
+        )
     n_embd = hf.get("n_embd", hf.get("hidden_size"))
-    return GPTConfig(family="gpt2", vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", 1024),
-                     n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=n_embd,
-                     intermediate_size=hf.get("n_inner") or 4 * n_embd, bias=True,
-                     norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=tie)
+    return GPTConfig(
+        family="gpt2",
+        vocab_size=hf["vocab_size"],
+        block_size=hf.get("n_positions", 1024),
+        n_layer=hf["n_layer"],
+        n_head=hf["n_head"],
+        n_embd=n_embd,
+        intermediate_size=hf.get("n_inner") or 4 * n_embd,
+        bias=True,
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        tie_embeddings=tie,
+    )
 
 
 # ---- export -----------------------------------------------------------------------------------
+
 
 def export_hf(model_path: str | Path, out: str | Path, force: bool = False, sample: bool = True) -> Path:
     """Write a Hugging Face folder for a checkpoint.
@@ -290,8 +362,12 @@ def export_hf(model_path: str | Path, out: str | Path, force: bool = False, samp
         gen = {"bos_token_id": tokenizer.bos_id, "eos_token_id": [tokenizer.eos_id], "pad_token_id": tokenizer.pad_id}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
         tokenizer.save(tmp)
-        special = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
-                   "pad_token": tokenizer.pad_token, "unk_token": tokenizer.unk_token}
+        special = {
+            "bos_token": tokenizer.bos_token,
+            "eos_token": tokenizer.eos_token,
+            "pad_token": tokenizer.pad_token,
+            "unk_token": tokenizer.unk_token,
+        }
         (tmp / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(card, encoding="utf-8")
     return out
@@ -305,17 +381,28 @@ def model_card(model: GPT, tokenizer: Tokenizer, info: dict, source: Path, sampl
     arch = hf_architecture(c)
     val = info.get("val_loss")
     lines = [
-        "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [barkgpt]", "---", "",
-        f"# {source.resolve().name}", "",
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags: [barkgpt]",
+        "---",
+        "",
+        f"# {source.resolve().name}",
+        "",
         f"A {model.num_params() / 1e6:.2f}M-parameter `{arch}` trained from scratch with "
-        "[BarkGPT](https://github.com/barkgpt/barkgpt).", "",
-        "| | |", "|---|---|",
+        "[BarkGPT](https://github.com/barkgpt/barkgpt).",
+        "",
+        "| | |",
+        "|---|---|",
         f"| architecture | {arch}: {c.n_layer} layers, {c.n_head} heads ({c.n_kv_head} key/value), width {c.n_embd}, context {c.block_size} tokens"
-        + (f", {c.n_expert} experts (top-{c.n_expert_per_token})" if c.n_expert else "") + " |",
+        + (f", {c.n_expert} experts (top-{c.n_expert_per_token})" if c.n_expert else "")
+        + " |",
         f"| tokenizer | {tokenizer.kind}, {tokenizer.vocab_size} tokens |",
         f"| data | {data.get('source', 'unknown')} (sha256 {data.get('source_sha256') or 'unknown'}) |",
         f"| steps | {info.get('step', 'unknown')} |",
-        f"| tokens seen | {info.get('tokens_seen', 'unknown'):,} |" if isinstance(info.get("tokens_seen"), int) else "| tokens seen | unknown |",
+        f"| tokens seen | {info.get('tokens_seen', 'unknown'):,} |"
+        if isinstance(info.get("tokens_seen"), int)
+        else "| tokens seen | unknown |",
         f"| val loss | {val:.4f} |" if isinstance(val, (int, float)) else "| val loss | unknown |",
         "",
     ]
@@ -325,19 +412,24 @@ def model_card(model: GPT, tokenizer: Tokenizer, info: dict, source: Path, sampl
         text = TextGenerator(model, tokenizer).generate("", max_new_tokens=64, temperature=0.8, seed=0)
         lines += ["## Sample", "", "A new document (empty prompt), 64 tokens at temperature 0.8:", "", "```", text, "```", ""]
     lines += [
-        "## Use", "", "```python",
+        "## Use",
+        "",
+        "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "tok = AutoTokenizer.from_pretrained('PATH')",
         "model = AutoModelForCausalLM.from_pretrained('PATH')",
         "ids = tok(tok.eos_token, return_tensors='pt').input_ids  # a new document; or your prompt",
         "print(tok.decode(model.generate(ids, max_new_tokens=40, do_sample=True)[0]))",
-        "```", "",
-        "Or serve it: `vllm serve PATH`, or convert with `barkgpt export gguf` for llama.cpp.", "",
+        "```",
+        "",
+        "Or serve it: `vllm serve PATH`, or convert with `barkgpt export gguf` for llama.cpp.",
+        "",
     ]
     return "\n".join(lines)
 
 
 # ---- import -----------------------------------------------------------------------------------
+
 
 def resolve_hf_folder(source: str | Path) -> Path:
     """A local folder, or a Hub name (``org/name``) downloaded with ``huggingface_hub`` when reachable.
@@ -355,8 +447,10 @@ def resolve_hf_folder(source: str | Path) -> Path:
 
         return Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
     except Exception as e:  # noqa: BLE001 - any hub failure means: not available here
-        raise BarkError(f"{source} is not a local folder and could not be fetched from the Hugging Face Hub "
-                        f"({type(e).__name__}); download it elsewhere and pass its local path") from None
+        raise BarkError(
+            f"{source} is not a local folder and could not be fetched from the Hugging Face Hub "
+            f"({type(e).__name__}); download it elsewhere and pass its local path"
+        ) from None
 
 
 def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -412,7 +506,9 @@ def import_hf(source: str | Path, out: str | Path, force: bool = False) -> Path:
     if set(missing) - ({"lm_head.weight"} if config.tie_embeddings else set()) or unexpected:
         raise BarkError(f"the weights in {folder} do not fit its config.json")
     if not (folder / "tokenizer.json").is_file():
-        raise BarkError(f"no tokenizer.json in {folder}; barkgpt needs the fast tokenizer file (save it with transformers' AutoTokenizer.save_pretrained)")
+        raise BarkError(
+            f"no tokenizer.json in {folder}; barkgpt needs the fast tokenizer file (save it with transformers' AutoTokenizer.save_pretrained)"
+        )
     tokenizer = Tokenizer.load(folder)
     if tokenizer.vocab_size > config.vocab_size:
         raise BarkError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}")

@@ -32,7 +32,7 @@ import contextlib
 import logging
 import signal
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import uvicorn
 from fastapi import FastAPI
@@ -96,9 +96,13 @@ def is_public(path: str) -> bool:
 
 def host_metrics(host: ModelHost) -> ServerMetrics:
     """A :class:`ServerMetrics` whose gauges read ``host``'s current scheduler (0 without one)."""
-    sched_count = lambda attr: (lambda: getattr(host.scheduler, attr) if host.scheduler else 0)  # noqa: E731
-    return ServerMetrics(sched_count("running"), sched_count("waiting"),
-                         lambda: host.scheduler.engine.prefix_cache if host.scheduler else None)
+
+    def sched_count(attr):
+        return lambda: getattr(host.scheduler, attr) if host.scheduler else 0
+
+    return ServerMetrics(
+        sched_count("running"), sched_count("waiting"), lambda: host.scheduler.engine.prefix_cache if host.scheduler else None
+    )
 
 
 class _Server(uvicorn.Server):
@@ -133,8 +137,13 @@ def run_server(load: Callable[[], TextGenerator], settings: ServeConfig) -> None
         SystemExit: uvicorn could not bind the port (it logs why).
     """
     app = create_app(None, settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
-                            timeout_graceful_shutdown=settings.shutdown_timeout + SHUTDOWN_GRACE_S)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        timeout_graceful_shutdown=settings.shutdown_timeout + SHUTDOWN_GRACE_S,
+    )
     server = _Server(config, app.state.host, settings.shutdown_timeout)
     failed: list[Exception] = []
 

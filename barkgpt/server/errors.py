@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -37,8 +37,15 @@ class ApiError(Exception):
         headers: extra response headers (``Retry-After`` on 429), or None.
     """
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ):
         message, param = printable(message), None if param is None else printable(param)
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
@@ -74,11 +81,11 @@ def scrub_paths(text: str, roots: dict[Path, str] | None = None) -> str:
     def short(match: re.Match) -> str:
         found = match.group(0)
         path = found.rstrip(".,;:)]}")
-        tail = found[len(path):]
+        tail = found[len(path) :]
         for root, label in sorted((roots or {}).items(), key=lambda kv: -len(str(kv[0]))):  # the deepest root first
             root_text = str(root).rstrip("/")
             if path == root_text or path.startswith(root_text + "/"):
-                return label + path[len(root_text):] + tail
+                return label + path[len(root_text) :] + tail
         return ".../" + Path(path).name + tail
 
     return _ABSOLUTE_PATH.sub(short, text)
@@ -86,8 +93,9 @@ def scrub_paths(text: str, roots: dict[Path, str] | None = None) -> str:
 
 def shutdown_error() -> ApiError:
     """What a request cut short by the shutdown timeout gets: a 503 (``code: shutting_down``)."""
-    return ApiError(503, "the server shut down before this request finished; retry it", "service_unavailable_error",
-                    code="shutting_down")
+    return ApiError(
+        503, "the server shut down before this request finished; retry it", "service_unavailable_error", code="shutting_down"
+    )
 
 
 def validation_error(exc: RequestValidationError) -> ApiError:
@@ -128,21 +136,30 @@ def add_error_handlers(app: FastAPI, path_labels: Callable[[], dict[Path, str]])
     async def bark_error(request, exc: BarkError):
         return ApiError(400, scrub_paths(str(exc), path_labels())).response()
 
-    handlers = {ApiError: _api_error, BarkError: bark_error, UnicodeError: _unicode_error, ShuttingDown: _shutting_down,
-                RequestValidationError: _validation_error, StarletteHTTPException: _http_error, Exception: _internal_error}
+    handlers = {
+        ApiError: _api_error,
+        BarkError: bark_error,
+        UnicodeError: _unicode_error,
+        ShuttingDown: _shutting_down,
+        RequestValidationError: _validation_error,
+        StarletteHTTPException: _http_error,
+        Exception: _internal_error,
+    }
     for kind, handler in handlers.items():
         app.add_exception_handler(kind, handler)
 
 
 # The handlers of add_error_handlers (Starlette awaits them on the event loop: async, not run in a thread).
 
+
 async def _api_error(request, exc: ApiError):
     return exc.response()
 
 
 async def _unicode_error(request, exc: UnicodeError):  # a lone surrogate that got past the schemas
-    return ApiError(400, "the request holds text that is not valid Unicode (a lone surrogate such as \\ud800?); "
-                         "send valid UTF-8").response()
+    return ApiError(
+        400, "the request holds text that is not valid Unicode (a lone surrogate such as \\ud800?); send valid UTF-8"
+    ).response()
 
 
 async def _shutting_down(request, exc):

@@ -82,11 +82,15 @@ class ModelHost:
         with self._lock:  # the pair, never one model's generator with another's scheduler
             generator, scheduler = self.generator, self.scheduler
         if scheduler is None:
-            raise ApiError(503, "the model is still loading; retry shortly", "service_unavailable_error",
-                           code="model_loading", headers={"Retry-After": str(RETRY_AFTER_S)})
+            raise ApiError(
+                503,
+                "the model is still loading; retry shortly",
+                "service_unavailable_error",
+                code="model_loading",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
         if not scheduler.alive:
-            raise ApiError(503, "the model is not available (its worker stopped)", "service_unavailable_error",
-                           code="not_ready")
+            raise ApiError(503, "the model is not available (its worker stopped)", "service_unavailable_error", code="not_ready")
         return generator, scheduler
 
     def stop_generating(self) -> None:

@@ -22,8 +22,16 @@ class ServerMetrics:
             :class:`~barkgpt.engine.PrefixCache`, or None (off, or no model yet).
     """
 
-    ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
-              "/generate", "/tokenize", "/detokenize"}
+    ROUTES = {
+        "/health",
+        "/metrics",
+        "/v1/models",
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/generate",
+        "/tokenize",
+        "/detokenize",
+    }
 
     def __init__(self, running, waiting, prefix_cache=lambda: None):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -33,19 +41,34 @@ class ServerMetrics:
         self.requests = Counter("barkgpt_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
         self.prompt_tokens = Counter("barkgpt_prompt_tokens", "prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter("barkgpt_generation_tokens", "generated tokens", registry=r)
-        self.ttft = Histogram("barkgpt_time_to_first_token_seconds", "request arrival to first token", registry=r,
-                              buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-        self.itl = Histogram("barkgpt_inter_token_latency_seconds", "time between two tokens of a request", registry=r,
-                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
+        self.ttft = Histogram(
+            "barkgpt_time_to_first_token_seconds",
+            "request arrival to first token",
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.itl = Histogram(
+            "barkgpt_inter_token_latency_seconds",
+            "time between two tokens of a request",
+            registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+        )
         Gauge("barkgpt_requests_running", "requests in the decode batch", registry=r).set_function(running)
         Gauge("barkgpt_requests_waiting", "requests queued for the decode batch", registry=r).set_function(waiting)
-        stat = lambda fn: (lambda: fn(prefix_cache()) if prefix_cache() is not None else 0)  # noqa: E731
+
+        def stat(fn):
+            """A gauge callable: ``fn`` of the current prefix cache, 0 without one."""
+            return lambda: fn(prefix_cache()) if prefix_cache() is not None else 0
+
         Gauge("barkgpt_prefix_cache_queries", "prompt tokens looked up in the prefix cache", registry=r).set_function(
-            stat(lambda c: c.queries))
-        Gauge("barkgpt_prefix_cache_hits", "prompt tokens reused from the prefix cache instead of prefilled",
-              registry=r).set_function(stat(lambda c: c.hits))
+            stat(lambda c: c.queries)
+        )
+        Gauge(
+            "barkgpt_prefix_cache_hits", "prompt tokens reused from the prefix cache instead of prefilled", registry=r
+        ).set_function(stat(lambda c: c.hits))
         Gauge("barkgpt_prefix_cache_hit_rate", "prefix cache hits / queries (tokens)", registry=r).set_function(
-            stat(lambda c: c.hits / c.queries if c.queries else 0.0))
+            stat(lambda c: c.hits / c.queries if c.queries else 0.0)
+        )
         Gauge("barkgpt_prefix_cache_tokens", "tokens held in the prefix cache", registry=r).set_function(stat(lambda c: c.tokens))
 
     def route(self, path: str) -> str:

@@ -44,8 +44,10 @@ class GenerateRequest(BaseModel):
 
     def sampling_params(self, room: int) -> SamplingParams:
         """The request's sampling settings (``max_new_tokens``: ``max_tokens``, else ``room``)."""
-        return sampling_params(dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                                    seed=self.seed, stop=self.stop), self.requested_max_tokens() or room)
+        return sampling_params(
+            dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed, stop=self.stop),
+            self.requested_max_tokens() or room,
+        )
 
 
 class GenerateResponse(BaseModel):

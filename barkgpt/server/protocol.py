@@ -53,8 +53,9 @@ def check_text(v) -> None:
             try:
                 s.encode("utf-8")
             except UnicodeEncodeError:
-                raise ValueError("holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not "
-                                 "Unicode text; send valid UTF-8") from None
+                raise ValueError(
+                    "holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not Unicode text; send valid UTF-8"
+                ) from None
 
 
 def stop_list(v: str | list[str] | None) -> list[str]:
@@ -123,11 +124,21 @@ class Request(BaseModel):
     def sampling_params(self, room: int) -> SamplingParams:
         """The request's sampling settings: ``max_new_tokens`` is the requested ``max_tokens`` (or
         ``max_completion_tokens``), else ``room`` (the rest of the context, in tokens)."""
-        return sampling_params(dict(
-            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty, seed=self.seed, stop=self.stop,
-            logprobs=self.requested_logprobs()), self.requested_max_tokens() or room)
+        return sampling_params(
+            dict(
+                temperature=self.temperature,
+                top_k=self.top_k,
+                top_p=self.top_p,
+                min_p=self.min_p,
+                repetition_penalty=self.repetition_penalty,
+                presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty,
+                seed=self.seed,
+                stop=self.stop,
+                logprobs=self.requested_logprobs(),
+            ),
+            self.requested_max_tokens() or room,
+        )
 
 
 class CompletionRequest(Request):
@@ -216,6 +227,7 @@ class ChatCompletionRequest(Request):
 
 
 # ---- responses (OpenAI field order) -----------------------------------------------------------
+
 
 class Usage(BaseModel):
     """Token counts of a response (tokens, not characters)."""

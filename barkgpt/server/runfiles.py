@@ -17,8 +17,9 @@ import os
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from barkgpt import runlog
 from barkgpt.checkpoint import CONFIG_NAME, WEIGHTS_NAME, recover_checkpoint
@@ -157,9 +158,13 @@ def checkpoint_info(path: Path, root: Path | None = None) -> dict | None:
     except (OSError, ValueError):
         return None
     val = config.get("val_loss") if isinstance(config, dict) else None
-    return {"name": path.name, "step": config.get("step") if isinstance(config, dict) else None,
-            "val_loss": val if isinstance(val, (int, float)) and math.isfinite(val) else None,
-            "bytes": size, "modified": modified}
+    return {
+        "name": path.name,
+        "step": config.get("step") if isinstance(config, dict) else None,
+        "val_loss": val if isinstance(val, (int, float)) and math.isfinite(val) else None,
+        "bytes": size,
+        "modified": modified,
+    }
 
 
 def _parse_json(path: Path):
@@ -179,4 +184,3 @@ def tail(path: Path, n: int, root: Path | None = None) -> list[str]:
     except OSError:
         return []
     return [line for line in re.split(r"[\r\n]+", text) if line.strip()][-n:]
-

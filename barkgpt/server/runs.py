@@ -8,7 +8,7 @@ A run name is one path component matching :data:`RUN_NAME`, and every file of a 
 when it resolves (symlinks followed) inside the runs folder. A run started here reads data only
 under the data roots (the runs folder and each ``--data-root``; see
 :func:`~barkgpt.server.security.resolve_data`), and only up to the size limits
-(``--max-run-params``, ``--max-run-memory``, :func:`estimate_run`); its process gets the
+(``--max-run-params``, ``--max-run-memory``, :func:`~barkgpt.server.run_limits.estimate_run`); its process gets the
 server's environment without ``BARKGPT_API_KEY``.
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import os
 import re
 import signal
@@ -24,8 +23,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from barkgpt import runlog
 from barkgpt.common import BarkError
@@ -33,19 +32,30 @@ from barkgpt.config import GPTConfig, TrainConfig, build_configs, coerce_value, 
 from barkgpt.data import builtin_dataset
 from barkgpt.server.errors import ApiError
 from barkgpt.server.native_protocol import StartRunRequest
+from barkgpt.server.run_limits import DEFAULT_VOCAB, default_memory_limit, estimate_run, meta_vocab_size
 from barkgpt.server.runfiles import checkpoint_infos, read_config, read_jsonl, read_metrics, tail, thin_rows
 from barkgpt.server.security import inside, resolve_data
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # one path component: no '/', never '.' or '..'
-OVERRIDES = ("data", "max_iters", "learning_rate", "batch_size", "eval_interval", "warmup_iters", "seed",
-             "n_layer", "n_head", "n_embd", "block_size")  # what a run started from the page may change
+OVERRIDES = (
+    "data",
+    "max_iters",
+    "learning_rate",
+    "batch_size",
+    "eval_interval",
+    "warmup_iters",
+    "seed",
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "block_size",
+)  # what a run started from the page may change
 MAX_METRIC_ROWS = 2000  # train-loss rows sent for a curve; longer runs are thinned (eval rows always kept)
 SAMPLES_SHOWN = 5  # latest samples.jsonl entries in a run's detail
 LOG_TAIL_LINES = 30  # lines of train.log in a run's detail
 ACTIVE_S = 60.0  # a run not started here whose metrics changed this recently is "active"
 STOP_TIMEOUT_S = 30.0  # at server shutdown, how long a training child gets to save last/ after SIGINT
 MAX_OVERRIDE_INT = 2**31 - 1  # the largest integer an override may hold
-DEFAULT_VOCAB = 2048  # the vocabulary a size estimate assumes when the data does not say (barkgpt prepare's bpe default)
 SECRET_ENV = ("BARKGPT_API_KEY",)  # environment variables a training child does not inherit
 
 
@@ -61,8 +71,9 @@ class TrainingRuns:
             this machine's RAM (:func:`default_memory_limit`).
     """
 
-    def __init__(self, root: str | None, data_roots: Sequence[str] = (), max_params: int = 200_000_000,
-                 max_memory: int | None = None):
+    def __init__(
+        self, root: str | None, data_roots: Sequence[str] = (), max_params: int = 200_000_000, max_memory: int | None = None
+    ):
         self.shown_root = root
         self.root = Path(root).resolve() if root else None
         self.data_roots = [self.root, *(Path(d).resolve() for d in data_roots)] if self.root else []
@@ -83,15 +94,24 @@ class TrainingRuns:
                 that is not one plain path component.
         """
         if self.root is None:
-            raise ApiError(404, "this server has no runs folder; start it with barkgpt serve --runs DIR",
-                           "not_found_error", code="no_runs_folder")
+            raise ApiError(
+                404,
+                "this server has no runs folder; start it with barkgpt serve --runs DIR",
+                "not_found_error",
+                code="no_runs_folder",
+            )
         if not RUN_NAME.fullmatch(name):
-            raise ApiError(400, "a run name is 1 to 64 letters, digits, '.', '_' or '-', starting with a letter "
-                                "or digit", param="name", code="invalid_run_name")
+            raise ApiError(
+                400,
+                "a run name is 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit",
+                param="name",
+                code="invalid_run_name",
+            )
         path = self.root / name
         if must_exist and not (self._own(path) and path.is_dir() and self._is_run(path)):
-            raise ApiError(404, f"no run named '{name}' in the runs folder", "not_found_error", param="name",
-                           code="run_not_found")
+            raise ApiError(
+                404, f"no run named '{name}' in the runs folder", "not_found_error", param="name", code="run_not_found"
+            )
         return path
 
     def _own(self, path: Path) -> bool:
@@ -171,12 +191,21 @@ class TrainingRuns:
         if status in ("training", "active") and max_iters and step:
             eta = round(max(0, max_iters - step) * elapsed / step, 1)
         mtimes = [p.lstat().st_mtime for p in (path, path / runlog.METRICS_NAME) if os.path.lexists(p)]
-        return {"name": path.name, "status": status, "step": step, "max_iters": max_iters,
-                "train_loss": last.get("train_loss"), "val_loss": val_rows[-1]["val_loss"] if val_rows else None,
-                "best_val_loss": min((r["val_loss"] for r in val_rows), default=None), "lr": last.get("lr"),
-                "tokens_per_s": last.get("tokens_per_s"), "elapsed_s": elapsed, "eta_s": eta,
-                "updated": max(mtimes, default=None),
-                "has_checkpoint": bool(checkpoints)}
+        return {
+            "name": path.name,
+            "status": status,
+            "step": step,
+            "max_iters": max_iters,
+            "train_loss": last.get("train_loss"),
+            "val_loss": val_rows[-1]["val_loss"] if val_rows else None,
+            "best_val_loss": min((r["val_loss"] for r in val_rows), default=None),
+            "lr": last.get("lr"),
+            "tokens_per_s": last.get("tokens_per_s"),
+            "elapsed_s": elapsed,
+            "eta_s": eta,
+            "updated": max(mtimes, default=None),
+            "has_checkpoint": bool(checkpoints),
+        }
 
     def _status(self, path: Path, step: int, max_iters: int | None) -> str:
         """training, stopping or failed (the process started here), else finished, else stopped, or
@@ -214,29 +243,43 @@ class TrainingRuns:
         path = self.folder(req.name, must_exist=False)
         names = preset_names()
         if req.preset not in names:  # a name, never a path
-            raise ApiError(400, f"unknown preset '{req.preset}'; presets: {', '.join(names)}", param="preset",
-                           code="invalid_preset")
+            raise ApiError(
+                400, f"unknown preset '{req.preset}'; presets: {', '.join(names)}", param="preset", code="invalid_preset"
+            )
         unknown = sorted(set(req.overrides) - set(OVERRIDES))
         if unknown:
-            raise ApiError(400, f"cannot override {', '.join(unknown)} from the page; allowed: {', '.join(OVERRIDES)}",
-                           param="overrides", code="invalid_override")
+            raise ApiError(
+                400,
+                f"cannot override {', '.join(unknown)} from the page; allowed: {', '.join(OVERRIDES)}",
+                param="overrides",
+                code="invalid_override",
+            )
         types = {**field_types(GPTConfig), **field_types(TrainConfig)}
         overrides = {k: coerce_value(k, v, types[k]) for k, v in req.overrides.items() if v not in (None, "")}
         for k, v in overrides.items():  # before any config check runs on them (a divisor search, say)
             if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_OVERRIDE_INT:
-                raise ApiError(400, f"{k} must be at most {MAX_OVERRIDE_INT}, got {v}", param=f"overrides.{k}",
-                               code="invalid_override")
+                raise ApiError(
+                    400, f"{k} must be at most {MAX_OVERRIDE_INT}, got {v}", param=f"overrides.{k}", code="invalid_override"
+                )
         model_cfg, train_cfg = build_configs(req.preset, None, {**overrides, "out_dir": str(path)})  # checks it all
         if train_cfg.data is None:
-            raise ApiError(400, f"the preset '{req.preset}' names no data; give data (a folder from barkgpt prepare "
-                                "or a text file)", param="overrides.data", code="missing_data")
+            raise ApiError(
+                400,
+                f"the preset '{req.preset}' names no data; give data (a folder from barkgpt prepare or a text file)",
+                param="overrides.data",
+                code="missing_data",
+            )
         if builtin_dataset(train_cfg.data) is None:  # a registered generated corpus is a name, not a path
             data = resolve_data(train_cfg.data, self.data_roots)
             if data is None:
-                raise ApiError(400, f"data '{train_cfg.data}' is not a file or folder under the server's data roots "
-                                    "(the --runs folder and each --data-root; symlinks are followed); put the data "
-                                    "there, or start the server with --data-root DIR", param="overrides.data",
-                               code="data_outside_roots")
+                raise ApiError(
+                    400,
+                    f"data '{train_cfg.data}' is not a file or folder under the server's data roots "
+                    "(the --runs folder and each --data-root; symlinks are followed); put the data "
+                    "there, or start the server with --data-root DIR",
+                    param="overrides.data",
+                    code="data_outside_roots",
+                )
             overrides["data"] = str(data)
         self._check_size(model_cfg, train_cfg, overrides.get("data"))
         flags = [f"--{k.replace('_', '-')}={v}" for k, v in overrides.items()]
@@ -244,17 +287,18 @@ class TrainingRuns:
         env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
         with self._lock:
             if self.proc is not None and self.proc.poll() is None:
-                raise ApiError(409, f"the run '{self.proc_name}' is training; stop it before starting another",
-                               code="run_in_progress")
+                raise ApiError(
+                    409, f"the run '{self.proc_name}' is training; stop it before starting another", code="run_in_progress"
+                )
             if os.path.lexists(path):  # a dangling symlink too
-                raise ApiError(409, f"a run named '{req.name}' exists; pick another name", param="name",
-                               code="run_exists")
+                raise ApiError(409, f"a run named '{req.name}' exists; pick another name", param="name", code="run_exists")
             if self.proc is not None and self.proc.returncode != 0 and not self.stopping:
                 self.failed.add(self.proc_name)  # still said after the next run starts
             path.mkdir(parents=True)
             with open(path / "train.log", "wb") as log:
-                self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                             env={**env, "PYTHONUNBUFFERED": "1"})
+                self.proc = subprocess.Popen(
+                    cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**env, "PYTHONUNBUFFERED": "1"}
+                )
             self.proc_name, self.stopping = req.name, False
         return self._summary(path, [])
 
@@ -267,13 +311,22 @@ class TrainingRuns:
         vocab = model_cfg.vocab_size or meta_vocab_size(data) or train_cfg.tokenizer_vocab_size or DEFAULT_VOCAB
         params, memory = estimate_run(model_cfg, train_cfg, vocab)
         if params > self.max_params:
-            raise ApiError(400, f"this run would have about {params:,} parameters, more than the {self.max_params:,} "
-                                "this server allows (--max-run-params); lower n_layer or n_embd",
-                           param="overrides", code="run_too_large")
+            raise ApiError(
+                400,
+                f"this run would have about {params:,} parameters, more than the {self.max_params:,} "
+                "this server allows (--max-run-params); lower n_layer or n_embd",
+                param="overrides",
+                code="run_too_large",
+            )
         if memory > self.max_memory:
-            raise ApiError(400, f"this run would need about {memory / 2**30:.1f} GiB to train, more than the "
-                                f"{self.max_memory / 2**30:.1f} GiB this server allows (--max-run-memory); lower "
-                                "batch_size, block_size, n_layer or n_embd", param="overrides", code="run_too_large")
+            raise ApiError(
+                400,
+                f"this run would need about {memory / 2**30:.1f} GiB to train, more than the "
+                f"{self.max_memory / 2**30:.1f} GiB this server allows (--max-run-memory); lower "
+                "batch_size, block_size, n_layer or n_embd",
+                param="overrides",
+                code="run_too_large",
+            )
 
     def stop(self, name: str) -> dict:
         """``POST /v1/runs/{name}/stop``: SIGINT the run's process (it saves ``last/`` and exits).
@@ -319,70 +372,8 @@ def _presets() -> list[dict]:
         except BarkError:
             continue
         values = {**vars(model_cfg), **vars(train_cfg)}
-        comment = next((line.lstrip("# ").strip() for line in path.read_text(encoding="utf-8").splitlines()
-                        if line.startswith("#")), "")
+        comment = next(
+            (line.lstrip("# ").strip() for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("#")), ""
+        )
         out.append({"name": name, "description": comment, "settings": {k: values[k] for k in OVERRIDES}})
     return out
-
-
-# ---- how big a run may be -------------------------------------------------------------------------
-
-def estimate_run(model: GPTConfig, train: TrainConfig, vocab_size: int) -> tuple[int, int]:
-    """The parameters and the bytes of memory a training run needs, estimated from its config
-    alone (building the model to count would itself allocate what is being checked).
-
-    Parameters: token embeddings (and an untied head), learned positions (gpt2), and per block
-    the attention (q, k, v with ``n_kv_head`` heads, output projection), the MLP (GELU: two
-    matrices, SwiGLU: three, MoE: three per expert plus the router) and two norms; biases when
-    the config has them.
-
-    Memory: 16 bytes a parameter (fp32 weights and gradients, AdamW's two moments), plus one
-    micro-batch's activations: 34 bytes per token and channel per layer at 16 bits in
-    Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models"
-    (section 4.1, without the attention scores, which SDPA's fused kernels do not keep), so
-    68 at fp32; plus the logits, their log-softmax and its gradient (12 bytes per token and
-    vocabulary entry) and the RoPE tables.
-
-    Args:
-        model: the run's model config (``intermediate_size``, ``n_kv_head`` resolved).
-        train: its train config (``batch_size`` is the micro-batch in sequences).
-        vocab_size: the vocabulary, in tokens.
-
-    Returns:
-        ``(parameters, bytes)``.
-    """
-    C, L, T, B, V = model.n_embd, model.n_layer, model.block_size, train.batch_size, vocab_size
-    kv, inner, bias = model.n_kv_head * model.head_dim, model.intermediate_size, int(bool(model.bias))
-    attn = C * C + 2 * C * kv + C * C + bias * (2 * C + 2 * kv)
-    if model.n_expert:
-        mlp = model.n_expert * 3 * C * inner + C * model.n_expert
-    elif model.family == "llama":
-        mlp = 3 * C * inner + bias * (2 * inner + C)
-    else:
-        mlp = 2 * C * inner + bias * (inner + C)
-    norm = C * (1 + bias) if model.family == "gpt2" else C
-    params = V * C * (1 if model.tie_embeddings else 2) + (T * C if model.family == "gpt2" else 0)
-    params += L * (attn + mlp + 2 * norm) + norm
-    memory = 16 * params + 68 * L * T * B * C + 12 * B * T * V + (8 * T * model.head_dim if model.family == "llama" else 0)
-    return params, memory
-
-
-def meta_vocab_size(data: str | None) -> int | None:
-    """The ``vocab_size`` in a prepared data folder's ``meta.json``, or None (no folder, no file,
-    not a positive integer)."""
-    if not data:
-        return None
-    try:
-        vocab = json.loads((Path(data) / "meta.json").read_text(encoding="utf-8")).get("vocab_size")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return vocab if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0 else None
-
-
-def default_memory_limit() -> int:
-    """Half this machine's RAM in bytes (8 GiB where the OS does not say): the default of
-    ``--max-run-memory``."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    except (AttributeError, ValueError, OSError):
-        return 8 << 30

@@ -168,8 +168,10 @@ class Scheduler:
         if not ids:
             raise BarkError("the prompt is empty")
         if len(ids) + params.max_new_tokens > self.block_size:
-            raise BarkError(f"the prompt has {len(ids)} tokens and max_new_tokens is {params.max_new_tokens}, "
-                            f"more than the model's block_size of {self.block_size}")
+            raise BarkError(
+                f"the prompt has {len(ids)} tokens and max_new_tokens is {params.max_new_tokens}, "
+                f"more than the model's block_size of {self.block_size}"
+            )
         req = Request(list(ids), params, asyncio.get_running_loop())
         with self._wake:
             if self._stopping:

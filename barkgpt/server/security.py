@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import hmac
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 from barkgpt.config import ServeConfig
 from barkgpt.server.errors import ApiError
@@ -36,8 +36,10 @@ DRAIN_MAX_BYTES = 64 << 20  # a refused body up to 64 MiB is read and dropped be
 STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 WILDCARD_BINDS = {"0.0.0.0", "::", ""}  # every interface: not a name a client sends
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
-       "font-src 'self'; manifest-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "font-src 'self'; manifest-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
 NO_CSP_PATHS = {"/docs", "/docs/oauth2-redirect", "/redoc"}  # FastAPI's docs pages load scripts from a CDN
 HEADERS = [(b"x-frame-options", b"DENY"), (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
 
@@ -48,7 +50,7 @@ def host_name(value: str) -> str | None:
     v = value.strip().lower()
     if v.startswith("["):
         end = v.find("]")
-        rest = v[end + 1:]
+        rest = v[end + 1 :]
         if end < 0 or rest and not (rest[0] == ":" and rest[1:].isascii() and rest[1:].isdigit()):
             return None
         return v[1:end] or None
@@ -128,26 +130,41 @@ class Guard:
         """The first check the request fails, as its error; None when it passes them all."""
         name = host_name(hosts[0]) if len(hosts) == 1 else None
         if name is None or self.hosts is not None and name not in self.hosts:
-            return ApiError(421, "this server does not answer to that Host header; call it as localhost or 127.0.0.1, "
-                                 "or start it with --allowed-host NAME (behind a proxy)", code="misdirected_request")
+            return ApiError(
+                421,
+                "this server does not answer to that Host header; call it as localhost or 127.0.0.1, "
+                "or start it with --allowed-host NAME (behind a proxy)",
+                code="misdirected_request",
+            )
         method = scope["method"]
         if self.api_key is not None and not self.public(scope["path"]) and method != "OPTIONS":
             auth = headers.get("authorization", "")
             token = auth[7:] if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
             if not hmac.compare_digest(token.encode("utf-8", "replace"), self.api_key.encode()):
-                return ApiError(401, "missing or wrong API key; send it as 'Authorization: Bearer KEY'",
-                                "authentication_error", code="invalid_api_key")
+                return ApiError(
+                    401,
+                    "missing or wrong API key; send it as 'Authorization: Bearer KEY'",
+                    "authentication_error",
+                    code="invalid_api_key",
+                )
         if method not in STATE_CHANGING:
             return None
         origin = headers.get("origin")
         if origin is not None and not self._origin_ok(origin, hosts[0]):
-            return ApiError(403, "cross-site requests are refused: the Origin header is not this server's; "
-                                 "start it with --cors-origin ORIGIN to allow that site", "permission_error",
-                            code="foreign_origin")
+            return ApiError(
+                403,
+                "cross-site requests are refused: the Origin header is not this server's; "
+                "start it with --cors-origin ORIGIN to allow that site",
+                "permission_error",
+                code="foreign_origin",
+            )
         media_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if media_type != "application/json":
-            return ApiError(415, f"{method} needs 'Content-Type: application/json' (with a JSON body, {{}} when "
-                                 "there is nothing to send)", code="unsupported_media_type")
+            return ApiError(
+                415,
+                f"{method} needs 'Content-Type: application/json' (with a JSON body, {{}} when there is nothing to send)",
+                code="unsupported_media_type",
+            )
         return None
 
     def _origin_ok(self, origin: str, host: str) -> bool:
@@ -189,6 +206,7 @@ class Guard:
 
 
 # ---- paths a request names ---------------------------------------------------------------------
+
 
 def inside(path: Path, roots: Iterable[Path]) -> Path | None:
     """``path`` resolved with every symlink followed, when it exists and lies in one of ``roots``

@@ -18,7 +18,7 @@ import dataclasses
 import functools
 import time
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 from fastapi import APIRouter, Request
 
@@ -30,8 +30,7 @@ from barkgpt.server.errors import ApiError
 from barkgpt.server.host import RETRY_AFTER_S, ModelHost
 from barkgpt.server.metrics import ServerMetrics
 from barkgpt.server.scheduler import QueueFull, Scheduler
-from barkgpt.server.streaming import (Choice, chat_logprobs, collect, completion_logprobs, count_usage, sse,
-                                      stream_choices)
+from barkgpt.server.streaming import Choice, chat_logprobs, collect, completion_logprobs, count_usage, sse, stream_choices
 
 TOKEN_TEXTS_CACHED = 1 << 16  # (tokenizer, token id) -> text and bytes kept for logprobs, per app
 
@@ -58,7 +57,8 @@ class ServingState:
     metrics: ServerMetrics
     started: float = dataclasses.field(default_factory=time.time)
     token_text: Callable = dataclasses.field(
-        default_factory=lambda: functools.lru_cache(maxsize=TOKEN_TEXTS_CACHED)(token_text_bytes))
+        default_factory=lambda: functools.lru_cache(maxsize=TOKEN_TEXTS_CACHED)(token_text_bytes)
+    )
 
 
 def serving_state(request: Request) -> ServingState:
@@ -68,6 +68,7 @@ def serving_state(request: Request) -> ServingState:
 
 # ---- checks and steps of a request ------------------------------------------------------------
 
+
 def check_model(host: ModelHost, model: str | None) -> None:
     """Refuse a ``model`` that is not the one ``host`` serves (None: the served one).
 
@@ -75,8 +76,13 @@ def check_model(host: ModelHost, model: str | None) -> None:
         ApiError: 404 ``model_not_found``, naming the served model.
     """
     if model is not None and model != host.name:
-        raise ApiError(404, f"the model '{model}' does not exist; this server serves '{host.name}'",
-                       "not_found_error", param="model", code="model_not_found")
+        raise ApiError(
+            404,
+            f"the model '{model}' does not exist; this server serves '{host.name}'",
+            "not_found_error",
+            param="model",
+            code="model_not_found",
+        )
 
 
 def sampling_for(ids: list[int], body, block_size: int) -> SamplingParams:
@@ -91,10 +97,13 @@ def sampling_for(ids: list[int], body, block_size: int) -> SamplingParams:
     want = body.requested_max_tokens()
     if room < 1 or (want is not None and want > room):
         asked = f" and max_tokens is {want}" if want is not None else ""
-        raise ApiError(400, f"the prompt has {len(ids)} tokens{asked}, but the model's context is "
-                            f"{block_size} tokens; shorten the prompt or lower max_tokens",
-                       param="max_tokens" if want is not None and room >= 1 else "prompt",
-                       code="context_length_exceeded")
+        raise ApiError(
+            400,
+            f"the prompt has {len(ids)} tokens{asked}, but the model's context is "
+            f"{block_size} tokens; shorten the prompt or lower max_tokens",
+            param="max_tokens" if want is not None and room >= 1 else "prompt",
+            code="context_length_exceeded",
+        )
     return body.sampling_params(room)
 
 
@@ -136,13 +145,17 @@ def submit_all(sched: Scheduler, jobs: list[tuple[list[int], SamplingParams]]) -
     except QueueFull as e:
         for r in reqs:
             r.cancel()
-        raise ApiError(429, f"the server is busy ({e}); retry shortly", "rate_limit_error",
-                       code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        raise ApiError(
+            429,
+            f"the server is busy ({e}); retry shortly",
+            "rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        ) from None
     return reqs
 
 
-def prepare(body: P.Request, prompts: list[list[int]], gen: TextGenerator, sched: Scheduler,
-            state: ServingState) -> list[Choice]:
+def prepare(body: P.Request, prompts: list[list[int]], gen: TextGenerator, sched: Scheduler, state: ServingState) -> list[Choice]:
     """Check each prompt fits, then submit ``n`` requests per prompt, queued together so the
     scheduler prefills each prompt once; choices come prompt-major, as OpenAI's. Choice ``j`` of
     a prompt gets seed ``seed + j`` (mod 2**64), so the ``n`` samples differ.
@@ -153,9 +166,14 @@ def prepare(body: P.Request, prompts: list[list[int]], gen: TextGenerator, sched
             have clients retry forever; 429 when the queue is full now.
     """
     if body.n * len(prompts) > sched.max_queue:
-        raise ApiError(400, f"this request asks for {body.n * len(prompts)} generations (n {body.n} x {len(prompts)} "
-                            f"prompt(s)), more than the {sched.max_queue} this server queues (--max-queue); "
-                            "lower n or send fewer prompts per request", param="n", code="too_many_generations")
+        raise ApiError(
+            400,
+            f"this request asks for {body.n * len(prompts)} generations (n {body.n} x {len(prompts)} "
+            f"prompt(s)), more than the {sched.max_queue} this server queues (--max-queue); "
+            "lower n or send fewer prompts per request",
+            param="n",
+            code="too_many_generations",
+        )
     jobs = []
     for ids in prompts:
         base = sampling_for(ids, body, gen.block_size)
@@ -164,8 +182,10 @@ def prepare(body: P.Request, prompts: list[list[int]], gen: TextGenerator, sched
             jobs.append((ids, dataclasses.replace(base, seed=seed)))
     reqs = submit_all(sched, jobs)
     text_of = functools.partial(state.token_text, gen.tokenizer)
-    return [Choice(r, gen.tokenizer, body.stop, i, len(r.ids) if i % body.n == 0 else 0, state.metrics, text_of)
-            for i, r in enumerate(reqs)]
+    return [
+        Choice(r, gen.tokenizer, body.stop, i, len(r.ids) if i % body.n == 0 else 0, state.metrics, text_of)
+        for i, r in enumerate(reqs)
+    ]
 
 
 def model_card(state: ServingState) -> P.ModelCard:
@@ -175,6 +195,7 @@ def model_card(state: ServingState) -> P.ModelCard:
 
 
 # ---- routes -----------------------------------------------------------------------------------
+
 
 @router.get("/metrics", include_in_schema=False)
 async def prometheus_metrics(request: Request):
@@ -190,8 +211,14 @@ async def health(request: Request):
     """Liveness and load: the model, uptime (seconds), running and waiting requests; 503 until loaded."""
     state = serving_state(request)
     _, s = state.host.ready()
-    return {"status": "ok", "model": state.host.name, "uptime_s": round(time.time() - state.started, 3),
-            "running": s.running, "waiting": s.waiting, "compile": s.engine.compile}
+    return {
+        "status": "ok",
+        "model": state.host.name,
+        "uptime_s": round(time.time() - state.started, 3),
+        "running": s.running,
+        "waiting": s.waiting,
+        "compile": s.engine.compile,
+    }
 
 
 @router.get("/v1/models", response_model=P.ModelList)
@@ -220,16 +247,28 @@ async def completions(body: P.CompletionRequest, request: Request):
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(i, text, finish, usage=None, logprobs=None):
-        cs = [] if i is None else [P.CompletionChoice(text=text, index=i, logprobs=completion_logprobs(logprobs),
-                                                      finish_reason=finish)]
+        cs = (
+            []
+            if i is None
+            else [P.CompletionChoice(text=text, index=i, logprobs=completion_logprobs(logprobs), finish_reason=finish)]
+        )
         return P.CompletionResponse(id=rid, created=created, model=host.name, choices=cs, usage=usage)
 
     if body.stream:
         return sse(stream_choices(choices, chunk, body.include_usage, first=None))
     await collect(choices, request)
-    return P.CompletionResponse(id=rid, created=created, model=host.name, usage=count_usage(choices), choices=[
-        P.CompletionChoice(text=c.text, index=c.index, logprobs=completion_logprobs(c.logprobs),
-                           finish_reason=c.finish_reason) for c in choices])
+    return P.CompletionResponse(
+        id=rid,
+        created=created,
+        model=host.name,
+        usage=count_usage(choices),
+        choices=[
+            P.CompletionChoice(
+                text=c.text, index=c.index, logprobs=completion_logprobs(c.logprobs), finish_reason=c.finish_reason
+            )
+            for c in choices
+        ],
+    )
 
 
 @router.post("/v1/chat/completions", response_model=P.ChatCompletionResponse)
@@ -245,17 +284,38 @@ async def chat_completions(body: P.ChatCompletionRequest, request: Request):
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(i, text, finish, usage=None, role=None, logprobs=None):
-        cs = [] if i is None else [P.ChatChunkChoice(
-            index=i, delta=P.DeltaMessage(role=role, content=None if finish else text),
-            logprobs=chat_logprobs(logprobs), finish_reason=finish)]
+        cs = (
+            []
+            if i is None
+            else [
+                P.ChatChunkChoice(
+                    index=i,
+                    delta=P.DeltaMessage(role=role, content=None if finish else text),
+                    logprobs=chat_logprobs(logprobs),
+                    finish_reason=finish,
+                )
+            ]
+        )
         return P.ChatCompletionChunk(id=rid, created=created, model=host.name, choices=cs, usage=usage)
 
     if body.stream:
         return sse(stream_choices(choices, chunk, body.include_usage, first="assistant"))
     await collect(choices, request)
-    return P.ChatCompletionResponse(id=rid, created=created, model=host.name, usage=count_usage(choices), choices=[
-        P.ChatChoice(index=c.index, message=P.AssistantMessage(content=c.text), logprobs=chat_logprobs(c.logprobs),
-                     finish_reason=c.finish_reason) for c in choices])
+    return P.ChatCompletionResponse(
+        id=rid,
+        created=created,
+        model=host.name,
+        usage=count_usage(choices),
+        choices=[
+            P.ChatChoice(
+                index=c.index,
+                message=P.AssistantMessage(content=c.text),
+                logprobs=chat_logprobs(c.logprobs),
+                finish_reason=c.finish_reason,
+            )
+            for c in choices
+        ],
+    )
 
 
 @router.post("/generate", response_model=N.GenerateResponse)

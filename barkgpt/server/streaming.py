@@ -13,7 +13,8 @@ import asyncio
 import json
 import logging
 import time
-from typing import AsyncIterator, Callable, NamedTuple
+from collections.abc import AsyncIterator, Callable
+from typing import NamedTuple
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -59,8 +60,16 @@ class Choice:
         token_text_bytes: token id -> (text, UTF-8 bytes), for logprobs.
     """
 
-    def __init__(self, req, tokenizer, stop: list[str], index: int, prompt_tokens: int = 0,
-                 metrics: ServerMetrics | None = None, token_text_bytes: Callable[[int], tuple[str, list[int]]] | None = None):
+    def __init__(
+        self,
+        req,
+        tokenizer,
+        stop: list[str],
+        index: int,
+        prompt_tokens: int = 0,
+        metrics: ServerMetrics | None = None,
+        token_text_bytes: Callable[[int], tuple[str, list[int]]] | None = None,
+    ):
         self.req, self.index, self.prompt_tokens, self.metrics = req, index, prompt_tokens, metrics
         self.t_last = time.perf_counter()  # arrival, then the time of the latest token
         self.decoder = TextDecoder(tokenizer, stop)
@@ -78,7 +87,7 @@ class Choice:
         """The logprob entries not taken yet (None when the request did not ask for logprobs)."""
         if self.logprobs is None:
             return None
-        new, self._taken = self.logprobs[self._taken:], len(self.logprobs)
+        new, self._taken = self.logprobs[self._taken :], len(self.logprobs)
         return new
 
     async def pieces(self) -> AsyncIterator[str]:
@@ -114,8 +123,11 @@ class Choice:
         offset = prev.offset + len(prev.token) if prev else 0
         token, token_bytes = self._token_text_bytes(t)
         tops = [self._token_text_bytes(j) for j, _ in top]  # (text, bytes) of each top id
-        self.logprobs.append(LogprobEntry(token, logprob, [(text, lp) for (text, _), (_, lp) in zip(tops, top)], offset,
-                                           token_bytes, [b for _, b in tops]))
+        self.logprobs.append(
+            LogprobEntry(
+                token, logprob, [(text, lp) for (text, _), (_, lp) in zip(tops, top)], offset, token_bytes, [b for _, b in tops]
+            )
+        )
 
     def _visible(self, piece: str) -> str:
         if self.lstrip and not self.text:
@@ -128,17 +140,29 @@ def chat_logprobs(entries: list[LogprobEntry] | None) -> P.ChatLogprobs | None:
     """Chat's ``logprobs`` object of some tokens (None for none), with each token's raw UTF-8 bytes."""
     if not entries:
         return None
-    return P.ChatLogprobs(content=[
-        P.TokenLogprob(token=e.token, logprob=e.logprob, bytes=e.bytes, top_logprobs=[
-            P.TopLogprob(token=t, logprob=lp, bytes=b) for (t, lp), b in zip(e.top, e.top_bytes)]) for e in entries])
+    return P.ChatLogprobs(
+        content=[
+            P.TokenLogprob(
+                token=e.token,
+                logprob=e.logprob,
+                bytes=e.bytes,
+                top_logprobs=[P.TopLogprob(token=t, logprob=lp, bytes=b) for (t, lp), b in zip(e.top, e.top_bytes)],
+            )
+            for e in entries
+        ]
+    )
 
 
 def completion_logprobs(entries: list[LogprobEntry] | None) -> P.CompletionLogprobs | None:
     """The legacy completions ``logprobs`` object of some tokens (None for none)."""
     if not entries:
         return None
-    return P.CompletionLogprobs(tokens=[e.token for e in entries], token_logprobs=[e.logprob for e in entries],
-                                top_logprobs=[dict(e.top) for e in entries], text_offset=[e.offset for e in entries])
+    return P.CompletionLogprobs(
+        tokens=[e.token for e in entries],
+        token_logprobs=[e.logprob for e in entries],
+        top_logprobs=[dict(e.top) for e in entries],
+        text_offset=[e.offset for e in entries],
+    )
 
 
 def count_usage(choices: list[Choice]) -> P.Usage:

@@ -85,8 +85,7 @@ def add_routes(app: FastAPI, host: ModelHost, runs: TrainingRuns) -> None:
         gen, _ = host.ready()  # 503 while the first model loads or the server stops
         checkpoints = checkpoint_infos(path, runs.root)  # best/ first, as load_generator picks
         if not checkpoints:
-            raise ApiError(409, f"the run '{name}' has no checkpoint yet; wait for its first evaluation",
-                           code="no_checkpoint")
+            raise ApiError(409, f"the run '{name}' has no checkpoint yet; wait for its first evaluation", code="no_checkpoint")
         device = str(next(gen.model.parameters()).device)
         async with load_lock:  # the folder checked above, resolved: nothing else is read
             new = await asyncio.to_thread(load_generator, (path / checkpoints[0]["name"]).resolve(), device)

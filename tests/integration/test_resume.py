@@ -30,17 +30,50 @@ def data_dir(tmp_path_factory):
     from barkgpt.data import prepare_dataset
 
     root = tmp_path_factory.mktemp("resume-data")
-    (root / "text.txt").write_text("".join(f"Citizen {i}: we are accounted poor citizens, the patricians good.\n"
-                                           for i in range(300)))
+    (root / "text.txt").write_text(
+        "".join(f"Citizen {i}: we are accounted poor citizens, the patricians good.\n" for i in range(300))
+    )
     prepare_dataset(root / "text.txt", root / "char", tokenizer="char")
     return root / "char"
 
 
 def train_cmd(data_dir, out_dir, resume=False):
-    cmd = [sys.executable, "-m", "barkgpt", "train", "--data", str(data_dir), "--out-dir", str(out_dir),
-           "--n-layer", "2", "--n-head", "2", "--n-embd", "48", "--block-size", "32", "--dropout", "0.1",
-           "--batch-size", "8", "--max-iters", "60", "--warmup-iters", "5", "--learning-rate", "0.003",
-           "--eval-interval", "20", "--eval-iters", "2", "--log-interval", "1", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "barkgpt",
+        "train",
+        "--data",
+        str(data_dir),
+        "--out-dir",
+        str(out_dir),
+        "--n-layer",
+        "2",
+        "--n-head",
+        "2",
+        "--n-embd",
+        "48",
+        "--block-size",
+        "32",
+        "--dropout",
+        "0.1",
+        "--batch-size",
+        "8",
+        "--max-iters",
+        "60",
+        "--warmup-iters",
+        "5",
+        "--learning-rate",
+        "0.003",
+        "--eval-interval",
+        "20",
+        "--eval-iters",
+        "2",
+        "--log-interval",
+        "1",
+        "--device",
+        "cpu",
+    ]
     return cmd + (["--resume"] if resume else [])
 
 
@@ -63,14 +96,26 @@ def weights(checkpoint):
 
 
 def test_resume_after_sigints_and_a_sigkill_at_any_moment_equals_the_straight_run(tmp_path, data_dir):
-    straight = subprocess.Popen(train_cmd(data_dir, tmp_path / "straight"), cwd=REPO, env=ENV,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    straight = subprocess.Popen(
+        train_cmd(data_dir, tmp_path / "straight"),
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     run = tmp_path / "stopped"
 
     def stop_at(hook, saved_step, resume=True):
         """One process that the hook stops; it must save last/ at ``saved_step`` (SIGINT) or die (SIGKILL)."""
-        out = subprocess.run(train_cmd(data_dir, run, resume), cwd=REPO, env={**ENV, "BARKGPT_TEST_SIGNAL": hook},
-                             capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            train_cmd(data_dir, run, resume),
+            cwd=REPO,
+            env={**ENV, "BARKGPT_TEST_SIGNAL": hook},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if hook.startswith("KILL"):
             assert out.returncode == -signal.SIGKILL, out.stderr
         else:
@@ -87,8 +132,9 @@ def test_resume_after_sigints_and_a_sigkill_at_any_moment_equals_the_straight_ru
     rnd = random.Random(0)
     for _ in range(1):  # and at a moment nobody chose
         start = max_step(run)
-        proc = subprocess.Popen(train_cmd(data_dir, run, resume=True), cwd=REPO, env=ENV,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            train_cmd(data_dir, run, resume=True), cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         deadline = time.time() + 60
         while max_step(run) <= start and time.time() < deadline and proc.poll() is None:
             time.sleep(0.005)
@@ -109,4 +155,6 @@ def test_resume_after_sigints_and_a_sigkill_at_any_moment_equals_the_straight_ru
         assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), name
     # best/ holds the model with the recorded best val loss, which is the lowest val loss logged
     best, last = json.loads((run / "best" / "config.json").read_text()), load_trainer_state(run / "last")
-    assert best["val_loss"] == last["best_val_loss"] == pytest.approx(min(r["val_loss"] for r in got if "val_loss" in r), abs=1e-5)
+    assert (
+        best["val_loss"] == last["best_val_loss"] == pytest.approx(min(r["val_loss"] for r in got if "val_loss" in r), abs=1e-5)
+    )

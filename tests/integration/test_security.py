@@ -23,7 +23,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
-from test_server import KEY, free_port, launch, send, stop, wait_ready  # noqa: E402 - after the skips
+from test_server import KEY, free_port, launch, send, stop, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -77,8 +77,20 @@ def tree(tmp_path_factory, tiny_model) -> Path:
 @pytest.fixture(scope="module")
 def server(tiny_model, tree):
     """``(base URL, process)`` of ``barkgpt serve`` on ``tree`` (API key ``KEY``)."""
-    proc, base = launch(tiny_model, "tiny", "--runs", str(tree / "runs"), "--data-root", str(tree / "data"),
-                        "--max-queue", str(MAX_QUEUE), "--allowed-host", "proxy.example", "--cors-origin", CORS_ORIGIN)
+    proc, base = launch(
+        tiny_model,
+        "tiny",
+        "--runs",
+        str(tree / "runs"),
+        "--data-root",
+        str(tree / "data"),
+        "--max-queue",
+        str(MAX_QUEUE),
+        "--allowed-host",
+        "proxy.example",
+        "--cors-origin",
+        CORS_ORIGIN,
+    )
     wait_ready(proc, base)
     yield base, proc
     stop(proc)
@@ -121,13 +133,27 @@ def children(pid: int) -> list[int]:
 
 # ---- 1. files over HTTP ------------------------------------------------------------------------
 
+
 def test_runs_read_data_only_under_the_data_roots(server, tree):
     base, _ = server
     runs = tree / "runs"
-    attempts = [str(tree / "outside" / "secret.txt"), "../outside/secret.txt", str(runs / ".." / "outside" / "secret.txt"),
-                str(tree / "data" / ".." / "outside" / "secret.txt"), "escape.txt", str(runs / "escape.txt"),
-                "escape-dir", "escape-dir/secret.txt", "linked", "mixed", str(tree / "data" / "mixed"), "/etc/passwd",
-                "~/.ssh/id_rsa", "no/such/data", "a\u0000b"]
+    attempts = [
+        str(tree / "outside" / "secret.txt"),
+        "../outside/secret.txt",
+        str(runs / ".." / "outside" / "secret.txt"),
+        str(tree / "data" / ".." / "outside" / "secret.txt"),
+        "escape.txt",
+        str(runs / "escape.txt"),
+        "escape-dir",
+        "escape-dir/secret.txt",
+        "linked",
+        "mixed",
+        str(tree / "data" / "mixed"),
+        "/etc/passwd",
+        "~/.ssh/id_rsa",
+        "no/such/data",
+        "a\u0000b",
+    ]
     for i, data in enumerate(attempts):
         status, body = start_run(base, f"leak{i}", data=data)
         assert status == 400 and body["error"]["code"] == "data_outside_roots", (data, body)
@@ -169,6 +195,7 @@ def test_symlinks_in_the_runs_folder_show_nothing_outside(server, tree):
 
 # ---- 2. Host and the network -------------------------------------------------------------------
 
+
 def test_a_foreign_host_is_refused_before_routing(server):
     base, _ = server
     port = base.rsplit(":", 1)[1]
@@ -176,17 +203,25 @@ def test_a_foreign_host_is_refused_before_routing(server):
         for method, path in (("GET", "/health"), ("GET", "/"), ("GET", "/v1/runs"), ("POST", "/v1/runs/x/stop")):
             status, _, text = request(base, method, path, b"{}", Host=host, Content_Type="application/json")
             assert status == 421 and json.loads(text)["error"]["code"] == "misdirected_request", (host, path, status)
-    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}", "PROXY.example",
-                 f"proxy.example:{port}"):
+    for host in (
+        f"127.0.0.1:{port}",
+        f"localhost:{port}",
+        "localhost",
+        f"[::1]:{port}",
+        "PROXY.example",
+        f"proxy.example:{port}",
+    ):
         assert request(base, "GET", "/health", Host=host)[0] == 200, host
 
 
 def test_binding_beyond_loopback_with_runs_needs_an_api_key(tiny_model, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "BARKGPT_API_KEY"}
     serve = [sys.executable, "-m", "barkgpt", "serve", "--model", str(tiny_model), "--port", str(free_port())]
-    for flags, words in ((["--host", "0.0.0.0", "--runs", str(tmp_path)], "API key"),
-                         (["--host", "::", "--runs", str(tmp_path)], "API key"),
-                         (["--data-root", str(tmp_path / "missing")], "--data-root")):
+    for flags, words in (
+        (["--host", "0.0.0.0", "--runs", str(tmp_path)], "API key"),
+        (["--host", "::", "--runs", str(tmp_path)], "API key"),
+        (["--data-root", str(tmp_path / "missing")], "--data-root"),
+    ):
         try:
             out = subprocess.run([*serve, *flags], env=env, capture_output=True, text=True, timeout=30)
         except subprocess.TimeoutExpired:
@@ -196,6 +231,7 @@ def test_binding_beyond_loopback_with_runs_needs_an_api_key(tiny_model, tmp_path
 
 
 # ---- 3. cross-site requests --------------------------------------------------------------------
+
 
 def test_state_changing_routes_need_json_from_this_origin(server):
     base, _ = server
@@ -216,24 +252,38 @@ def test_state_changing_routes_need_json_from_this_origin(server):
 
 # ---- 4. resource exhaustion --------------------------------------------------------------------
 
+
 def test_non_finite_and_oversized_runs_are_refused(server, tree):
     base, _ = server
-    for i, raw in enumerate(('{"learning_rate": Infinity}', '{"learning_rate": NaN}', '{"learning_rate": -Infinity}',
-                             '{"learning_rate": "inf"}', '{"learning_rate": 1e999}', '{"learning_rate": "nan"}')):
+    for i, raw in enumerate(
+        (
+            '{"learning_rate": Infinity}',
+            '{"learning_rate": NaN}',
+            '{"learning_rate": -Infinity}',
+            '{"learning_rate": "inf"}',
+            '{"learning_rate": 1e999}',
+            '{"learning_rate": "nan"}',
+        )
+    ):
         status, body = post_json(base, "/v1/runs", f'{{"name": "inf{i}", "overrides": {raw}}}'.encode())
         assert status == 400 and "finite" in body["error"]["message"], (raw, body)
-    for i, (overrides, flag) in enumerate((({"n_layer": 100000}, "--max-run-params"),
-                                           ({"n_embd": 1048576}, "--max-run-params"),
-                                           ({"n_embd": 2147483647}, "n_head"),  # prime: the divisor hint stays fast
-                                           ({"n_embd": 2**40}, "at most"),
-                                           ({"block_size": 10**8}, "--max-run-memory"),
-                                           ({"batch_size": 10**7}, "--max-run-memory"))):
+    for i, (overrides, flag) in enumerate(
+        (
+            ({"n_layer": 100000}, "--max-run-params"),
+            ({"n_embd": 1048576}, "--max-run-params"),
+            ({"n_embd": 2147483647}, "n_head"),  # prime: the divisor hint stays fast
+            ({"n_embd": 2**40}, "at most"),
+            ({"block_size": 10**8}, "--max-run-memory"),
+            ({"batch_size": 10**7}, "--max-run-memory"),
+        )
+    ):
         status, body = start_run(base, f"big{i}", **overrides)  # within request()'s 30 s timeout
         assert status == 400 and flag in body["error"]["message"], (overrides, body)
     assert not any((tree / "runs" / n).exists() for n in [f"inf{i}" for i in range(6)] + [f"big{i}" for i in range(6)])
 
 
 # ---- 5. hardening ------------------------------------------------------------------------------
+
 
 def test_pages_forbid_framing_and_inline_scripts(server):
     base, _ = server
@@ -259,18 +309,22 @@ def test_error_bodies_hold_no_server_paths(server, tree):
 
 # ---- 6. bad requests that gave a 500 -----------------------------------------------------------
 
+
 def test_lone_surrogates_get_a_400(server):
     base, _ = server
     chat = '"messages": [{"role": "user", "content": %s}], "max_tokens": 2'
-    cases = [("/tokenize", '{"prompt": "\\ud800"}'), ("/generate", '{"prompt": "a\\udfffb", "max_tokens": 2}'),
-             ("/v1/completions", '{"prompt": "\\ud800", "max_tokens": 2}'),
-             ("/v1/completions", '{"prompt": ["ok", "\\udc00"], "max_tokens": 2}'),
-             ("/v1/completions", '{"prompt": "ok", "stop": ["\\ud800"], "max_tokens": 2}'),
-             ("/v1/chat/completions", "{" + chat % '"\\ud800"' + "}"),
-             ("/v1/chat/completions", "{" + chat % '[{"type": "text", "text": "\\ud800"}]' + "}"),
-             ("/v1/chat/completions", '{"model": "\\ud800", ' + chat % '"hi"' + "}"),
-             ("/v1/runs", '{"name": "x", "preset": "\\ud800"}'),
-             ("/v1/runs", '{"name": "x", "overrides": {"data": "\\ud800"}}')]
+    cases = [
+        ("/tokenize", '{"prompt": "\\ud800"}'),
+        ("/generate", '{"prompt": "a\\udfffb", "max_tokens": 2}'),
+        ("/v1/completions", '{"prompt": "\\ud800", "max_tokens": 2}'),
+        ("/v1/completions", '{"prompt": ["ok", "\\udc00"], "max_tokens": 2}'),
+        ("/v1/completions", '{"prompt": "ok", "stop": ["\\ud800"], "max_tokens": 2}'),
+        ("/v1/chat/completions", "{" + chat % '"\\ud800"' + "}"),
+        ("/v1/chat/completions", "{" + chat % '[{"type": "text", "text": "\\ud800"}]' + "}"),
+        ("/v1/chat/completions", '{"model": "\\ud800", ' + chat % '"hi"' + "}"),
+        ("/v1/runs", '{"name": "x", "preset": "\\ud800"}'),
+        ("/v1/runs", '{"name": "x", "overrides": {"data": "\\ud800"}}'),
+    ]
     for path, raw in cases:
         status, body = post_json(base, path, raw.encode())
         assert status == 400 and set(body) == {"error"} and body["error"]["type"] == "invalid_request_error", (path, raw, body)
@@ -287,11 +341,20 @@ def test_a_request_larger_than_the_queue_gets_a_400_not_a_retry(server):
 
 # ---- the pieces, without a server ---------------------------------------------------------------
 
+
 def test_host_names_and_allowed_hosts():
     from barkgpt.server.security import allowed_hosts, host_name
 
-    assert [host_name(h) for h in ("Example.COM:80", "[::1]:8000", "[::1]", "localhost", "a:b:c", "x:8o", "", "[::1")] == \
-           ["example.com", "::1", "::1", "localhost", None, None, None, None]
+    assert [host_name(h) for h in ("Example.COM:80", "[::1]:8000", "[::1]", "localhost", "a:b:c", "x:8o", "", "[::1")] == [
+        "example.com",
+        "::1",
+        "::1",
+        "localhost",
+        None,
+        None,
+        None,
+        None,
+    ]
     assert allowed_hosts("0.0.0.0", []) == {"localhost", "127.0.0.1", "::1"}
     assert allowed_hosts("10.0.0.5", ["proxy.example:443"]) == {"localhost", "127.0.0.1", "::1", "10.0.0.5", "proxy.example"}
     assert allowed_hosts("127.0.0.1", ["*"]) is None
@@ -301,18 +364,22 @@ def test_scrub_paths_keeps_no_absolute_path():
     from barkgpt.server.errors import scrub_paths
 
     text = "/srv/runs/x/best/model.safetensors is corrupt; see '/etc/passwd', http://127.0.0.1:8000/v1 and runs/y."
-    assert scrub_paths(text, {Path("/srv/runs"): "runs"}) == \
-        "runs/x/best/model.safetensors is corrupt; see '.../passwd', http://127.0.0.1:8000/v1 and runs/y."
+    assert (
+        scrub_paths(text, {Path("/srv/runs"): "runs"})
+        == "runs/x/best/model.safetensors is corrupt; see '.../passwd', http://127.0.0.1:8000/v1 and runs/y."
+    )
 
 
 def test_estimate_run_counts_the_models_parameters():
     from barkgpt.config import GPTConfig, TrainConfig
     from barkgpt.model import GPT
-    from barkgpt.server.runs import estimate_run
+    from barkgpt.server.run_limits import estimate_run
 
-    for cfg in (GPTConfig(family="gpt2", vocab_size=300, block_size=64, n_layer=2, n_head=4, n_embd=32, tie_embeddings=False),
-                GPTConfig(family="llama", vocab_size=300, block_size=64, n_layer=3, n_head=4, n_kv_head=2, n_embd=32),
-                GPTConfig(family="llama", vocab_size=300, block_size=64, n_layer=2, n_head=4, n_embd=32, n_expert=4)):
+    for cfg in (
+        GPTConfig(family="gpt2", vocab_size=300, block_size=64, n_layer=2, n_head=4, n_embd=32, tie_embeddings=False),
+        GPTConfig(family="llama", vocab_size=300, block_size=64, n_layer=3, n_head=4, n_kv_head=2, n_embd=32),
+        GPTConfig(family="llama", vocab_size=300, block_size=64, n_layer=2, n_head=4, n_embd=32, n_expert=4),
+    ):
         params, memory = estimate_run(cfg, TrainConfig(batch_size=4), 300)
         assert params == sum(p.numel() for p in GPT(cfg).parameters()), cfg
         assert memory > 16 * params
@@ -320,17 +387,39 @@ def test_estimate_run_counts_the_models_parameters():
 
 # ---- schemathesis: every route, generated requests, no 5xx --------------------------------------
 
+
 @pytest.mark.slow
 def test_schemathesis_finds_no_server_error(server, tmp_path):
     """schemathesis on /openapi.json: 500+ generated requests (positive and negative) on every
     route but POST /v1/runs (which would start training runs; its refusals are tested above)."""
     pytest.importorskip("schemathesis", reason="schemathesis is missing: pip install -e '.[dev]'")
     base, _ = server
-    out = subprocess.run([sys.executable, "-m", "schemathesis.cli", "run", base + "/openapi.json",
-                          "--checks", "not_a_server_error", "-H", f"Authorization: Bearer {KEY}",
-                          "--exclude-name", "POST /v1/runs", "--max-examples", "20", "--seed", "1", "--no-shrink",
-                          "--request-timeout", "20"],
-                         capture_output=True, text=True, timeout=120, cwd=tmp_path)  # its .schemathesis/ cache goes there
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "schemathesis.cli",
+            "run",
+            base + "/openapi.json",
+            "--checks",
+            "not_a_server_error",
+            "-H",
+            f"Authorization: Bearer {KEY}",
+            "--exclude-name",
+            "POST /v1/runs",
+            "--max-examples",
+            "20",
+            "--seed",
+            "1",
+            "--no-shrink",
+            "--request-timeout",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )  # its .schemathesis/ cache goes there
     generated = re.search(r"(\d+) generated", out.stdout)
     assert out.returncode == 0, out.stdout[-4000:]
     assert generated and int(generated.group(1)) >= 500, out.stdout[-2000:]

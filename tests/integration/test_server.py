@@ -44,10 +44,23 @@ def run_dir(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train(GPTConfig(family="llama", block_size=32, n_layer=2, n_head=2, n_kv_head=2, n_embd=32),
-              TrainConfig(data="bark", out_dir=str(out), batch_size=16, max_iters=80, warmup_iters=10,
-                          learning_rate=1e-2, min_lr=1e-3, eval_interval=80, eval_iters=2, log_interval=40, seed=0),
-              quiet=True)
+        train(
+            GPTConfig(family="llama", block_size=32, n_layer=2, n_head=2, n_kv_head=2, n_embd=32),
+            TrainConfig(
+                data="bark",
+                out_dir=str(out),
+                batch_size=16,
+                max_iters=80,
+                warmup_iters=10,
+                learning_rate=1e-2,
+                min_lr=1e-3,
+                eval_interval=80,
+                eval_iters=2,
+                log_interval=40,
+                seed=0,
+            ),
+            quiet=True,
+        )
     finally:
         torch.set_num_threads(threads)
     return out
@@ -67,9 +80,27 @@ def launch(model_dir, name: str, *flags: str, env: dict | None = None) -> tuple[
     port = free_port()
     flags = flags if "--compile" in flags else ("--compile", "false", *flags)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "BARKGPT_API_KEY": KEY, **(env or {})}
-    proc = subprocess.Popen([sys.executable, "-m", "barkgpt", "serve", "--model", str(model_dir), "--port", str(port),
-                             "--model-name", name, "--device", "cpu", *flags],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "barkgpt",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--model-name",
+            name,
+            "--device",
+            "cpu",
+            *flags,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -141,8 +172,12 @@ def test_completion_and_chat(client):
     assert c.usage.prompt_tokens == 3 and c.usage.total_tokens == 3 + c.usage.completion_tokens
     assert c.choices[0].finish_reason in {"stop", "length"}
 
-    chat = client.chat.completions.create(messages=[{"role": "user", "content": [{"type": "text", "text": "speak"}]}],
-                                          model=MODEL, temperature=0, max_completion_tokens=8)
+    chat = client.chat.completions.create(
+        messages=[{"role": "user", "content": [{"type": "text", "text": "speak"}]}],
+        model=MODEL,
+        temperature=0,
+        max_completion_tokens=8,
+    )
     msg = chat.choices[0].message
     assert msg.role == "assistant" and msg.content.split()[0] in BARKS and not msg.content[0].isspace()
     models = client.models.list()
@@ -152,8 +187,11 @@ def test_completion_and_chat(client):
 def test_streaming_chat_with_usage_equals_non_streamed(client):
     messages = [{"role": "user", "content": "speak"}]
     whole = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=10)
-    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=10,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=messages, temperature=0, max_tokens=10, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert len({(c.id, c.created) for c in chunks}) == 1
     assert chunks[0].choices[0].delta.role == "assistant"
     assert all(ch.delta.role is None for c in chunks[1:] for ch in c.choices)
@@ -210,15 +248,20 @@ def test_generate_tokenize_detokenize(server):
 
 def test_sixteen_concurrent_streams_match_each_alone(client, server):
     words = ["speak", "bark", "woof", "sit", "hello", "speak speak", "good dog", "arf"]
-    alone = {w: client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": w}],
-                                               temperature=0, max_tokens=12).choices[0].message.content for w in words}
+    alone = {
+        w: client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": w}], temperature=0, max_tokens=12)
+        .choices[0]
+        .message.content
+        for w in words
+    }
 
     async def main():
         aclient = openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=60)
 
         async def one(w):
-            stream = await aclient.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": w}],
-                                                           temperature=0, max_tokens=12, stream=True)
+            stream = await aclient.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": w}], temperature=0, max_tokens=12, stream=True
+            )
             return "".join([ch.delta.content or "" async for c in stream for ch in c.choices])
 
         try:
@@ -257,20 +300,31 @@ def test_fuzzed_requests_never_get_a_5xx(server):
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=True),
-                        st.text(max_size=20))
-    values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                           st.dictionaries(st.text(max_size=8), inner, max_size=3)), max_leaves=6)
-    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "tool", 7]),
-                                     "content": st.one_of(st.text(max_size=30), values)})
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**40), 2**40), st.floats(allow_nan=True), st.text(max_size=20))
+    values = st.recursive(
+        scalars,
+        lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+        max_leaves=6,
+    )
+    message = st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "assistant", "system", "tool", 7]), "content": st.one_of(st.text(max_size=30), values)}
+    )
     fields = {
-        "model": st.one_of(st.just(MODEL), values), "prompt": st.one_of(st.text(max_size=40), values),
-        "messages": st.one_of(st.lists(message, max_size=3), values), "max_tokens": st.one_of(st.integers(-5, 40), values),
-        "temperature": st.one_of(st.floats(-2, 3), values), "top_p": st.one_of(st.floats(-1, 2), values),
-        "top_k": st.one_of(st.integers(-3, 50), values), "n": st.one_of(st.integers(-1, 20), values),
+        "model": st.one_of(st.just(MODEL), values),
+        "prompt": st.one_of(st.text(max_size=40), values),
+        "messages": st.one_of(st.lists(message, max_size=3), values),
+        "max_tokens": st.one_of(st.integers(-5, 40), values),
+        "temperature": st.one_of(st.floats(-2, 3), values),
+        "top_p": st.one_of(st.floats(-1, 2), values),
+        "top_k": st.one_of(st.integers(-3, 50), values),
+        "n": st.one_of(st.integers(-1, 20), values),
         "stop": st.one_of(st.text(max_size=5), st.lists(st.text(max_size=5), max_size=6), values),
-        "seed": st.one_of(st.integers(-2**70, 2**70), values), "stream": st.one_of(st.booleans(), values),
-        "logprobs": values, "stream_options": values, "min_p": values, "repetition_penalty": values,
+        "seed": st.one_of(st.integers(-(2**70), 2**70), values),
+        "stream": st.one_of(st.booleans(), values),
+        "logprobs": values,
+        "stream_options": values,
+        "min_p": values,
+        "repetition_penalty": values,
     }
     bodies = st.fixed_dictionaries({}, optional=fields)
 
@@ -352,14 +406,20 @@ def test_abandoned_streams_free_their_slots(long_server):
     while health(long_server)["running"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert health(long_server)["running"] == 0, f"abandoned rows still running after {solo_s / 2:.1f} s"
-    status, out = send(long_server + "/v1/completions", json.dumps({"model": "long", "prompt": PROMPT, "max_tokens": 5, "temperature": 0}).encode())
+    status, out = send(
+        long_server + "/v1/completions",
+        json.dumps({"model": "long", "prompt": PROMPT, "max_tokens": 5, "temperature": 0}).encode(),
+    )
     assert status == 200 and out["usage"]["completion_tokens"] == 5
 
 
 def test_frequency_penalty_changes_a_repetitive_greedy_reply(client):
     plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0).choices[0].text.split()
-    penalised = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0,
-                                          frequency_penalty=2.0).choices[0].text.split()
+    penalised = (
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0, frequency_penalty=2.0)
+        .choices[0]
+        .text.split()
+    )
     assert len(set(plain)) < len(plain)  # greedy repeats itself...
     assert penalised != plain  # ...and the penalty steers away from the repeats
 
@@ -368,8 +428,9 @@ def test_logprobs_are_the_models_own(client):
     """Chat and legacy logprobs: one entry per completion token, each <= 0, the greedy token is
     the top one, and the distribution is the model's, unchanged by temperature and penalties."""
     messages = [{"role": "user", "content": "speak"}]
-    chat = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=6,
-                                          logprobs=True, top_logprobs=5)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=messages, temperature=0, max_tokens=6, logprobs=True, top_logprobs=5
+    )
     content = chat.choices[0].logprobs.content
     assert len(content) == chat.usage.completion_tokens
     for entry in content:
@@ -378,8 +439,16 @@ def test_logprobs_are_the_models_own(client):
         assert entry.logprob == tops[0] and entry.token == entry.top_logprobs[0].token  # greedy: the top token
         assert bytes(entry.bytes).decode() == entry.token
     assert "".join(e.token for e in content[:1]) in chat.choices[0].message.content
-    hot = client.chat.completions.create(model=MODEL, messages=messages, temperature=1.5, seed=3, max_tokens=1,
-                                         frequency_penalty=2.0, logprobs=True, top_logprobs=5)
+    hot = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        temperature=1.5,
+        seed=3,
+        max_tokens=1,
+        frequency_penalty=2.0,
+        logprobs=True,
+        top_logprobs=5,
+    )
     assert hot.choices[0].logprobs.content[0].top_logprobs == content[0].top_logprobs  # raw, not tempered
 
     comp = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=3)
@@ -389,8 +458,18 @@ def test_logprobs_are_the_models_own(client):
     assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
     assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2).choices[0].logprobs is None
 
-    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=6, stream=True,
-                                                 logprobs=True, top_logprobs=5, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            temperature=0,
+            max_tokens=6,
+            stream=True,
+            logprobs=True,
+            top_logprobs=5,
+            stream_options={"include_usage": True},
+        )
+    )
     streamed = [e for c in chunks for ch in c.choices if ch.logprobs for e in ch.logprobs.content]
     assert streamed == content and chunks[-1].usage.completion_tokens == len(content)
 
@@ -432,17 +511,25 @@ def test_health_is_503_until_the_model_loads(loading_server):
     assert before and all(status == 503 for status, _ in before)
     status, body = send(base + "/health")
     assert status == 200 and body["model"] == "long"
-    status, body = send(base + "/v1/chat/completions", json.dumps(
-        {"messages": [{"role": "user", "content": "speak"}], "max_tokens": 2, "temperature": 0}).encode())
+    status, body = send(
+        base + "/v1/chat/completions",
+        json.dumps({"messages": [{"role": "user", "content": "speak"}], "max_tokens": 2, "temperature": 0}).encode(),
+    )
     assert status == 200 and body["usage"]["completion_tokens"] == 2  # greedy: no chance <EOS> ends it early
 
 
 def preflight(base: str, origin: str):
     """A browser's CORS preflight for a POST to /v1/chat/completions; returns the response."""
     conn = http.client.HTTPConnection(base.removeprefix("http://"), timeout=10)
-    conn.request("OPTIONS", "/v1/chat/completions", headers={
-        "Origin": origin, "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "authorization, content-type"})
+    conn.request(
+        "OPTIONS",
+        "/v1/chat/completions",
+        headers={
+            "Origin": origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
     r = conn.getresponse()
     r.read()
     conn.close()
@@ -461,9 +548,20 @@ def test_cors_only_with_cors_origin(loading_server, server):
 def open_stream(base: str, max_tokens: int):
     """Start a streamed greedy completion; return the connection and response, its first event read."""
     conn = http.client.HTTPConnection(base.removeprefix("http://"), timeout=30)
-    conn.request("POST", "/v1/completions", headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"},
-                 body=json.dumps({"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                                  "stream_options": {"include_usage": True}}))
+    conn.request(
+        "POST",
+        "/v1/completions",
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"},
+        body=json.dumps(
+            {
+                "prompt": PROMPT,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+        ),
+    )
     r = conn.getresponse()
     assert r.status == 200
     assert r.readline().startswith(b"data: {")  # the request is running
@@ -540,10 +638,17 @@ def test_shutdown_timeout_ends_a_stream_with_an_error_event(own_server):
 
 
 def test_bad_serve_flags_fail_fast_with_one_line(long_model):
-    for flags, words in ((["--max-batch-size", "0"], "max_batch_size"), (["--port", "x"], "--port"),
-                         (["--api-key", "a", "--api-key-file", "k.txt"], "not both")):
-        out = subprocess.run([sys.executable, "-m", "barkgpt", "serve", "--model", str(long_model), *flags],
-                             capture_output=True, text=True, timeout=60)
+    for flags, words in (
+        (["--max-batch-size", "0"], "max_batch_size"),
+        (["--port", "x"], "--port"),
+        (["--api-key", "a", "--api-key-file", "k.txt"], "not both"),
+    ):
+        out = subprocess.run(
+            [sys.executable, "-m", "barkgpt", "serve", "--model", str(long_model), *flags],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.returncode == 2 and words in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 

@@ -27,13 +27,20 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is missing: pip install -e '.[dev]'")
-from test_server import BARKS, KEY, launch, send, stop, wait_ready  # noqa: E402 - after the skips
+from test_server import BARKS, KEY, launch, send, stop, wait_ready
 
 pytestmark = pytest.mark.integration
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 WIDE, PHONE = {"width": 1280, "height": 800}, {"width": 375, "height": 740}
 SLOW = "slow"  # the served model's id
@@ -47,8 +54,15 @@ def train_tiny(out: Path) -> None:
     from barkgpt.config import build_configs
     from barkgpt.train import train
 
-    overrides = {"out_dir": str(out), "max_iters": 60, "warmup_iters": 10, "eval_interval": 30, "eval_iters": 2,
-                 "log_interval": 5, "seed": 0}
+    overrides = {
+        "out_dir": str(out),
+        "max_iters": 60,
+        "warmup_iters": 10,
+        "eval_interval": 30,
+        "eval_iters": 2,
+        "log_interval": 5,
+        "seed": 0,
+    }
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -79,8 +93,9 @@ def slow_model(tmp_path_factory) -> Path:
     prompt = tok.apply_chat_template([{"role": "user", "content": "speak"}], add_generation_prompt=True)
     for seed in (4, *range(8)):  # untied embeddings: a random model that does not just echo its last token
         torch.manual_seed(seed)
-        model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=1024, n_layer=4, n_head=4, n_embd=256,
-                              tie_embeddings=False)).eval()
+        model = GPT(
+            GPTConfig(vocab_size=tok.vocab_size, block_size=1024, n_layer=4, n_head=4, n_embd=256, tie_embeddings=False)
+        ).eval()
         if TextGenerator(model, tok).complete(prompt, max_new_tokens=300, temperature=0)[0].finish_reason == "length":
             save_checkpoint(out, model, tok)
             return out
@@ -174,10 +189,13 @@ def test_pages_are_public_and_the_run_routes_need_the_key(server, runs):
     for name, code in ((".hidden", 400), ("..", 400), ("%2e%2e", 400), ("nope", 404)):
         status, err = send(f"{server}/v1/runs/{name}")
         assert status == code and set(err) == {"error"}, (name, status, err)
-    for body, param in (({"name": "x", "preset": "../../etc/passwd"}, "preset"), ({"name": "a/b"}, "name"),
-                        ({"name": "x", "overrides": {"out_dir": "/"}}, "overrides"),
-                        ({"name": "x", "overrides": {"max_iters": "many"}}, None),
-                        ({"name": "bark-tiny"}, "name")):
+    for body, param in (
+        ({"name": "x", "preset": "../../etc/passwd"}, "preset"),
+        ({"name": "a/b"}, "name"),
+        ({"name": "x", "overrides": {"out_dir": "/"}}, "overrides"),
+        ({"name": "x", "overrides": {"max_iters": "many"}}, None),
+        ({"name": "bark-tiny"}, "name"),
+    ):
         status, err = send(server + "/v1/runs", json.dumps(body).encode())
         assert status in (400, 409) and err["error"]["param"] == param, (body, err)
     assert not (runs / "x").exists()
@@ -252,10 +270,17 @@ def test_errors_and_incomplete_streams_are_shown(open_page):
     assert "5000" in error.text_content() and "context" in error.text_content()
     assert page.input_value("#prompt") == "speak"
     # a stream that ends without a finish_reason (the connection dropped) is shown too
-    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": SLOW,
-             "choices": [{"index": 0, "delta": {"content": "woof"}, "finish_reason": None}]}
-    page.route("**/v1/chat/completions", lambda route: route.fulfill(
-        status=200, content_type="text/event-stream", body=f"data: {json.dumps(chunk)}\n\n"))
+    chunk = {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": SLOW,
+        "choices": [{"index": 0, "delta": {"content": "woof"}, "finish_reason": None}],
+    }
+    page.route(
+        "**/v1/chat/completions",
+        lambda route: route.fulfill(status=200, content_type="text/event-stream", body=f"data: {json.dumps(chunk)}\n\n"),
+    )
     page.fill("#max_tokens", "")
     ask(page, "speak")
     page.locator(".msg.error").nth(1).wait_for()
@@ -263,9 +288,14 @@ def test_errors_and_incomplete_streams_are_shown(open_page):
     assert last_reply(page).locator(".text").text_content() == "woof"  # the partial reply stays visible
     # an error event in the middle of a stream is shown with its message
     page.unroute("**/v1/chat/completions")
-    page.route("**/v1/chat/completions", lambda route: route.fulfill(
-        status=200, content_type="text/event-stream",
-        body=f"data: {json.dumps(chunk)}\n\ndata: {json.dumps({'error': {'message': 'the server shut down'}})}\n\ndata: [DONE]\n\n"))
+    page.route(
+        "**/v1/chat/completions",
+        lambda route: route.fulfill(
+            status=200,
+            content_type="text/event-stream",
+            body=f"data: {json.dumps(chunk)}\n\ndata: {json.dumps({'error': {'message': 'the server shut down'}})}\n\ndata: [DONE]\n\n",
+        ),
+    )
     page.fill("#prompt", "")
     ask(page, "speak")
     page.locator(".msg.error").nth(2).wait_for()
@@ -329,11 +359,14 @@ def test_start_and_stop_a_run_from_the_page(open_page, server, runs):
     status, err = send(server + "/v1/runs", json.dumps({"name": "second"}).encode())
     assert status == 409 and "live" in err["error"]["message"]
     # the curve grows while it trains
-    page.wait_for_function("() => Number(document.querySelector('#loss-chart polyline[data-series=train]')"
-                           "?.getAttribute('data-last-x')) >= 30", timeout=60_000)
+    page.wait_for_function(
+        "() => Number(document.querySelector('#loss-chart polyline[data-series=train]')?.getAttribute('data-last-x')) >= 30",
+        timeout=60_000,
+    )
     first = int(page.locator("#loss-chart polyline[data-series=train]").get_attribute("data-last-x"))
-    page.wait_for_function(f"() => Number(document.querySelector('#loss-chart polyline[data-series=train]')"
-                           f".getAttribute('data-last-x')) > {first}")
+    page.wait_for_function(
+        f"() => Number(document.querySelector('#loss-chart polyline[data-series=train]').getAttribute('data-last-x')) > {first}"
+    )
     assert page.locator("#run-status").text_content() == "training"
     assert page.locator("[data-run=broken] .badge").text_content() == "failed"  # the earlier run still says so
     assert "/ 20000" in page.locator("#stats").text_content()
@@ -376,8 +409,9 @@ def test_load_a_finished_run_into_the_chat(open_page, server):
 def test_run_folder_readers_tolerate_files_being_written(tmp_path):
     from barkgpt.server.runfiles import read_metrics, tail, thin_rows
 
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train_loss": 2.5}\n{"step": 2, "train_loss": NaN}\n'
-                                            '{"step": 2, "val_loss": 2.4}\n{"step": 3, "tra')  # a line being appended
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 1, "train_loss": 2.5}\n{"step": 2, "train_loss": NaN}\n{"step": 2, "val_loss": 2.4}\n{"step": 3, "tra'
+    )  # a line being appended
     rows = read_metrics(tmp_path)
     assert rows == [{"step": 1, "train_loss": 2.5}, {"step": 2, "train_loss": None}, {"step": 2, "val_loss": 2.4}]
     many = [{"step": i, "train_loss": 1.0} for i in range(1, 1001)] + [{"step": 1000, "val_loss": 1.0}]
@@ -390,6 +424,10 @@ def test_run_folder_readers_tolerate_files_being_written(tmp_path):
 
 def test_serve_refuses_a_runs_path_that_is_not_a_folder(tmp_path):
     (tmp_path / "file").write_text("x")
-    out = subprocess.run([sys.executable, "-m", "barkgpt", "serve", "--model", str(tmp_path), "--runs", str(tmp_path / "file")],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "barkgpt", "serve", "--model", str(tmp_path), "--runs", str(tmp_path / "file")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "--runs" in out.stderr and "not a folder" in out.stderr and "Traceback" not in out.stderr
