@@ -199,3 +199,41 @@ def test_prefix_cache_reuses_a_previous_turn_and_changes_no_token(model):
     cached_engine = Engine(model, prefix_cache_bytes=1 << 20)
     assert chat(cached_engine) == chat(Engine(model))
     assert cached_engine.prefix_cache.hits >= 2 * (4 + 5) + 2 * 7
+
+
+def test_steps_sent_while_the_loop_is_busy_wake_it_once_and_arrive_together():
+    """A worker that runs ahead of a busy event loop adds to the pending hand-off instead of
+    waking the loop per step; the request then takes every ready token at once, the end last."""
+    import threading
+
+    from barkgpt.server.scheduler import Request, _send
+
+    class CountingLoop(asyncio.SelectorEventLoop):  # a real loop that counts its thread-safe wake-ups
+        wakeups = 0
+
+        def call_soon_threadsafe(self, *args, **kwargs):
+            CountingLoop.wakeups += 1
+            return super().call_soon_threadsafe(*args, **kwargs)
+
+    loop = CountingLoop()
+    try:
+
+        async def go():
+            req = Request([1], SamplingParams(max_new_tokens=4), asyncio.get_running_loop())
+
+            def worker():  # four decode steps and the end, while the loop is not running callbacks
+                for item in (5, 6, 7, 8, None):
+                    _send([(req, item)])
+
+            t = threading.Thread(target=worker)
+            t.start()
+            t.join()  # blocks the loop until the worker is done
+            first = await req.__anext__()
+            ready = req.ready()
+            rest = [x async for x in req]
+            return first, ready, rest
+
+        assert loop.run_until_complete(go()) == (5, [6, 7, 8], [])
+        assert CountingLoop.wakeups == 1
+    finally:
+        loop.close()

@@ -90,3 +90,33 @@ def test_the_error_handlers_shape_every_error_like_openai(tmp_path):
         405,
         "GET is not allowed on /fail",
     )
+
+
+TRICKY_TEXTS = [
+    "",
+    "plain",
+    ' "quoted" \\ back',
+    "line\nbreak\ttab\r",
+    "\x00\x01\x1f\x7f",
+    "é日本🎉",
+    "\u2028\u2029",
+    "</script>",
+]
+
+
+def test_chunk_template_is_byte_for_byte_pydantic_for_completion_and_chat_chunks():
+    """The per-token fast path renders exactly what the pydantic chunk dumps, for every index."""
+    from barkgpt.server.streaming import ChunkTemplate
+
+    def completion(i, text):
+        return P.CompletionResponse(id="cmpl-1", created=7, model='m"\\odel', choices=[P.CompletionChoice(text=text, index=i)])
+
+    def chat(i, text):
+        choice = P.ChatChunkChoice(index=i, delta=P.DeltaMessage(content=text))
+        return P.ChatCompletionChunk(id="chatcmpl-1", created=7, model="m", choices=[choice])
+
+    for build in (completion, chat):
+        template = ChunkTemplate(build)
+        for i in (0, 3, 0):
+            for text in TRICKY_TEXTS:
+                assert template.render(i, text) == build(i, text).model_dump_json(), (build.__name__, i, text)

@@ -14,8 +14,10 @@ the engine decodes each at its own. Each row samples with its own settings and i
 what else is running (up to float rounding of batched matmuls).
 
 The scheduler works on token ids only; ``streaming.py`` turns them into text. Tokens reach the asyncio
-side through a queue per request, filled by one ``loop.call_soon_threadsafe`` per decode step
-for all rows, so the event loop never waits on the model and wakes once per step.
+side through a mailbox per event loop: one ``loop.call_soon_threadsafe`` hands a decode step's
+tokens for all rows over, and while that hand-off waits for the loop, later steps join it
+instead of waking the loop again; so the event loop never waits on the model and wakes at most
+once per step.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import sys
 import threading
 import time
+import weakref
 
 import torch
 
@@ -35,6 +39,10 @@ from barkgpt.engine import Engine, KVCache, Row, row_logprobs, sample_rows
 log = logging.getLogger("barkgpt.server")
 
 MAX_PREFILLS_PER_STEP = 4  # new requests admitted between two decode steps (keeps running streams smooth)
+# How long a thread may hold the GIL while another waits for it (seconds; Python's default is 5 ms).
+# The worker takes the GIL back after each torch call that drops it; with the default, a busy event
+# loop (HTTP and SSE work, in Python) makes it wait up to 5 ms each time, longer than a decode step.
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 class QueueFull(Exception):
@@ -60,10 +68,11 @@ class Request:
     def __init__(self, ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop):
         self.ids, self.params, self.loop = ids, params, loop
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
-        self.queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
         self.submitted_at = time.monotonic()
         self._ended = False
+        self._items: collections.deque = collections.deque()  # delivered, not yet taken (event loop only)
+        self._waiter: asyncio.Future | None = None  # set while __anext__ waits for an item
 
     def cancel(self) -> None:
         """Stop generating for this request (no-op once it has finished)."""
@@ -73,13 +82,33 @@ class Request:
         """Hand a token id, None (the end) or an exception to the event loop (worker thread)."""
         _send([(self, item)])
 
+    def _push(self, item) -> None:
+        """Event-loop side of :meth:`_put`: queue ``item`` and wake the waiting iteration."""
+        self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def ready(self) -> list[int]:
+        """Take the token ids already delivered (none: ``[]``) without waiting; the end (or an
+        error) stays for the next ``async for`` step. Call from the event loop."""
+        out = []
+        while self._items and type(self._items[0]) is int:
+            out.append(self._items.popleft())
+        return out
+
     def __aiter__(self):
         return self
 
     async def __anext__(self) -> int:
         if self._ended:
             raise StopAsyncIteration
-        item = await self.queue.get()
+        while not self._items:
+            self._waiter = self.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        item = self._items.popleft()
         if item is None or isinstance(item, BaseException):
             self._ended = True
             if item is None:
@@ -88,22 +117,49 @@ class Request:
         return item
 
 
-def _deliver(items: list[tuple[Request, object]]) -> None:
-    """Event-loop side of a decode step: put each ``(request, item)`` in its request's queue."""
-    for req, item in items:
-        req.queue.put_nowait(item)
+class _Mailbox:
+    """What the worker has sent one event loop and the loop has not taken yet: while a delivery is
+    scheduled, later steps add to it instead of waking the loop again (one self-pipe write, and
+    one callback, however far the loop is behind)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.items: list[tuple[Request, object]] = []
+        self.scheduled = False
+
+    def deliver(self) -> None:
+        """Event-loop side: hand every waiting item to its request, in order."""
+        with self.lock:
+            items, self.items, self.scheduled = self.items, [], False
+        for req, item in items:
+            req._push(item)
+
+
+_mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its _Mailbox
+_mailboxes_lock = threading.Lock()
 
 
 def _send(items: list[tuple[Request, object]]) -> None:
-    """Hand one step's items to the event loops (one wake-up per loop, not per token)."""
+    """Hand one step's items to the event loops (at most one wake-up per loop, not per token)."""
     loops: dict[asyncio.AbstractEventLoop, list] = {}
     for req, item in items:
         loops.setdefault(req.loop, []).append((req, item))
     for loop, batch in loops.items():
+        with _mailboxes_lock:
+            box = _mailboxes.get(loop)
+            if box is None:
+                box = _mailboxes[loop] = _Mailbox()
+        with box.lock:
+            box.items.extend(batch)
+            wake, box.scheduled = not box.scheduled, True
+        if not wake:
+            continue
         try:
-            loop.call_soon_threadsafe(_deliver, batch)
+            loop.call_soon_threadsafe(box.deliver)
         except RuntimeError:  # the loop is closed: nobody is listening any more
-            for req, _ in batch:
+            with box.lock:
+                dropped, box.items, box.scheduled = box.items, [], False
+            for req, _ in dropped:
                 req.cancelled = True
 
 
@@ -185,6 +241,7 @@ class Scheduler:
     def start(self) -> None:
         """Start the worker thread and wait until it has compiled the engine's decode step for
         every batch bucket (seconds to tens of seconds when compiling; at once otherwise)."""
+        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))  # process-wide
         self._thread = threading.Thread(target=self._run, name="barkgpt-scheduler", daemon=True)
         self._thread.start()
         while not self._warm.wait(0.1) and self._thread.is_alive():

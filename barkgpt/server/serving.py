@@ -30,7 +30,16 @@ from barkgpt.server.errors import ApiError
 from barkgpt.server.host import RETRY_AFTER_S, ModelHost
 from barkgpt.server.metrics import ServerMetrics
 from barkgpt.server.scheduler import QueueFull, Scheduler
-from barkgpt.server.streaming import Choice, chat_logprobs, collect, completion_logprobs, count_usage, sse, stream_choices
+from barkgpt.server.streaming import (
+    Choice,
+    ChunkTemplate,
+    chat_logprobs,
+    collect,
+    completion_logprobs,
+    count_usage,
+    sse,
+    stream_choices,
+)
 
 TOKEN_TEXTS_CACHED = 1 << 16  # (tokenizer, token id) -> text and bytes kept for logprobs, per app
 
@@ -246,13 +255,20 @@ async def completions(body: P.CompletionRequest, request: Request):
     choices = prepare(body, prompts, gen, sched, state)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
-    def chunk(i, text, finish, usage=None, logprobs=None):
+    def build(i, text, finish=None, usage=None, logprobs=None):
         cs = (
             []
             if i is None
             else [P.CompletionChoice(text=text, index=i, logprobs=completion_logprobs(logprobs), finish_reason=finish)]
         )
         return P.CompletionResponse(id=rid, created=created, model=host.name, choices=cs, usage=usage)
+
+    template = ChunkTemplate(build)
+
+    def chunk(i, text, finish, usage=None, logprobs=None):  # a token's text alone: rendered from the template
+        if i is not None and finish is None and usage is None and not logprobs:
+            return template.render(i, text)
+        return build(i, text, finish, usage, logprobs)
 
     if body.stream:
         return sse(stream_choices(choices, chunk, body.include_usage, first=None))
@@ -283,7 +299,7 @@ async def chat_completions(body: P.ChatCompletionRequest, request: Request):
         c.lstrip = True  # the reply continues the template's "Assistant:"
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-    def chunk(i, text, finish, usage=None, role=None, logprobs=None):
+    def build(i, text, finish=None, usage=None, role=None, logprobs=None):
         cs = (
             []
             if i is None
@@ -297,6 +313,13 @@ async def chat_completions(body: P.ChatCompletionRequest, request: Request):
             ]
         )
         return P.ChatCompletionChunk(id=rid, created=created, model=host.name, choices=cs, usage=usage)
+
+    template = ChunkTemplate(build)
+
+    def chunk(i, text, finish, usage=None, role=None, logprobs=None):  # a token's text alone: rendered from the template
+        if i is not None and finish is None and usage is None and role is None and not logprobs:
+            return template.render(i, text)
+        return build(i, text, finish, usage, role, logprobs)
 
     if body.stream:
         return sse(stream_choices(choices, chunk, body.include_usage, first="assistant"))

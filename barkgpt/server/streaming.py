@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import NamedTuple
 
@@ -94,18 +95,25 @@ class Choice:
         """Text pieces as tokens arrive; cancels the request when it stops early or is abandoned."""
         n_seen = 0
         try:
-            async for t in self.req:
-                if self.metrics is not None:
-                    now = time.perf_counter()
-                    (self.metrics.itl if n_seen else self.metrics.ttft).observe(now - self.t_last)
-                    self.t_last = now
-                if self.logprobs is not None:
-                    self._add_logprob(t, n_seen)
-                n_seen += 1
-                piece = self._visible(self.decoder.add(t))
+            async for first in self.req:
+                # Tokens that arrived together (the event loop was behind the worker) make one
+                # piece: one chunk and one write instead of one per token; the text is the same.
+                text = ""
+                for t in (first, *self.req.ready()):
+                    if self.metrics is not None:
+                        now = time.perf_counter()
+                        (self.metrics.itl if n_seen else self.metrics.ttft).observe(now - self.t_last)
+                        self.t_last = now
+                    if self.logprobs is not None:
+                        self._add_logprob(t, n_seen)
+                    n_seen += 1
+                    text += self.decoder.add(t)
+                    if self.decoder.done:  # EOS or a stop string: the request may still be running
+                        break
+                piece = self._visible(text)
                 if piece:
                     yield piece
-                if self.decoder.done:  # EOS or a stop string: the request may still be running
+                if self.decoder.done:
                     return
             piece = self._visible(self.decoder.flush())
             if piece:
@@ -200,6 +208,10 @@ async def stream_choices(choices: list[Choice], chunk, include_usage: bool, firs
     ``first`` is the role sent in each choice's first delta (chat), or None (completions). Each
     chunk carries the logprobs of the tokens that arrived since the choice's previous chunk.
     """
+    if len(choices) == 1:  # one choice: no interleaving, so no queue and no task in between
+        async for c in _stream_one(choices[0], chunk, include_usage, first):
+            yield c
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(c: Choice):
@@ -234,13 +246,54 @@ async def stream_choices(choices: list[Choice], chunk, include_usage: bool, firs
             c.req.cancel()
 
 
+async def _stream_one(c: Choice, chunk, include_usage: bool, first: str | None):
+    """:func:`stream_choices` for a single choice, which needs no queue: the same chunks, in order."""
+    try:
+        if first is not None:
+            yield chunk(c.index, "", None, role=first)
+        async for piece in c.pieces():
+            yield chunk(c.index, piece, None, logprobs=c.take_logprobs())
+        yield chunk(c.index, "", c.finish_reason, logprobs=c.take_logprobs())
+        if include_usage:
+            yield chunk(None, "", None, usage=count_usage([c]))
+    finally:
+        c.req.cancel()
+
+
+class ChunkTemplate:
+    """The JSON of a stream's text chunks without pydantic per token: the chunk of each choice
+    index is rendered once by ``build(index, text)`` (a pydantic model) with a marker for its text,
+    and each token's chunk is that prefix + the JSON-escaped text + that suffix, byte for byte
+    what ``build(index, text).model_dump_json()`` gives (non-ASCII kept as UTF-8, as pydantic does).
+
+    Args:
+        build: ``(index, text) -> BaseModel``: the chunk of a text piece of choice ``index``.
+    """
+
+    def __init__(self, build: Callable):
+        self.build = build
+        self._parts: dict[int, tuple[str, str]] = {}
+        self._marker = f"barkgpt-text-{uuid.uuid4().hex}"  # no model name or id can hold it by chance
+
+    def render(self, index: int, text: str) -> str:
+        """The chunk's JSON (a str) for ``text`` of choice ``index``."""
+        parts = self._parts.get(index)
+        if parts is None:
+            dumped = self.build(index, self._marker).model_dump_json()
+            prefix, sep, suffix = dumped.partition(f'"{self._marker}"')
+            assert sep and self._marker not in suffix, "the chunk must hold its text exactly once"
+            parts = self._parts[index] = (prefix, suffix)
+        return parts[0] + json.dumps(text, ensure_ascii=False) + parts[1]
+
+
 def sse(chunks) -> StreamingResponse:
-    """Server-sent events: ``data: {json}`` per chunk, then ``data: [DONE]``; a late error is an event."""
+    """Server-sent events: ``data: {json}`` per chunk (a pydantic model, or its JSON already as a
+    str, see :class:`ChunkTemplate`), then ``data: [DONE]``; a late error is an event."""
 
     async def body():
         try:
             async for c in chunks:
-                yield f"data: {c.model_dump_json()}\n\n"
+                yield f"data: {c if isinstance(c, str) else c.model_dump_json()}\n\n"
         except Exception as e:  # noqa: BLE001 - the status line is gone: report in the stream
             if isinstance(e, ShuttingDown):
                 info = shutdown_error().info()
