@@ -241,7 +241,8 @@ class Scheduler:
     def start(self) -> None:
         """Start the worker thread and wait until it has compiled the engine's decode step for
         every batch bucket (seconds to tens of seconds when compiling; at once otherwise)."""
-        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))  # process-wide
+        # process-wide and kept after stop: a model switch starts the next scheduler before the old one stops
+        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
         self._thread = threading.Thread(target=self._run, name="barkgpt-scheduler", daemon=True)
         self._thread.start()
         while not self._warm.wait(0.1) and self._thread.is_alive():

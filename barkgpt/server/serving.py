@@ -263,12 +263,7 @@ async def completions(body: P.CompletionRequest, request: Request):
         )
         return P.CompletionResponse(id=rid, created=created, model=host.name, choices=cs, usage=usage)
 
-    template = ChunkTemplate(build)
-
-    def chunk(i, text, finish, usage=None, logprobs=None):  # a token's text alone: rendered from the template
-        if i is not None and finish is None and usage is None and not logprobs:
-            return template.render(i, text)
-        return build(i, text, finish, usage, logprobs)
+    chunk = ChunkTemplate(build)  # a token's text alone: rendered from the template
 
     if body.stream:
         return sse(stream_choices(choices, chunk, body.include_usage, first=None))
@@ -314,12 +309,7 @@ async def chat_completions(body: P.ChatCompletionRequest, request: Request):
         )
         return P.ChatCompletionChunk(id=rid, created=created, model=host.name, choices=cs, usage=usage)
 
-    template = ChunkTemplate(build)
-
-    def chunk(i, text, finish, usage=None, role=None, logprobs=None):  # a token's text alone: rendered from the template
-        if i is not None and finish is None and usage is None and role is None and not logprobs:
-            return template.render(i, text)
-        return build(i, text, finish, usage, role, logprobs)
+    chunk = ChunkTemplate(build)  # a token's text alone: rendered from the template
 
     if body.stream:
         return sse(stream_choices(choices, chunk, body.include_usage, first="assistant"))

@@ -285,6 +285,13 @@ class ChunkTemplate:
             parts = self._parts[index] = (prefix, suffix)
         return parts[0] + json.dumps(text, ensure_ascii=False) + parts[1]
 
+    def __call__(self, i: int | None, text: str, finish=None, usage=None, logprobs=None, **extra):
+        """A stream chunk (the ``chunk`` of :func:`stream_choices`): a token's text alone is
+        rendered from the template; any other chunk (finish, usage, logprobs, a role) is built."""
+        if i is not None and finish is None and usage is None and not logprobs and not any(extra.values()):
+            return self.render(i, text)
+        return self.build(i, text, finish=finish, usage=usage, logprobs=logprobs, **extra)
+
 
 def sse(chunks) -> StreamingResponse:
     """Server-sent events: ``data: {json}`` per chunk (a pydantic model, or its JSON already as a
