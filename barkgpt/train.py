@@ -448,7 +448,7 @@ class Trainer:
 
     Attributes:
         state: the run's :class:`TrainState` (step, best val loss, tokens seen, run id...).
-        snap: the sampler and RNG states taken at the start of the step in progress (None
+        snap: the sampler and torch RNG states taken at the start of the step in progress (None
             between steps): an interrupt before the update saves these with the old step, so
             the resumed run draws the same batch again.
         last_is_current: ``last/`` holds exactly the present state (nothing to save on Ctrl-C).
@@ -615,7 +615,9 @@ class Trainer:
             KeyboardInterrupt: a SIGINT outside the update.
         """
         cfg, st = self.cfg, self.state
-        self.snap = (self.rng.bit_generator.state, rng_state())  # before the batch is drawn
+        # before the batch is drawn: the sampler and torch's RNG (dropout) are what a step advances;
+        # Python's and NumPy's global RNGs are read at save time (44 us a step saved: no step uses them)
+        self.snap = (self.rng.bit_generator.state, torch.get_rng_state())
         t_step = time.perf_counter()
         lr = get_lr(st.step, cfg)
         set_lr(self.optimizers, lr)
@@ -794,7 +796,10 @@ class Trainer:
             return
         trainer_state = None
         if name == "last":
-            sampler, rngs = self.snap if self.snap is not None else (self.rng.bit_generator.state, rng_state())
+            rngs = rng_state()
+            sampler = self.rng.bit_generator.state
+            if self.snap is not None:  # inside a step: its start-of-step sampler and torch RNG
+                sampler, rngs["torch"] = self.snap
             trainer_state = dataclasses.replace(st, sampler=sampler, rng=rngs, optimizer=opt_states, world_size=ctx.world_size)
         save_checkpoint(self.out_dir / name, self.raw_model, self.tokenizer, extra, trainer_state, state=full)
 
