@@ -236,9 +236,6 @@ class SamplingParams:
         return self.temperature == 0
 
 
-SampleConfig = SamplingParams  # the old name, kept for callers that still use it
-
-
 @dataclass
 class ServeConfig:
     """Settings of ``barkgpt serve``, one ``--flag`` per field (the model folder and device are

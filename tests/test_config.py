@@ -3,7 +3,7 @@
 import pytest
 
 from barkgpt.common import BarkError
-from barkgpt.config import GPTConfig, SampleConfig, TrainConfig, build_configs, config_to_dict, dump_yaml, field_types
+from barkgpt.config import GPTConfig, SamplingParams, TrainConfig, build_configs, config_to_dict, dump_yaml, field_types
 
 
 def test_presets_resolve():
@@ -109,7 +109,7 @@ def test_warmup_must_be_shorter_than_run():
 )
 def test_bad_sampling_values(kw, word):
     with pytest.raises(BarkError, match=word):
-        SampleConfig(**kw)
+        SamplingParams(**kw)
 
 
 def test_non_finite_numbers_are_refused_everywhere(tmp_path):
@@ -130,7 +130,7 @@ def test_non_finite_numbers_are_refused_everywhere(tmp_path):
         (lambda: TrainConfig(learning_rate=float("nan")), "learning_rate"),
         (lambda: TrainConfig(grad_clip=float("inf")), "grad_clip"),
         (lambda: GPTConfig(rope_theta=float("nan")), "rope_theta"),
-        (lambda: SampleConfig(top_p=float("nan")), "top_p"),
+        (lambda: SamplingParams(top_p=float("nan")), "top_p"),
         (lambda: ServeConfig(shutdown_timeout=float("inf")), "shutdown_timeout"),
     ):
         with pytest.raises(BarkError, match=f"{name} must be a finite number"):
