@@ -17,14 +17,16 @@ import json
 import random
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from barkgpt.common import BarkError, atomic_dir, recover_dir
 from barkgpt.config import GPTConfig
-from barkgpt.model import GPT
 from barkgpt.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # torch and the model load in the functions that need them: the NumPy backend
+    from barkgpt.model import GPT  # reads checkpoint folders with this module and never imports torch
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -34,6 +36,8 @@ TRAINER_STATE_NAME = "trainer_state.pt"
 def rng_state() -> dict:
     """The Python, NumPy (global, with its position in the key) and torch (CPU) RNG states, for
     exact resume; plain lists and numbers that ``torch.load(weights_only=True)`` reads."""
+    import torch
+
     _, key, pos, has_gauss, cached_gaussian = np.random.get_state()
     numpy = {"key": key.tolist(), "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
     return {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state()}
@@ -42,6 +46,8 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     """Restore what :func:`rng_state` captured (after a ``torch.save``/``load`` round trip).
     An older run's NumPy state (the key alone) restarts at the key's end, as it was saved."""
+    import torch
+
     random.setstate(_tuples(state["python"]))
     numpy = state["numpy"] if isinstance(state["numpy"], dict) else {"key": state["numpy"], "pos": 624}
     np.random.set_state(
@@ -147,6 +153,7 @@ def save_checkpoint(
     Returns:
         The checkpoint folder.
     """
+    import torch
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -239,6 +246,8 @@ def load_model(path: str | Path, device: str = "cpu", prefer: str = "best") -> t
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from barkgpt.model import GPT
+
     ckpt = find_checkpoint(path, prefer)
     config = read_checkpoint_config(ckpt)
     model = GPT(GPTConfig(**config["model"]))
@@ -284,6 +293,8 @@ def load_trainer_state(path: str | Path) -> dict:
     Raises:
         BarkError: the file is missing or unreadable.
     """
+    import torch
+
     file = Path(path) / TRAINER_STATE_NAME
     if not file.is_file():
         raise BarkError(
