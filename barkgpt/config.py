@@ -121,6 +121,7 @@ class TrainConfig:
     )
     tokenizer: str = "bpe"  # tokenizer kind when --data is raw text: bpe, char or word
     tokenizer_vocab_size: int | None = None  # vocabulary size to train when --data is raw text (bpe default 2048)
+    text_field: str = "text"  # the JSON field or table column that holds the text of raw --data (.jsonl, .parquet)
     out_dir: str = "runs/default"  # where config.yaml, metrics.jsonl, loss.png, last/ and best/ go
     init_from: str = "scratch"  # scratch, or a checkpoint folder to start from (fine-tuning)
     batch_size: int = 12  # sequences per micro-step
@@ -145,6 +146,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state with FSDP2 instead of DDP
     seed: int = 1337  # seeds the model init and the batch sampler
+    max_time: float | None = None  # wall-clock seconds for the run, final eval and checkpoint included (None: no limit)
+    fit_to_time: bool = False  # with max_time: re-fit max_iters to the measured step time to end at max_time (--budget)
+    log_to: list[str] = field(default_factory=list)  # also log to tensorboard or wandb (offline), repeatable
 
     def __post_init__(self):
         check_finite(self)
@@ -173,6 +177,13 @@ class TrainConfig:
             )
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise BarkError("grad_clip and weight_decay must not be negative")
+        if self.max_time is not None and self.max_time <= 0:
+            raise BarkError(f"max_time must be a positive number of seconds, got {self.max_time}")
+        if self.fit_to_time and self.max_time is None:
+            raise BarkError("fit_to_time needs max_time: add --max-time SECONDS (or use --budget, which sets both)")
+        for tracker in self.log_to:
+            if tracker not in ("tensorboard", "wandb"):
+                raise BarkError(f"--log-to {tracker!r} is not a tracker; use --log-to tensorboard or --log-to wandb")
 
 
 @dataclass

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from barkgpt.common import BarkError, atomic_write_text, progress
+from barkgpt.readers import list_input, open_binary, read_table, table_split_offset
 from barkgpt.tokenizer import UNK, Tokenizer
 
 CHUNK_BYTES = 1 << 17  # bytes of text read at a time (128 KiB)
@@ -100,10 +101,13 @@ def prepare_dataset(
 ) -> dict:
     """Tokenize a text corpus into ``out/train.bin``, ``out/val.bin``, ``out/meta.json`` + tokenizer.
 
-    Input is one ``.txt`` file (one document; any extension other than ``.jsonl`` reads as text),
-    a folder of ``*.txt`` files (sorted by name, one document each; empty files are skipped), or
-    a ``.jsonl`` file (one document per line, in field ``text_field``; blank lines are skipped).
-    An EOS id follows every document, and the end of each split's last (possibly cut) document.
+    Input is one text file (one document; any extension not named here reads as text), a folder
+    of ``.txt``/``.md`` files (recursive, sorted by path, hidden ones skipped, one document each;
+    empty files are skipped), a ``.jsonl`` file (one document per line, in field ``text_field``;
+    blank lines are skipped), any of these as ``.gz``/``.zst``, a ``.parquet`` file or a
+    ``datasets`` folder from ``save_to_disk`` (one document per row of column ``text_field``);
+    see :mod:`barkgpt.readers`. An EOS id follows every document, and the end of each split's
+    last (possibly cut) document.
 
     The last ``val_fraction`` of the input bytes, moved forward to the next line boundary, is
     the validation split. The tokenizer is trained on the training split only, or loaded from
@@ -118,13 +122,14 @@ def prepare_dataset(
         vocab_size: bpe vocabulary (default 2048), or a cap for char/word (default none).
         val_fraction: share of input bytes for validation, in (0, 0.5].
         tokenizer_from: a folder with ``tokenizer.json`` to reuse instead of training one.
-        text_field: the JSON field holding each document's text, for ``.jsonl`` input.
+        text_field: the JSON field (``.jsonl``) or column (parquet, datasets) holding the text.
         errors: ``strict`` (invalid UTF-8 is an error) or ``replace`` (it becomes U+FFFD).
 
     Returns:
         The meta dict, also written to ``meta.json``: ``tokenizer`` (kind), ``vocab_size``,
         ``dtype``, ``train_tokens``, ``val_tokens``, ``source``, ``source_sha256`` (of the input
-        bytes; for a folder, of its files concatenated in order), ``val_fraction``, and
+        bytes, decompressed; for a folder, of its files concatenated in order; for a table, of
+        each row's text and a newline), ``val_fraction``, and
         ``unknown_count`` (tokens that are ``<UNK>``) when there are any.
 
     Raises:
@@ -135,16 +140,14 @@ def prepare_dataset(
     if errors not in ("strict", "replace"):
         raise BarkError(f"unknown errors mode {errors!r}; use --errors strict or --errors replace")
     _check_val_fraction(val_fraction)
-    files, sizes, fmt = _list_input(Path(input))
+    files, sizes, fmt = list_input(Path(input), text_field)
     total = sum(sizes)
     if total == 0:
         raise BarkError(f"input {input} is empty; pass a file or folder that holds text")
-    split = _split_offset(files, sizes, val_fraction, fmt)
+    split = _split_offset(files, sizes, val_fraction, fmt, text_field)
 
     def pieces(start: int, end: int, hasher=None, bar=None) -> Iterator[tuple[str, bool]]:
-        if fmt == "jsonl":
-            return _read_jsonl(files[0], start, end, errors, text_field, hasher, bar)
-        return _read_text(files, sizes, start, end, errors, hasher, bar)
+        return _read_pieces(files, sizes, fmt, start, end, errors, text_field, hasher, bar)
 
     tok = _dataset_tokenizer(tokenizer, vocab_size, tokenizer_from, lambda bar: pieces(0, split, bar=bar), split)
     out = Path(out)
@@ -375,7 +378,7 @@ def read_documents(
     """The documents of a corpus, or of its train or val part as :func:`prepare_dataset` cuts it.
 
     Args:
-        input: a ``.txt`` file, a folder of ``*.txt`` files or a ``.jsonl`` file (as ``prepare``).
+        input: any input :func:`prepare_dataset` reads (text, folder, jsonl, parquet, datasets).
         split: ``all``, ``train`` (the head) or ``val`` (the last ``val_fraction`` of the bytes,
             moved to a line boundary, exactly as ``prepare`` splits the same input).
         val_fraction: share of the input bytes in the val part, in (0, 0.5].
@@ -392,18 +395,16 @@ def read_documents(
         raise BarkError(f"unknown split {split!r}; use all, train or val")
     if errors not in ("strict", "replace"):
         raise BarkError(f"unknown errors mode {errors!r}; use strict or replace")
-    files, sizes, fmt = _list_input(Path(input))
+    files, sizes, fmt = list_input(Path(input), text_field)
     total = sum(sizes)
     if total == 0:
         raise BarkError(f"input {input} is empty; pass a file or folder that holds text")
     start, end = 0, total
     if split != "all":
         _check_val_fraction(val_fraction)
-        cut = _split_offset(files, sizes, val_fraction, fmt)
+        cut = _split_offset(files, sizes, val_fraction, fmt, text_field)
         start, end = (0, cut) if split == "train" else (cut, total)
-    pieces = (
-        _read_jsonl(files[0], start, end, errors, text_field) if fmt == "jsonl" else _read_text(files, sizes, start, end, errors)
-    )
+    pieces = _read_pieces(files, sizes, fmt, start, end, errors, text_field)
     docs, parts = [], []
     for text, ends_document in pieces:
         parts.append(text)
@@ -422,19 +423,16 @@ def _check_val_fraction(val_fraction: float) -> None:
         raise BarkError(f"val_fraction {val_fraction} is outside (0, 0.5]; pass --val-fraction 0.1, say")
 
 
-def _list_input(path: Path) -> tuple[list[Path], list[int], str]:
-    """The input's files in order, their sizes in bytes, and the format (``text`` or ``jsonl``)."""
-    if not path.exists():
-        raise BarkError(f"input {path} does not exist; pass a .txt file, a folder of .txt files or a .jsonl file")
-    if path.is_dir():
-        files = sorted((p for p in path.glob("*.txt") if p.is_file()), key=lambda p: p.name)
-        if not files:
-            raise BarkError(f"folder {path} holds no .txt files; put the documents in *.txt files or pass a file")
-        fmt = "text"
-    else:
-        files = [path]
-        fmt = "jsonl" if path.suffix.lower() == ".jsonl" else "text"
-    return files, [p.stat().st_size for p in files], fmt
+def _read_pieces(
+    files: list[Path], sizes: list[int], fmt: str, start: int, end: int, errors: str, text_field: str, hasher=None, bar=None
+) -> Iterator[tuple[str, bool]]:
+    """The ``(text, ends_document)`` pieces of bytes ``[start, end)`` of an input that
+    ``readers.list_input`` listed, by its format."""
+    if fmt == "jsonl":
+        return _read_jsonl(files[0], start, end, errors, text_field, hasher, bar)
+    if fmt == "table":
+        return read_table(files, start, end, errors, text_field, hasher, bar)
+    return _read_text(files, sizes, start, end, errors, hasher, bar)
 
 
 def _utf8_error(path: Path, offset: int, e: UnicodeDecodeError) -> BarkError:
@@ -481,7 +479,7 @@ def _read_text(
             continue
         utf8 = codecs.getincrementaldecoder("utf-8")(errors)  # holds back a split character
         carry, searched = "", 0
-        with open(path, "rb") as f:
+        with open_binary(path) as f:
             f.seek(pos)
             left = hi - lo
             while True:
@@ -517,7 +515,7 @@ def _read_jsonl(
 
     ``start`` and ``end`` lie on line boundaries. Empty texts are skipped.
     """
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         f.seek(start)
         pos = start
         while pos < end:
@@ -557,7 +555,7 @@ def _read_jsonl(
 def _line_number(path: Path, offset: int) -> int:
     """1-based number of the line starting at byte ``offset`` of ``path`` (for error messages)."""
     n = 1
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         while offset > 0:
             block = f.read(min(1 << 20, offset))
             n += block.count(b"\n")
@@ -565,16 +563,19 @@ def _line_number(path: Path, offset: int) -> int:
     return n
 
 
-def _split_offset(files: list[Path], sizes: list[int], val_fraction: float, fmt: str) -> int:
-    """The byte where validation starts: ``(1 - val_fraction)`` of the input, moved to a line boundary.
+def _split_offset(files: list[Path], sizes: list[int], val_fraction: float, fmt: str, text_field: str = "text") -> int:
+    """The byte where validation starts: ``(1 - val_fraction)`` of the input, moved to a line boundary
+    (for a table, a row boundary: ``readers.table_split_offset``).
 
     A line boundary is just after a newline or between two files. The first one at or after the
     target is used; if the rest of the input is one line, the last one before it; if the whole
     input is one line, text input is cut at the target's character boundary.
 
     Raises:
-        BarkError: one-line jsonl input, which cannot be split.
+        BarkError: one-line jsonl input (or a one-row table), which cannot be split.
     """
+    if fmt == "table":
+        return table_split_offset(files, sizes, val_fraction, text_field)
     total = sum(sizes)
     target = int(total * (1 - val_fraction))
     starts = list(itertools.accumulate(sizes[:-1], initial=0))  # where each file starts
@@ -582,7 +583,7 @@ def _split_offset(files: list[Path], sizes: list[int], val_fraction: float, fmt:
     local = target - starts[i]
     if local == 0 and target > 0:
         return target  # already between two files
-    with open(files[i], "rb") as f:
+    with open_binary(files[i]) as f:
         # forward: just after the first newline at or after byte target - 1, else this file's end
         pos = max(local - 1, 0)
         f.seek(pos)

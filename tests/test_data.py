@@ -111,7 +111,7 @@ def test_folder_input_one_document_per_file(tmp_path):
     docs = {"b.txt": "bravo bravo\nbravo", "a.txt": "alpha alpha alpha\n", "c.txt": "charlie " * 20, "empty.txt": ""}
     for name, text in docs.items():
         (folder / name).write_text(text)
-    (folder / "notes.md").write_text("ignored")
+    (folder / "notes.pdf").write_text("ignored: neither .txt nor .md")
     meta = prepare_dataset(folder, tmp_path / "out", tokenizer="word", val_fraction=0.3)
     tok = Tokenizer.load(tmp_path / "out")
     order = ["a.txt", "b.txt", "c.txt"]  # sorted; empty.txt adds nothing
@@ -168,12 +168,15 @@ def test_empty_or_missing_input_raises(case, tmp_path):
         path.write_text("")
     elif case == "empty_folder":
         path.mkdir()
-        (path / "readme.md").write_text("not a .txt")
+        (path / "readme.rst").write_text("neither .txt nor .md")
     elif case == "no_text_jsonl":
         path.write_text('{"text": ""}\n\n{"text": ""}\n')
-    message = {"missing": "does not exist", "empty": "is empty", "empty_folder": "no .txt files", "no_text_jsonl": "no text"}[
-        case
-    ]
+    message = {
+        "missing": "does not exist",
+        "empty": "is empty",
+        "empty_folder": "no .txt or .md files",
+        "no_text_jsonl": "no text",
+    }[case]
     with pytest.raises(BarkError, match=message):
         prepare_dataset(path, tmp_path / "out", "char")
     assert not (tmp_path / "out" / "meta.json").exists()

@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]  # ~30 s: eight trainin
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "BARKGPT_PROGRESS": ""}  # one thread: deterministic and cheap
-TIMING = {"tokens_per_s", "elapsed_s", "mfu"}  # wall-clock fields differ between runs
+TIMING = {"tokens_per_s", "elapsed_s", "mfu", "eta_s"}  # wall-clock fields differ between runs
 
 
 @pytest.fixture(scope="module")
