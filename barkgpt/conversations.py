@@ -1,21 +1,24 @@
 """Chat data for fine-tuning: conversations in, packed rows with assistant-only targets out.
 
-- **Reading**: JSONL with OpenAI-style ``messages`` (``role``/``content``) or ShareGPT-style
+- **Reading**: JSONL with OpenAI-style ``messages`` (``role``/``content``; assistant ``tool_calls``,
+  ``tool`` results and the row's ``tools`` list, as OpenAI's fine-tuning format) or ShareGPT-style
   ``conversations`` (``from``/``value``), one conversation per line.
 - **Splitting**: train/val by group (a field such as OpenAssistant's ``tree_id``, so paths through
   one message tree, which share their opening turns, never straddle the split), or by conversation.
 - **Rendering and masking**: the tokenizer's own Jinja chat template renders each conversation;
   the tokens of each assistant reply, up to and including the ``<EOS>`` that ends it, are the
-  targets, and every other position gets ``IGNORE_INDEX`` (the SFT recipe of InstructGPT and
-  nanochat's ``chat_sft``). The reply's span is found by rendering the conversation prefix by
-  prefix, so it works for any template whose renders grow by appending.
+  targets (a reply's tool calls included; tool results are not), and every other position gets
+  ``IGNORE_INDEX`` (the SFT recipe of InstructGPT and nanochat's ``chat_sft``). The reply's span
+  is found by rendering the conversation prefix by prefix, so it works for any template whose
+  renders grow by appending.
 - **Packing**: whole conversations (longer ones cut into block-sized pieces) are packed into rows
   of ``block_size`` tokens by best-fit decreasing. Each row carries segment ids, so training
   attends only within a conversation and restarts positions at each one (``train.SegmentMask``):
   a packed row gives the same loss as its conversations run one by one.
 
 Conversations generated in code reach training as a :class:`ChatRows` built from a list of
-message lists, through the dataset hook (``data.register_dataset``).
+conversations, through the dataset hook (``data.register_dataset``). A conversation is a message
+list, or ``{"messages": [...], "tools": [...]}`` when it offers tools (rendered with them).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from barkgpt.common import BarkError
 from barkgpt.tokenizer import Tokenizer
 
 IGNORE_INDEX = -1  # targets GPT.forward's cross-entropy skips (its ignore_index)
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+MESSAGE_FIELDS = ("tool_calls", "tool_call_id", "name")  # OpenAI message fields kept beside role and content
 # ShareGPT's "from" values -> roles (ShareGPT/FastChat use human/gpt; some exports keep OpenAI's).
 SHAREGPT_ROLES = {
     "human": "user",
@@ -49,27 +53,16 @@ SHAREGPT_ROLES = {
 # ---- reading and splitting ------------------------------------------------------------------
 
 
-def load_conversations(path: str | Path, group_field: str = "tree_id") -> list[dict]:
-    """Read a JSONL file of conversations, OpenAI (``messages``) or ShareGPT (``conversations``) rows.
-
-    Args:
-        path: the ``.jsonl`` file; blank lines are skipped.
-        group_field: a row field that groups conversations for the train/val split (rows without
-            it are a group of their own).
-
-    Returns:
-        ``[{"messages": [{"role", "content"}, ...], "group": str}, ...]`` in file order; roles
-        are ``system``, ``user`` or ``assistant``.
+def jsonl_rows(path: str | Path, what: str, expected: str) -> Iterator[tuple[int, object, str]]:
+    """``(line number, row, "PATH line N")`` for each row of a JSONL file, blank lines skipped.
 
     Raises:
-        BarkError: a missing file, a line that is not JSON, a row with neither field, a message
-            without string content or with an unknown role, a conversation with no assistant
-            turn, or a file with no conversations.
+        BarkError: the file is missing (naming ``what`` it is and the ``expected`` content), or a
+            line is not JSON.
     """
     path = Path(path)
     if not path.is_file():
-        raise BarkError(f"chat data {path} not found; pass a .jsonl file with 'messages' or 'conversations' rows")
-    out = []
+        raise BarkError(f"{what} {path} not found; pass {expected}")
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -79,11 +72,37 @@ def load_conversations(path: str | Path, group_field: str = "tree_id") -> list[d
                 row = json.loads(line)
             except ValueError as e:
                 raise BarkError(f"{where} is not valid JSON ({e}); fix or remove that line") from None
-            messages = _messages_of(row, where)
-            if not any(m["role"] == "assistant" for m in messages):
-                raise BarkError(f"{where} has no assistant turn, so nothing to learn from; remove it or add the reply")
-            group = row.get(group_field)  # a dict: _messages_of rejected every other row
-            out.append({"messages": messages, "group": f"#{n}" if group is None else str(group)})
+            yield n, row, where
+
+
+def load_conversations(path: str | Path, group_field: str = "tree_id") -> list[dict]:
+    """Read a JSONL file of conversations, OpenAI (``messages``) or ShareGPT (``conversations``) rows.
+
+    Args:
+        path: the ``.jsonl`` file; blank lines are skipped.
+        group_field: a row field that groups conversations for the train/val split (rows without
+            it are a group of their own).
+
+    Returns:
+        ``[{"messages": [{"role", "content"}, ...], "group": str, "tools": list | None}, ...]`` in
+        file order; roles are ``system``, ``user``, ``assistant`` or ``tool`` (OpenAI rows only),
+        and OpenAI messages keep ``tool_calls``, ``tool_call_id`` and ``name`` when they have them.
+
+    Raises:
+        BarkError: a missing file, a line that is not JSON, a row with neither field, a message
+            without string content or with an unknown role, a conversation with no assistant
+            turn, or a file with no conversations.
+    """
+    out = []
+    for n, row, where in jsonl_rows(path, "chat data", "a .jsonl file with 'messages' or 'conversations' rows"):
+        messages = _messages_of(row, where)
+        if not any(m["role"] == "assistant" for m in messages):
+            raise BarkError(f"{where} has no assistant turn, so nothing to learn from; remove it or add the reply")
+        group = row.get(group_field)  # a dict: _messages_of rejected every other row
+        tools = row.get("tools")
+        if tools is not None and not isinstance(tools, list):
+            raise BarkError(f"{where}: 'tools' must be a list of OpenAI tool objects; fix or drop it")
+        out.append({"messages": messages, "group": f"#{n}" if group is None else str(group), "tools": tools})
     if not out:
         raise BarkError(f"{path} holds no conversations; add JSONL rows with a 'messages' list")
     return out
@@ -102,18 +121,20 @@ def _messages_of(row, where: str) -> list[dict]:
         )
     messages = []
     for i, m in enumerate(raw):
-        if not isinstance(m, dict) or not isinstance(m.get(text_key), str):
+        calls = m.get("tool_calls") if isinstance(m, dict) and role_key == "role" else None
+        if not isinstance(m, dict) or not (isinstance(m.get(text_key), str) or (calls and m.get(text_key) is None)):
             raise BarkError(
                 f"{where}, message {i}: needs a string {text_key!r} (multi-part content is not supported); flatten it to text"
             )
         role = m.get(role_key)
         role = role if role_key == "role" else SHAREGPT_ROLES.get(role)
-        if role not in ROLES:
+        if role not in ROLES or (role == "tool" and role_key != "role"):
             raise BarkError(
-                f"{where}, message {i}: unknown role {m.get(role_key)!r}; use system, user or assistant "
+                f"{where}, message {i}: unknown role {m.get(role_key)!r}; use system, user, assistant or tool "
                 f"(ShareGPT: system, human or gpt)"
             )
-        messages.append({"role": role, "content": m[text_key]})
+        extra = {k: m[k] for k in MESSAGE_FIELDS if role_key == "role" and m.get(k) is not None}
+        messages.append({"role": role, "content": m[text_key], **extra})
     return messages
 
 
@@ -145,12 +166,16 @@ def split_conversations(conversations: list[dict], val_fraction: float = 0.1, se
 # ---- rendering, masking and packing ---------------------------------------------------------
 
 
-def encode_conversation(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
+def encode_conversation(
+    tokenizer: Tokenizer, messages: list[dict], tools: list[dict] | None = None
+) -> tuple[list[int], list[bool]]:
     """Render a conversation with the tokenizer's chat template and mark its assistant tokens.
 
     An assistant turn's span runs from the end of the generation prompt (what ``chat`` feeds the
     model before the reply) through the first ``eos_token`` after it, or to the end of the turn if
-    the template writes none: exactly what the model must produce at inference.
+    the template writes none: exactly what the model must produce at inference, its tool calls
+    included. ``tools`` (OpenAI tool objects) render into every prefix, as the server renders a
+    request that offers them.
 
     Returns:
         ``(ids, is_assistant)``: the token ids of the rendered text and, per token, whether it
@@ -160,13 +185,13 @@ def encode_conversation(tokenizer: Tokenizer, messages: list[dict]) -> tuple[lis
         BarkError: a bad message (see ``apply_chat_template``), or a template whose render of
             the first ``i`` messages is not a prefix of the render of the first ``i + 1``.
     """
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tools=tools)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
-        turn = tokenizer.apply_chat_template(messages[: i + 1], add_generation_prompt=False)
+        prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tools=tools)
+        turn = tokenizer.apply_chat_template(messages[: i + 1], add_generation_prompt=False, tools=tools)
         if not (turn.startswith(prompt) and text.startswith(turn)):
             raise BarkError(
                 "the chat template does not render a conversation by appending turns (the render of the "
@@ -238,8 +263,11 @@ def pack_rows(lengths: list[int], block_size: int) -> list[list[int]]:
     return rows
 
 
-def pack_conversations(tokenizer: Tokenizer, conversations: list[list[dict]], block_size: int) -> dict:
+def pack_conversations(tokenizer: Tokenizer, conversations: list, block_size: int) -> dict:
     """Encode, mask and pack conversations into rows of exactly ``block_size`` positions.
+
+    Each conversation is a message list or ``{"messages": [...], "tools": [...] | None}`` (the
+    rows of :func:`load_conversations` qualify); see :func:`encode_conversation`.
 
     Returns:
         ``{"x", "y", "segments"}``, int64 arrays of shape (N, block_size): inputs, targets
@@ -251,8 +279,9 @@ def pack_conversations(tokenizer: Tokenizer, conversations: list[list[dict]], bl
         BarkError: no conversation has an assistant token to learn (see :func:`encode_conversation`).
     """
     pieces = []
-    for messages in conversations:
-        pieces.extend(conversation_pieces(*encode_conversation(tokenizer, messages), block_size))
+    for conv in conversations:
+        messages, tools = (conv["messages"], conv.get("tools")) if isinstance(conv, dict) else (conv, None)
+        pieces.extend(conversation_pieces(*encode_conversation(tokenizer, messages, tools), block_size))
     if not pieces:
         raise BarkError("no assistant tokens to train on after rendering the conversations; check the data")
     rows = pack_rows([len(x) for x, _ in pieces], block_size)
@@ -278,11 +307,12 @@ class ChatRows:
 
     Args:
         tokenizer: renders and encodes the conversations (its chat template and special tokens).
-        splits: ``{"train": [messages, ...], "val": [messages, ...]}``.
+        splits: ``{"train": [conversation, ...], "val": [...]}``, each a message list or
+            ``{"messages", "tools"}`` (see :func:`pack_conversations`).
         meta: facts about the data for checkpoints (``source``, ``source_sha256``...).
     """
 
-    def __init__(self, tokenizer: Tokenizer, splits: dict[str, list[list[dict]]], meta: dict):
+    def __init__(self, tokenizer: Tokenizer, splits: dict[str, list], meta: dict):
         self.tokenizer, self.splits = tokenizer, splits
         self.meta = {"tokenizer": tokenizer.kind, **meta, **{f"{k}_conversations": len(v) for k, v in splits.items()}}
         self._rows: dict[tuple[str, int], dict] = {}

@@ -9,13 +9,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from barkgpt.checkpoint import load_checkpoint
 from barkgpt.common import BarkError, resolve_device
 from barkgpt.config import SamplingParams
-from barkgpt.engine import Engine
-from barkgpt.model import GPT
 from barkgpt.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # torch loads with the engine, in TextGenerator(): the NumPy backend's generator
+    from barkgpt.model import GPT  # subclasses this one and never imports torch
 
 
 class TextGenerator:
@@ -29,6 +31,8 @@ class TextGenerator:
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, config: dict | None = None, compile: bool = False):
+        from barkgpt.engine import Engine
+
         self.model, self.tokenizer, self.config = model, tokenizer, config or {}
         self.engine = Engine(model, compile=compile)
 
@@ -52,25 +56,30 @@ class TextGenerator:
             ids = ids[-self.block_size :]
         return ids
 
-    def stream(self, prompt: str, truncate: bool = False, **sampling) -> Iterator[str]:
+    def stream(self, prompt: str, truncate: bool = False, constraint=None, logit_bias=None, **sampling) -> Iterator[str]:
         """Yield the reply to ``prompt`` piece by piece as it is generated (one sample).
 
-        Keyword args are :class:`~barkgpt.config.SamplingParams` fields. Generation ends at
-        ``<EOS>`` (not emitted), a stop string (not emitted), or ``max_new_tokens``.
-        Concatenated pieces equal ``generate(...)`` with the same arguments.
+        Keyword args are :class:`~barkgpt.config.SamplingParams` fields, plus ``constraint`` (a
+        :class:`~barkgpt.structured.Constraint` the reply must satisfy) and ``logit_bias`` (token
+        id -> bias in [-100, 100]). Generation ends at ``<EOS>`` (not emitted), a stop string
+        (not emitted), or ``max_new_tokens``. Concatenated pieces equal ``generate(...)`` with the
+        same arguments.
 
         Raises:
-            BarkError: bad sampling values or an over-long prompt.
+            BarkError: bad sampling values, an over-long prompt, or a constraint this model's
+                tokenizer cannot write or the grammar library cannot compile.
         """
         cfg = SamplingParams(**{**sampling, "num_samples": 1})
         ids = self.encode_prompt(prompt, truncate)
-        yield from _TextStream(self.tokenizer, (s[0] for s in self._steps(ids, cfg)), cfg.stop)
+        hooks = self._hooks(constraint, logit_bias)
+        yield from _TextStream(self.tokenizer, (s[0] for s in self._steps(ids, cfg, hooks)), cfg.stop)
 
     def generate(self, prompt: str, truncate: bool = False, **sampling) -> str | list[str]:
-        """The full reply to ``prompt``: a string, or a list of strings when ``num_samples`` is given.
+        """The full reply to ``prompt``: a string, or a list of strings when ``num_samples`` is given
+        (keyword args as :meth:`stream`'s).
 
         Raises:
-            BarkError: bad sampling values or an over-long prompt.
+            BarkError: bad sampling values, an over-long prompt or a bad constraint.
         """
         texts = [c.text for c in self.complete(prompt, truncate, **sampling)]
         return texts if "num_samples" in sampling else texts[0]
@@ -79,17 +88,18 @@ class TextGenerator:
         """Render ``messages`` (``role``/``content`` dicts) with the model's chat template."""
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
-    def complete(self, prompt: str, truncate: bool = False, **sampling) -> list[Completion]:
+    def complete(self, prompt: str, truncate: bool = False, constraint=None, logit_bias=None, **sampling) -> list[Completion]:
         """Generate ``num_samples`` replies together, with their finish reasons (keyword args are
-        :class:`~barkgpt.config.SamplingParams` fields).
+        :class:`~barkgpt.config.SamplingParams` fields, ``constraint`` and ``logit_bias`` as in
+        :meth:`stream`).
 
         Raises:
-            BarkError: bad sampling values or an over-long prompt.
+            BarkError: bad sampling values, an over-long prompt or a bad constraint.
         """
         cfg = SamplingParams(**sampling)
         ids = self.encode_prompt(prompt, truncate)
         columns: list[list[int]] = [[] for _ in range(cfg.num_samples)]
-        for step in self._steps(ids, cfg):
+        for step in self._steps(ids, cfg, self._hooks(constraint, logit_bias)):
             for b, t in enumerate(step):
                 if t is not None:
                     columns[b].append(t)
@@ -100,8 +110,16 @@ class TextGenerator:
             out.append(Completion(text, stream.finish_reason, len(ids), stream.n_tokens))
         return out
 
-    def _steps(self, ids: list[int], cfg: SamplingParams):
-        return self.engine.generate(ids, cfg, stop_ids=[self.tokenizer.eos_id])
+    def _hooks(self, constraint, logit_bias) -> list:
+        """The engine row hooks of a constraint and a logit bias (:mod:`barkgpt.structured`); none without."""
+        if constraint is None and not logit_bias:
+            return []
+        from barkgpt.structured import processors_for
+
+        return processors_for(self.tokenizer, constraint, logit_bias=logit_bias)
+
+    def _steps(self, ids: list[int], cfg: SamplingParams, hooks=()):
+        return self.engine.generate(ids, cfg, stop_ids=[self.tokenizer.eos_id], processors=hooks)
 
 
 @dataclass

@@ -54,30 +54,74 @@ WORD_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}Assistant:{%- endif -%}"
 )
+# Tool calls follow transformers' `apply_chat_template(messages, tools=...)` convention (OpenAI tool
+# objects in `tools`, assistant `tool_calls`, `tool` role results). With tools, the system turn (the
+# first message's own system text, then a blank line) lists each function as one JSON line and says
+# how to call one; an assistant turn writes its calls after its text as
+# <tool_call>{"name": ..., "arguments": {...}}</tool_call>, which the server parses back out of a
+# reply; a tool result is a user turn wrapped in <tool_response>...</tool_response>.
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
+
+
+def _tools_prelude(system_open: str, turn_end: str) -> str:
+    """Jinja that starts a chat template: sets ``loop_messages`` and, when ``tools`` are given,
+    renders the system turn that lists them. ``system_open`` and ``turn_end`` are Jinja string
+    expressions that start and end a system turn."""
+    return (
+        "{%- set loop_messages = messages -%}"
+        "{%- if tools -%}"
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set system_text = messages[0]['content'] + '\\n\\n' -%}"
+        "{%- set loop_messages = messages[1:] -%}"
+        "{%- else -%}"
+        "{%- set system_text = '' -%}"
+        "{%- endif -%}"
+        "{{ " + system_open + " + system_text + '# Tools\\n' }}"
+        "{%- for tool in tools -%}"
+        "{{ (tool['function'] if tool['function'] is defined else tool) | tojson }}{{ '\\n' }}"
+        "{%- endfor -%}"
+        '{{ \'Call a tool as <tool_call>{"name": NAME, "arguments": {...}}</tool_call>\' + ' + turn_end + " }}"
+        "{%- endif -%}"
+    )
+
+
+# An assistant message's tool calls, each `<tool_call>{"name": "N", "arguments": ARGS}</tool_call>`:
+# ARGS is the arguments' JSON text as OpenAI sends it (a string), or a mapping through tojson.
+_TOOL_CALLS = (
+    "{%- for call in message['tool_calls'] or [] -%}"
+    "{%- set fn = call['function'] if call['function'] is defined else call -%}"
+    "{{ '<tool_call>{\"name\": ' + (fn['name'] | tojson) + ', \"arguments\": ' }}"
+    "{{ (fn['arguments'] if fn['arguments'] is string else (fn['arguments'] | tojson)) + '}</tool_call>' }}"
+    "{%- endfor -%}"
+)
+_UNKNOWN_ROLE = "{{ raise_exception('unknown chat role ' ~ message['role'] ~ '; use system, user, assistant or tool') }}"
 # bpe and char: one line per turn, the assistant's turn closed by EOS.
 CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
+    _tools_prelude("'System: '", "'\\n'") + "{%- for message in loop_messages -%}"
     "{%- if message['role'] == 'system' -%}"
     "{{ 'System: ' + message['content'] + '\\n' }}"
     "{%- elif message['role'] == 'user' -%}"
     "{{ 'User: ' + message['content'] + '\\n' }}"
     "{%- elif message['role'] == 'assistant' -%}"
-    "{{ 'Assistant: ' + message['content'] + eos_token + '\\n' }}"
-    "{%- else -%}"
-    "{{ raise_exception('unknown chat role ' ~ message['role'] ~ '; use system, user or assistant') }}"
-    "{%- endif -%}"
+    "{{ 'Assistant: ' + (message['content'] or '') }}" + _TOOL_CALLS + "{{ eos_token + '\\n' }}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{{ 'User: <tool_response>' + message['content'] + '</tool_response>\\n' }}"
+    "{%- else -%}" + _UNKNOWN_ROLE + "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}Assistant:{%- endif -%}"
 )
 # Fine-tuned models: each turn is a role token, the content, then <EOS> (end of turn); the
 # generation prompt is <|assistant|>, and generation stops at the <EOS> that closes the reply.
 CHAT_TOKENS_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] in ('system', 'user', 'assistant') -%}"
+    _tools_prelude("'<|system|>'", "eos_token") + "{%- for message in loop_messages -%}"
+    "{%- if message['role'] in ('system', 'user') -%}"
     "{{ '<|' + message['role'] + '|>' + message['content'] + eos_token }}"
-    "{%- else -%}"
-    "{{ raise_exception('unknown chat role ' ~ message['role'] ~ '; use system, user or assistant') }}"
-    "{%- endif -%}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{ '<|assistant|>' + (message['content'] or '') }}" + _TOOL_CALLS + "{{ eos_token }}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{{ '<|user|><tool_response>' + message['content'] + '</tool_response>' + eos_token }}"
+    "{%- else -%}" + _UNKNOWN_ROLE + "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
 )
@@ -469,31 +513,40 @@ class Tokenizer:
 
     # ---- chat -------------------------------------------------------------------------------
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> str:
         """Render a conversation to prompt text with :attr:`chat_template` (Jinja, as transformers).
 
         Args:
-            messages: ``[{"role": "user"|"assistant"|"system", "content": str}, ...]``.
+            messages: ``[{"role": "user"|"assistant"|"system"|"tool", "content": str}, ...]``; an
+                assistant message may carry OpenAI ``tool_calls`` (``[{"id", "type": "function",
+                "function": {"name", "arguments"}}]``, ``arguments`` JSON text or a mapping) with
+                ``content`` None, and a ``tool`` message its ``tool_call_id``.
             add_generation_prompt: end with ``"Assistant:"`` so the model writes the reply.
+            tools: OpenAI tool objects (``{"type": "function", "function": {"name", "description",
+                "parameters"}}``), passed to the template as transformers'
+                ``apply_chat_template(messages, tools=...)`` does; the built-in bpe/char templates
+                list them in the system turn (see ``CHAT_TEMPLATE``), others may ignore them.
 
         Returns:
             The text, e.g. ``"User: hello Assistant:"`` for a word tokenizer and ``[{"role":
             "user", "content": "hello"}]``. Encode it with :meth:`encode`.
 
         Raises:
-            BarkError: a message is not a dict with string ``role`` and ``content``, a role the
+            BarkError: a message is not a dict with string ``role`` and ``content`` (content may
+                be None beside ``tool_calls``), malformed ``tool_calls`` or ``tools``, a role the
                 template does not know, or a broken template.
         """
         import jinja2
 
-        for i, m in enumerate(messages):
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                raise BarkError(f"chat message {i} must be an object with string 'role' and 'content'; got {m!r:.80}")
+        _check_chat_input(messages, tools)
         try:
             if self._template is None:
                 self._template = _jinja_env().from_string(self.chat_template)
             return self._template.render(
                 messages=messages,
+                tools=tools,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
@@ -576,14 +629,48 @@ def _default_template(kind: str) -> str:
     return WORD_CHAT_TEMPLATE if kind == "word" else CHAT_TEMPLATE
 
 
+def _check_chat_input(messages, tools) -> None:
+    """Check the shapes ``apply_chat_template`` accepts (see there), so a bad request gets one clear line.
+
+    Raises:
+        BarkError: naming the first bad message, tool call or tool.
+    """
+    if not isinstance(messages, list):
+        raise BarkError(f"chat messages must be a list of objects; got {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        calls = m.get("tool_calls") if isinstance(m, dict) else None
+        content_ok = isinstance(m, dict) and (isinstance(m.get("content"), str) or (calls and m.get("content") is None))
+        if not (content_ok and isinstance(m.get("role"), str)):
+            raise BarkError(f"chat message {i} must be an object with string 'role' and 'content'; got {m!r:.80}")
+        if calls is None:
+            continue
+        if not isinstance(calls, list):
+            raise BarkError(f"chat message {i}: 'tool_calls' must be a list of calls; got {calls!r:.80}")
+        for c in calls:
+            fn = c.get("function", c) if isinstance(c, dict) else None
+            if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and isinstance(fn.get("arguments"), str | dict)):
+                raise BarkError(
+                    f"chat message {i}: each tool call needs a 'function' with a string 'name' and 'arguments' "
+                    f"(JSON text or an object); got {c!r:.80}"
+                )
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise BarkError(f"tools must be a list of objects like {{'type': 'function', 'function': {{...}}}}; got {tools!r:.80}")
+
+
 def _jinja_env():
-    """A Jinja environment configured like transformers' chat-template renderer."""
+    """A Jinja environment configured like transformers' chat-template renderer: sandboxed,
+    ``trim_blocks``/``lstrip_blocks``, ``raise_exception``, and ``tojson`` as ``json.dumps``
+    (``ensure_ascii=False``, keys in order, no HTML escaping), not Jinja's own filter."""
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
         raise TemplateError(message)
 
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     return env

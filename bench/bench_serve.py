@@ -6,6 +6,9 @@
 * aggregate tokens/s at 16 streams against 1 stream (``ratio_16_vs_1``, at least 6), with
   p50/p99 time to first token, at 1, 4 and 16 streams;
 * the same 16-stream load with the compiled step on and off (``compiled_vs_eager_16``: > 1);
+* with ``--json``, instead of the above: 16 streams with a JSON schema against 16 without, on the
+  same compiled server (``json_vs_plain_16``: at least 0.8); the schema is a list of at least 64
+  strings, so constrained replies run to ``--max-tokens`` as free ones do;
 * with ``--chat``: a 10-turn chat that fills most of a 512-token context (the tinystories
   preset trained briefly with ``--block-size 512``), time to first token per turn with the
   prefix cache and with ``--no-prefix-cache``, and whether the replies are the same.
@@ -21,7 +24,7 @@ the official client.
 Each round runs 1, 4 and 16 clients for a few seconds each; ratios are medians over rounds of
 the same round's figures (this 2-core machine is shared, and its speed drifts between minutes).
 
-    python bench/bench_serve.py [--max-tokens 64] [--requests 64] [--rounds 4] [--chat]
+    python bench/bench_serve.py [--max-tokens 64] [--requests 64] [--rounds 4] [--chat] [--json]
 """
 
 from __future__ import annotations
@@ -126,8 +129,16 @@ def engine_tokens_per_s(model_dir: Path, max_tokens: int, repeats: int = 8) -> f
     return round(tokens / (time.perf_counter() - t0), 1)
 
 
-async def one_request(client, max_tokens: int, seed: int) -> tuple[float, int]:
-    """Stream one completion; return (time to first token in s, completion tokens)."""
+# A list of at least 64 strings: no reply of --max-tokens 64 can finish it, so constrained replies run
+# to max_tokens as the free ones do (the random-weight model would close a shorter one early).
+JSON_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {"name": "lines", "schema": {"type": "array", "items": {"type": "string"}, "minItems": 64}},
+}
+
+
+async def one_request(client, max_tokens: int, seed: int, extra: dict | None = None) -> tuple[float, int]:
+    """Stream one completion (``extra``: more body fields); return (time to first token in s, completion tokens)."""
     t0 = time.perf_counter()
     ttft, tokens, last = None, 0, None
     body = {
@@ -138,6 +149,7 @@ async def one_request(client, max_tokens: int, seed: int) -> tuple[float, int]:
         "seed": seed,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **(extra or {}),
     }
     async with client.stream("POST", "/v1/completions", json=body) as r:
         r.raise_for_status()
@@ -152,7 +164,7 @@ async def one_request(client, max_tokens: int, seed: int) -> tuple[float, int]:
     return ttft or 0.0, tokens
 
 
-async def load(base: str, concurrency: int, requests: int, max_tokens: int) -> dict:
+async def load(base: str, concurrency: int, requests: int, max_tokens: int, extra: dict | None = None) -> dict:
     """``requests`` requests spread over ``concurrency`` clients that each send one at a time."""
     import httpx2 as httpx  # what the openai client itself depends on
 
@@ -163,7 +175,7 @@ async def load(base: str, concurrency: int, requests: int, max_tokens: int) -> d
 
     async def worker(w: int):
         for i in range(w, requests, concurrency):
-            results.append(await one_request(client, max_tokens, seed=i))
+            results.append(await one_request(client, max_tokens, seed=i, extra=extra))
 
     t0 = time.perf_counter()
     try:
@@ -293,6 +305,36 @@ def chat_bench(max_tokens: int) -> dict:
     return out
 
 
+def json_bench(model: Path, a) -> dict:
+    """16 streams with :data:`JSON_FORMAT` against 16 without, interleaved over ``a.rounds`` rounds
+    on one compiled server; ``json_vs_plain_16`` is the median of the rounds' ratios."""
+    proc, base = start_server(model)
+    plain, constrained = [], []
+    try:
+        asyncio.run(load(base, 1, 2, a.max_tokens))  # warm up (and compile the schema once)
+        asyncio.run(load(base, 1, 2, a.max_tokens, {"response_format": JSON_FORMAT}))
+        for r in range(a.rounds):
+            plain.append(asyncio.run(load(base, 16, a.requests, a.max_tokens)))
+            constrained.append(asyncio.run(load(base, 16, a.requests, a.max_tokens, {"response_format": JSON_FORMAT})))
+            print(
+                json.dumps({"round": r, "plain_16": plain[-1]["tokens_per_s"], "json_16": constrained[-1]["tokens_per_s"]}),
+                flush=True,
+            )
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    ratios = [round(j["tokens_per_s"] / p["tokens_per_s"], 2) for p, j in zip(plain, constrained)]
+    return {
+        "max_tokens": a.max_tokens,
+        "rounds": a.rounds,
+        "plain_tokens_per_s_16": statistics.median(x["tokens_per_s"] for x in plain),
+        "json_tokens_per_s_16": statistics.median(x["tokens_per_s"] for x in constrained),
+        "json_tokens_per_request": round(sum(x["tokens"] for x in constrained) / sum(x["requests"] for x in constrained), 1),
+        "json_vs_plain_16_per_round": ratios,
+        "json_vs_plain_16": round(statistics.median(ratios), 2),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--max-tokens", type=int, default=64)
@@ -307,11 +349,17 @@ def main() -> None:
     )
     p.add_argument("--chat", action="store_true", help="also the 10-turn prefix-cache chat on a briefly trained 512-token model")
     p.add_argument("--chat-max-tokens", type=int, default=24, help="reply tokens per chat turn")
+    p.add_argument("--json", action="store_true", help="instead: 16 streams with a JSON schema against 16 without")
     a = p.parse_args()
 
     from bench_train import write_results
 
     model = make_model()
+    if a.json:
+        summary = json_bench(model, a)
+        print(json.dumps(summary))
+        write_results("serve: 16 streamed completions with a JSON schema against without, shakespeare-bpe shape", summary)
+        return
     levels = {1: max(a.requests // 4, 1), 4: max(a.requests // 2, 4), 16: max(a.requests, 16)}  # each level runs a few seconds
     rounds, eager16 = [], []
     servers = {"compiled": start_server(model), "eager": start_server(model, "--compile", "false")}

@@ -49,3 +49,18 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real corpora not found at {SHARED_DATA} (the shared/ folder beside the repo)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def bark_agent_run(tmp_path_factory) -> Path:
+    """The ``bark-agent`` preset trained as ``barkgpt train --preset bark-agent`` trains it (about
+    2.5 minutes on 2 idle cores), once per test session for every test that needs the real model;
+    or the run folder named by ``BARKGPT_TEST_AGENT_RUN`` (one trained before, to skip it)."""
+    if os.environ.get("BARKGPT_TEST_AGENT_RUN"):
+        return Path(os.environ["BARKGPT_TEST_AGENT_RUN"])
+    from barkgpt.config import build_configs
+    from barkgpt.train import train
+
+    out = tmp_path_factory.mktemp("bark-agent") / "run"
+    train(*build_configs("bark-agent", None, {"out_dir": str(out)}), quiet=True)
+    return out

@@ -61,7 +61,7 @@ def test_reads_openai_and_sharegpt_rows(tmp_path):
     [
         ("{not json", "line 1 is not valid JSON"),
         ({"text": "hi"}, "neither a 'messages' list"),
-        ({"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]}, "unknown role 'tool'"),
+        ({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}, "unknown role 'robot'"),
         ({"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]}, "needs a string 'content'"),
         ({"messages": [{"role": "user", "content": "only a question"}]}, "no assistant turn"),
     ],
@@ -115,6 +115,42 @@ def test_assistant_mask_covers_exactly_the_replies_and_their_eos(chat_tok):
     assert targets == "Oui, café.<EOS>Woof! 東京<EOS>"
     prompt = chat_tok.decode([i for i, m in zip(ids, mask) if not m])
     assert prompt == "<|system|>Be brief.<EOS><|user|>Café? 🐶<EOS><|assistant|><|user|>Bye<EOS><|assistant|>"
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "fetch", "parameters": {"type": "object", "properties": {"item": {"type": "string"}}}},
+    }
+]
+CALL = {"id": "call_1", "type": "function", "function": {"name": "fetch", "arguments": '{"item": "ball"}'}}
+TOOL_ROW = {
+    "tools": TOOLS,
+    "messages": [
+        {"role": "user", "content": "Get the ball"},
+        {"role": "assistant", "content": None, "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "got ball"},
+        {"role": "assistant", "content": "Here."},
+    ],
+}
+
+
+def test_tool_calls_are_targets_and_tool_results_are_not(tmp_path, chat_tok):
+    """OpenAI fine-tuning rows with tools: the reply's call text is learnt, the tool's result is context."""
+    (conv,) = load_conversations(write_jsonl(tmp_path / "tools.jsonl", [TOOL_ROW]))
+    assert conv["tools"] == TOOLS and conv["messages"] == TOOL_ROW["messages"]  # tool fields kept as given
+    ids, mask = encode_conversation(chat_tok, conv["messages"], conv["tools"])
+    assert chat_tok.decode(ids) == chat_tok.apply_chat_template(conv["messages"], add_generation_prompt=False, tools=TOOLS)
+    targets = chat_tok.decode([i for i, m in zip(ids, mask) if m])
+    assert targets == '<tool_call>{"name": "fetch", "arguments": {"item": "ball"}}</tool_call><EOS>Here.<EOS>'
+    context = chat_tok.decode([i for i, m in zip(ids, mask) if not m])
+    assert context.startswith("<|system|># Tools\n") and "<|user|><tool_response>got ball</tool_response><EOS>" in context
+    rows = pack_conversations(chat_tok, [conv, conv["messages"]], block_size=256)  # with and without tools
+    assert rows["targets"] == 2 * sum(mask)
+    assert rows["tokens"] > 2 * rows["targets"]  # the tools section rendered into the first one
+    bad = {"messages": [{"role": "assistant", "content": None}]}
+    with pytest.raises(BarkError, match="needs a string 'content'"):
+        load_conversations(write_jsonl(tmp_path / "bad.jsonl", [bad]))
 
 
 def test_assistant_mask_with_word_and_char_templates():

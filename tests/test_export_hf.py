@@ -89,6 +89,60 @@ def load_hf(path):
     return model, tok
 
 
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "fetch",
+            "description": "Fetch an item — for the dog <fast>",
+            "parameters": {
+                "type": "object",
+                "properties": {"item": {"type": "string", "enum": ["ball", "stick"]}},
+                "required": ["item"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {"name": "bark", "parameters": {"type": "object", "properties": {"times": {"type": "integer"}}}},
+    },
+]
+TOOL_TALK = [
+    {"role": "system", "content": "You are a dog."},
+    {"role": "user", "content": "Get the ball, then bark twice"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "fetch", "arguments": '{"item": "ball"}'}},
+            {"id": "call_2", "type": "function", "function": {"name": "bark", "arguments": {"times": 2}}},
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "name": "fetch", "content": "got the ball"},
+    {"role": "tool", "tool_call_id": "call_2", "name": "bark", "content": "woof woof"},
+    {"role": "assistant", "content": "Here is the ball. Woof!"},
+    {"role": "user", "content": "Thanks"},
+]
+
+
+@pytest.mark.parametrize("chat_tokens", [False, True], ids=["plain", "chat-tokens"])
+def test_export_chat_template_with_tools_matches_transformers(tmp_path, tokenizers_by_kind, chat_tokens):
+    """transformers' apply_chat_template(messages, tools=...) on the export renders what we render."""
+    tokenizer = tokenizers_by_kind["bpe"]
+    if chat_tokens:
+        tokenizer, _ = tokenizer.with_chat_tokens()
+    ckpt, _ = make_checkpoint(tmp_path, "llama", tokenizer)
+    _, hf_tok = load_hf(export_hf(ckpt, tmp_path / "hf", sample=False))
+    for messages, tools in [(TOOL_TALK, TOOLS), (TOOL_TALK[1:], TOOLS), (TOOL_TALK[1:3], TOOLS[:1]), (TOOL_TALK, None)]:
+        for prompt in (True, False):
+            ours = tokenizer.apply_chat_template(messages, add_generation_prompt=prompt, tools=tools)
+            theirs = hf_tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=prompt)
+            assert theirs == ours
+            assert hf_tok(ours)["input_ids"] == tokenizer.encode(ours)
+    assert '<tool_call>{"name": "fetch", "arguments": {"item": "ball"}}</tool_call>' in ours
+    assert "# Tools" not in ours  # tools=None: no tools section
+
+
 @pytest.mark.parametrize("kind", ["bpe", "char", "word"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_export_parity(tmp_path, tokenizers_by_kind, family, kind):

@@ -200,10 +200,98 @@ def test_generic_chat_template(bpe):
 
 
 def test_chat_template_rejects_bad_messages(bpe):
-    with pytest.raises(BarkError, match="unknown chat role"):
-        bpe.apply_chat_template([{"role": "tool", "content": "x"}])
+    with pytest.raises(BarkError, match="unknown chat role robot; use system, user, assistant or tool"):
+        bpe.apply_chat_template([{"role": "robot", "content": "x"}])
     with pytest.raises(BarkError, match="message 0"):
         bpe.apply_chat_template([{"role": "user"}])
+    with pytest.raises(BarkError, match="message 0"):  # content None only beside tool_calls
+        bpe.apply_chat_template([{"role": "assistant", "content": None}])
+    with pytest.raises(BarkError, match="message 1: each tool call needs a 'function'"):
+        bpe.apply_chat_template(
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [{"id": "c"}]}]
+        )
+    with pytest.raises(BarkError, match="tools must be a list"):
+        bpe.apply_chat_template([{"role": "user", "content": "x"}], tools="fetch")
+
+
+# ---- tool calls (the contract the server parses replies by) ----------------------------------
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "fetch",
+            "description": "Fetch an item — fast <now>",  # non-ASCII and HTML characters stay as they are
+            "parameters": {"type": "object", "properties": {"item": {"type": "string"}}, "required": ["item"]},
+        },
+    },
+    {
+        "type": "function",
+        "function": {"name": "bark", "parameters": {"type": "object", "properties": {"times": {"type": "integer"}}}},
+    },
+]
+FETCH_JSON = (
+    '{"name": "fetch", "description": "Fetch an item — fast <now>", "parameters": {"type": "object", '
+    '"properties": {"item": {"type": "string"}}, "required": ["item"]}}'
+)
+BARK_JSON = '{"name": "bark", "parameters": {"type": "object", "properties": {"times": {"type": "integer"}}}}'
+TOOL_HEADER = f'# Tools\n{FETCH_JSON}\n{BARK_JSON}\nCall a tool as <tool_call>{{"name": NAME, "arguments": {{...}}}}</tool_call>'
+TOOL_TALK = [
+    {"role": "user", "content": "Get the ball and bark twice"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "fetch", "arguments": '{"item": "ball"}'}},
+            # arguments as a mapping, as HF callers pass them
+            {"id": "call_2", "type": "function", "function": {"name": "bark", "arguments": {"times": 2}}},
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "name": "fetch", "content": "got the ball"},
+    {"role": "assistant", "content": "Here it is."},
+]
+CALLS = '<tool_call>{"name": "fetch", "arguments": {"item": "ball"}}</tool_call><tool_call>{"name": "bark", "arguments": {"times": 2}}</tool_call>'
+
+
+def test_plain_template_renders_tools_calls_and_results(bpe):
+    assert bpe.apply_chat_template(TOOL_TALK, tools=TOOLS) == (
+        f"System: {TOOL_HEADER}\nUser: Get the ball and bark twice\nAssistant: {CALLS}<EOS>\n"
+        "User: <tool_response>got the ball</tool_response>\nAssistant: Here it is.<EOS>\nAssistant:"
+    )
+    system = [{"role": "system", "content": "You are a dog."}]  # the system text, a blank line, the tools
+    assert bpe.apply_chat_template(system + TOOL_TALK[:1], tools=TOOLS) == (
+        f"System: You are a dog.\n\n{TOOL_HEADER}\nUser: Get the ball and bark twice\nAssistant:"
+    )
+    # no tools (None or []): exactly as before; calls and results still render
+    convo = system + [{"role": "user", "content": "Hi"}]
+    assert (
+        bpe.apply_chat_template(convo, tools=[])
+        == bpe.apply_chat_template(convo)
+        == "System: You are a dog.\nUser: Hi\nAssistant:"
+    )
+    assert bpe.apply_chat_template(TOOL_TALK[:3], add_generation_prompt=False).endswith(
+        f"Assistant: {CALLS}<EOS>\nUser: <tool_response>got the ball</tool_response>\n"
+    )
+
+
+def test_chat_tokens_template_renders_tools_calls_and_results(bpe):
+    chat, _ = bpe.with_chat_tokens()
+    system = [{"role": "system", "content": "You are a dog."}]
+    assert chat.apply_chat_template(system + TOOL_TALK, tools=TOOLS) == (
+        f"<|system|>You are a dog.\n\n{TOOL_HEADER}<EOS><|user|>Get the ball and bark twice<EOS><|assistant|>{CALLS}<EOS>"
+        "<|user|><tool_response>got the ball</tool_response><EOS><|assistant|>Here it is.<EOS><|assistant|>"
+    )
+    assert chat.apply_chat_template([], tools=TOOLS[:1], add_generation_prompt=False) == (
+        "<|system|># Tools\n" + FETCH_JSON + '\nCall a tool as <tool_call>{"name": NAME, "arguments": {...}}</tool_call><EOS>'
+    )
+    # the role tokens and the tool-call text encode as the model writes them
+    text = chat.apply_chat_template(TOOL_TALK[:2], add_generation_prompt=False)
+    assert chat.decode(chat.encode(text)) == text
+
+
+def test_old_templates_ignore_tools():
+    old = Tokenizer.from_words(FIXED)  # the word template (and any saved template) takes no tools
+    assert old.apply_chat_template([{"role": "user", "content": "hello"}], tools=TOOLS) == "User: hello Assistant:"
 
 
 # ---- save / load ----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from barkgpt.config import SamplingParams
+from barkgpt.server.tool_protocol import DeltaToolCall, StructuredFields, ToolCall, ToolFields
 
 # Caps on what one request may ask for (the body itself is capped by security.Guard).
 MAX_N = 16  # choices per request
@@ -75,8 +76,8 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class Request(BaseModel):
-    """Fields shared by both generation routes. ``None`` means "the default"."""
+class Request(StructuredFields):
+    """Fields shared by both generation routes (and the constraints of ``StructuredFields``). ``None`` means "the default"."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -145,6 +146,7 @@ class CompletionRequest(Request):
     """``POST /v1/completions``: ``prompt`` is a string, a list of strings, token ids or lists of ids."""
 
     prompt: str | list[str] | list[int] | list[list[int]] = ""
+    echo: bool = False  # the choice's text starts with its prompt
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # each token's logprob and this many top tokens
 
     @field_validator("prompt")
@@ -189,6 +191,9 @@ class ChatMessage(BaseModel):
 
     role: str
     content: str | list[TextPart] | None = None
+    tool_calls: list[dict] | None = Field(None, max_length=MAX_N * 4)  # an assistant turn's calls (OpenAI's shape)
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+    name: str | None = None
 
     @field_validator("role", "content")
     @classmethod
@@ -203,8 +208,8 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class ChatCompletionRequest(Request):
-    """``POST /v1/chat/completions``."""
+class ChatCompletionRequest(Request, ToolFields):
+    """``POST /v1/chat/completions`` (with ``ToolFields``: ``tools``, ``tool_choice``, ``parallel_tool_calls``)."""
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     logprobs: bool | None = None  # return each token's logprob
@@ -284,7 +289,8 @@ class AssistantMessage(BaseModel):
     """The reply message of a chat choice."""
 
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class TopLogprob(BaseModel):
@@ -313,7 +319,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
 
 
 class ChatCompletionResponse(BaseModel):
@@ -332,6 +338,7 @@ class DeltaMessage(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler):  # role only in the first delta; {} in the finishing one
@@ -344,7 +351,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 
 
 class ChatCompletionChunk(_UsageWhenSet):

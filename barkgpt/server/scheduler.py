@@ -65,8 +65,9 @@ class Request:
     log, <= 0). The worker appends it before it sends the token, so it is there when the token is.
     """
 
-    def __init__(self, ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop):
+    def __init__(self, ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop, processors=()):
         self.ids, self.params, self.loop = ids, params, loop
+        self.processors = list(processors)  # engine row hooks (constraints, logit_bias: barkgpt.structured)
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
         self.cancelled = False
         self.submitted_at = time.monotonic()
@@ -168,7 +169,7 @@ class _Row(Row):
     generator) and the :class:`Request` it answers."""
 
     def __init__(self, req: Request, device):
-        super().__init__(req.ids, req.params, device=device)
+        super().__init__(req.ids, req.params, processors=req.processors, device=device)
         self.req = req
 
 
@@ -214,8 +215,9 @@ class Scheduler:
         """True while the worker thread runs (False before start() and after stop() or a crash)."""
         return self._thread is not None and self._thread.is_alive()
 
-    def submit(self, ids: list[int], params: SamplingParams) -> Request:
-        """Queue a request; call from the event loop that will iterate it.
+    def submit(self, ids: list[int], params: SamplingParams, processors=()) -> Request:
+        """Queue a request; call from the event loop that will iterate it. ``processors`` are its
+        row's logits hooks (see :class:`~barkgpt.engine.Row`).
 
         Raises:
             BarkError: an empty prompt, or prompt plus ``max_new_tokens`` longer than ``block_size``.
@@ -228,7 +230,7 @@ class Scheduler:
                 f"the prompt has {len(ids)} tokens and max_new_tokens is {params.max_new_tokens}, "
                 f"more than the model's block_size of {self.block_size}"
             )
-        req = Request(list(ids), params, asyncio.get_running_loop())
+        req = Request(list(ids), params, asyncio.get_running_loop(), processors)
         with self._wake:
             if self._stopping:
                 raise QueueFull("the server is shutting down")

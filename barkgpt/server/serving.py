@@ -40,6 +40,7 @@ from barkgpt.server.streaming import (
     sse,
     stream_choices,
 )
+from barkgpt.server.tools import ToolCallParser, request_hooks
 
 TOKEN_TEXTS_CACHED = 1 << 16  # (tokenizer, token id) -> text and bytes kept for logprobs, per app
 
@@ -137,20 +138,29 @@ def ids_of(prompt: list[int], gen: TextGenerator) -> list[int]:
 
 async def chat_prompt(body: P.ChatCompletionRequest, gen: TextGenerator) -> list[int]:
     """The chat messages through the model's chat template, as token ids."""
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    return await encode(gen, gen.chat_prompt(messages))
+    messages = [
+        {
+            "role": m.role,
+            "content": m.text(),
+            **{k: getattr(m, k) for k in ("tool_calls", "tool_call_id", "name") if getattr(m, k)},
+        }
+        for m in body.messages
+    ]
+    if not body.tools:
+        return await encode(gen, gen.chat_prompt(messages))
+    return await encode(gen, gen.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=body.tools))
 
 
-def submit_all(sched: Scheduler, jobs: list[tuple[list[int], SamplingParams]]) -> list:
-    """Queue every ``(ids, params)`` job, or none: a full queue cancels those already queued.
+def submit_all(sched: Scheduler, jobs: list[tuple]) -> list:
+    """Queue every ``(ids, params[, row hooks])`` job, or none: a full queue cancels those already queued.
 
     Raises:
         ApiError: 429 ``queue_full`` with ``Retry-After``.
     """
     reqs = []
     try:
-        for ids, params in jobs:
-            reqs.append(sched.submit(ids, params))
+        for job in jobs:
+            reqs.append(sched.submit(*job))
     except QueueFull as e:
         for r in reqs:
             r.cancel()
@@ -164,10 +174,13 @@ def submit_all(sched: Scheduler, jobs: list[tuple[list[int], SamplingParams]]) -
     return reqs
 
 
-def prepare(body: P.Request, prompts: list[list[int]], gen: TextGenerator, sched: Scheduler, state: ServingState) -> list[Choice]:
+def prepare(
+    body: P.Request, prompts: list[list[int]], gen: TextGenerator, sched: Scheduler, state: ServingState, hooks=()
+) -> list[Choice]:
     """Check each prompt fits, then submit ``n`` requests per prompt, queued together so the
     scheduler prefills each prompt once; choices come prompt-major, as OpenAI's. Choice ``j`` of
-    a prompt gets seed ``seed + j`` (mod 2**64), so the ``n`` samples differ.
+    a prompt gets seed ``seed + j`` (mod 2**64), so the ``n`` samples differ. Every row gets the
+    row ``hooks`` (:func:`~barkgpt.server.tools.request_hooks`, which keep their state per row).
 
     Raises:
         ApiError: 400 when a prompt does not fit, or when the request needs more queue places
@@ -188,7 +201,7 @@ def prepare(body: P.Request, prompts: list[list[int]], gen: TextGenerator, sched
         base = sampling_for(ids, body, gen.block_size)
         for j in range(body.n):
             seed = None if base.seed is None else (base.seed + j) % 2**64  # n samples must differ
-            jobs.append((ids, dataclasses.replace(base, seed=seed)))
+            jobs.append((ids, dataclasses.replace(base, seed=seed), hooks))
     reqs = submit_all(sched, jobs)
     text_of = functools.partial(state.token_text, gen.tokenizer)
     return [
@@ -252,7 +265,11 @@ async def completions(body: P.CompletionRequest, request: Request):
     check_model(host, body.model)
     gen, sched = host.ready()
     prompts = [await encode(gen, p) if isinstance(p, str) else ids_of(p, gen) for p in body.prompts()]
-    choices = prepare(body, prompts, gen, sched, state)
+    hooks = await asyncio.to_thread(request_hooks, body, gen.tokenizer)  # compiles a constraint (cached)
+    choices = prepare(body, prompts, gen, sched, state, hooks)
+    for c in choices if body.echo else []:
+        p = body.prompts()[c.index // body.n]
+        c.prefix = p if isinstance(p, str) else gen.tokenizer.decode(p)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     def build(i, text, finish=None, usage=None, logprobs=None):
@@ -289,19 +306,21 @@ async def chat_completions(body: P.ChatCompletionRequest, request: Request):
     host = state.host
     check_model(host, body.model)
     gen, sched = host.ready()
-    choices = prepare(body, [await chat_prompt(body, gen)], gen, sched, state)
+    hooks = await asyncio.to_thread(request_hooks, body, gen.tokenizer)  # compiles a constraint (cached)
+    choices = prepare(body, [await chat_prompt(body, gen)], gen, sched, state, hooks)
     for c in choices:
         c.lstrip = True  # the reply continues the template's "Assistant:"
+        c.tools = ToolCallParser() if body.tools and body.tool_mode() != "none" else None
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-    def build(i, text, finish=None, usage=None, role=None, logprobs=None):
+    def build(i, text, finish=None, usage=None, role=None, logprobs=None, tool_calls=None):
         cs = (
             []
             if i is None
             else [
                 P.ChatChunkChoice(
                     index=i,
-                    delta=P.DeltaMessage(role=role, content=None if finish else text),
+                    delta=P.DeltaMessage(role=role, content=None if finish or tool_calls else text, tool_calls=tool_calls),
                     logprobs=chat_logprobs(logprobs),
                     finish_reason=finish,
                 )
@@ -322,7 +341,9 @@ async def chat_completions(body: P.ChatCompletionRequest, request: Request):
         choices=[
             P.ChatChoice(
                 index=c.index,
-                message=P.AssistantMessage(content=c.text),
+                message=P.AssistantMessage(
+                    content=(c.text.strip() or None) if c.tool_calls else c.text, tool_calls=c.tool_calls or None
+                ),
                 logprobs=chat_logprobs(c.logprobs),
                 finish_reason=c.finish_reason,
             )

@@ -25,6 +25,8 @@ from barkgpt.server import protocol as P
 from barkgpt.server.errors import shutdown_error
 from barkgpt.server.metrics import ServerMetrics
 from barkgpt.server.scheduler import ShuttingDown
+from barkgpt.server.tool_protocol import ToolCall
+from barkgpt.server.tools import ToolCallParser, call_pieces
 
 log = logging.getLogger("barkgpt.server")
 
@@ -76,13 +78,17 @@ class Choice:
         self.decoder = TextDecoder(tokenizer, stop)
         self.lstrip = False  # strip whitespace before the first visible text
         self.text = ""
+        self.prefix = ""  # text the choice starts with before its tokens (completions' echo)
+        self.tools: ToolCallParser | None = None  # set: <tool_call>s are cut out of the text into tool_calls
+        self.tool_calls: list[ToolCall] = []
         self.logprobs: list[LogprobEntry] | None = [] if req.params.logprobs is not None else None
         self._token_text_bytes, self._taken = token_text_bytes, 0
 
     @property
     def finish_reason(self) -> str:
-        """``"stop"`` (EOS or a stop string) or ``"length"``."""
-        return self.decoder.finish_reason
+        """``"stop"`` (EOS or a stop string), ``"length"``, or ``"tool_calls"`` (it stopped after calls)."""
+        reason = self.decoder.finish_reason
+        return "tool_calls" if self.tool_calls and reason == "stop" else reason
 
     def take_logprobs(self) -> list[LogprobEntry] | None:
         """The logprob entries not taken yet (None when the request did not ask for logprobs)."""
@@ -91,10 +97,15 @@ class Choice:
         new, self._taken = self.logprobs[self._taken :], len(self.logprobs)
         return new
 
-    async def pieces(self) -> AsyncIterator[str]:
-        """Text pieces as tokens arrive; cancels the request when it stops early or is abandoned."""
+    async def pieces(self) -> AsyncIterator[str | list]:
+        """Text pieces as tokens arrive, and with :attr:`tools` each finished call as a list of
+        stream pieces (:func:`~barkgpt.server.tools.call_pieces`); cancels the request when it
+        stops early or is abandoned."""
         n_seen = 0
         try:
+            if self.prefix:
+                self.text += self.prefix
+                yield self.prefix
             async for first in self.req:
                 # Tokens that arrived together (the event loop was behind the worker) make one
                 # piece: one chunk and one write instead of one per token; the text is the same.
@@ -110,13 +121,14 @@ class Choice:
                     text += self.decoder.add(t)
                     if self.decoder.done:  # EOS or a stop string: the request may still be running
                         break
-                piece = self._visible(text)
-                if piece:
+                for piece in self._outputs(text):
                     yield piece
                 if self.decoder.done:
-                    return
-            piece = self._visible(self.decoder.flush())
-            if piece:
+                    break
+            else:
+                for piece in self._outputs(self.decoder.flush()):
+                    yield piece
+            for piece in self._outputs("", final=True):
                 yield piece
         finally:
             self.req.cancel()  # no-op when it already finished; frees the row otherwise
@@ -136,6 +148,22 @@ class Choice:
                 token, logprob, [(text, lp) for (text, _), (_, lp) in zip(tops, top)], offset, token_bytes, [b for _, b in tops]
             )
         )
+
+    def _outputs(self, text: str, final: bool = False) -> list:
+        """What ``text`` shows: its visible content, and (with :attr:`tools`) the calls it finished."""
+        if self.tools is None:
+            piece = "" if final else self._visible(text)
+            return [piece] if piece else []
+        out = []
+        for e in self.tools.finish() if final else self.tools.feed(text):
+            if isinstance(e, str):
+                piece = self._visible(e)
+                if piece:
+                    out.append(piece)
+            else:
+                out.extend([piece] for piece in call_pieces(len(self.tool_calls), e))  # a chunk per piece, as OpenAI
+                self.tool_calls.append(e)
+        return out
 
     def _visible(self, piece: str) -> str:
         if self.lstrip and not self.text:
@@ -217,7 +245,7 @@ async def stream_choices(choices: list[Choice], chunk, include_usage: bool, firs
     async def pump(c: Choice):
         try:
             async for piece in c.pieces():
-                await queue.put((c, piece, c.take_logprobs(), None))
+                await queue.put((c, piece, c.take_logprobs(), None))  # a str, or a call's pieces (a list)
             await queue.put((c, None, c.take_logprobs(), c.finish_reason))
         except Exception as e:  # noqa: BLE001 - reported in the stream
             await queue.put((c, None, None, e))
@@ -236,7 +264,7 @@ async def stream_choices(choices: list[Choice], chunk, include_usage: bool, firs
                 left -= 1
                 yield chunk(c.index, "", end, logprobs=logprobs)
             else:
-                yield chunk(c.index, piece, None, logprobs=logprobs)
+                yield piece_chunk(chunk, c.index, piece, logprobs)
         if include_usage:
             yield chunk(None, "", None, usage=count_usage(choices))
     finally:
@@ -246,13 +274,20 @@ async def stream_choices(choices: list[Choice], chunk, include_usage: bool, firs
             c.req.cancel()
 
 
+def piece_chunk(chunk, index: int, piece, logprobs):
+    """The chunk of one output of :meth:`Choice.pieces`: text, or a call's ``delta.tool_calls`` pieces."""
+    if isinstance(piece, list):
+        return chunk(index, "", None, logprobs=logprobs, tool_calls=piece)
+    return chunk(index, piece, None, logprobs=logprobs)
+
+
 async def _stream_one(c: Choice, chunk, include_usage: bool, first: str | None):
     """:func:`stream_choices` for a single choice, which needs no queue: the same chunks, in order."""
     try:
         if first is not None:
             yield chunk(c.index, "", None, role=first)
         async for piece in c.pieces():
-            yield chunk(c.index, piece, None, logprobs=c.take_logprobs())
+            yield piece_chunk(chunk, c.index, piece, c.take_logprobs())
         yield chunk(c.index, "", c.finish_reason, logprobs=c.take_logprobs())
         if include_usage:
             yield chunk(None, "", None, usage=count_usage([c]))
