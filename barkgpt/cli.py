@@ -1,5 +1,5 @@
-"""The ``barkgpt`` command: verbs ``prepare``, ``train``, ``finetune``, ``eval``, ``export``, ``import``,
-``sample``, ``chat``, ``serve``.
+"""The ``barkgpt`` command: verbs ``prepare``, ``train``, ``finetune``, ``dpo``, ``eval``, ``export``,
+``import``, ``sample``, ``chat``, ``serve``.
 
 Each verb imports its module inside its function, so ``barkgpt --help`` never imports torch.
 Every config field is a kebab-case flag derived from the dataclasses in ``config.py``. Errors
@@ -85,9 +85,17 @@ def cmd_train(args) -> None:
     from barkgpt.config import build_configs, config_to_dict, dump_yaml
 
     overrides = {**collect_overrides(args, GPTConfig), **collect_overrides(args, TrainConfig)}
+    if args.backend == "numpy" and (args.budget is not None or args.dry_run):
+        raise BarkError("--budget and --dry-run plan a torch run; drop them for --backend numpy (or give --max-iters)")
+    if args.backend != "numpy" and wants_plan(args, overrides):
+        cmd_train_planned(args, overrides)
+        return
     model_cfg, train_cfg = build_configs(args.preset, args.config, overrides)
     if args.print_config:
         print(dump_yaml(config_to_dict(model_cfg, train_cfg)), end="")
+        return
+    if args.backend == "numpy":
+        cmd_train_numpy(args, model_cfg, train_cfg)
         return
     load_builtin_datasets()
     if args.nproc != 1 and "WORLD_SIZE" not in os.environ:  # start torchrun, which runs this verb on each rank
@@ -106,11 +114,107 @@ def cmd_train(args) -> None:
         if code:
             raise BarkError(f"torchrun exited with status {code} (the ranks' errors are printed above)")
         return
-    from barkgpt.train import train
+    from barkgpt.preferences import PreferencePairs
+    from barkgpt.train import open_source, train
 
-    result = train(model_cfg, train_cfg, resume=args.resume)
+    source = open_source(train_cfg)
+    if isinstance(source, PreferencePairs):  # a generated preference dataset (bark-dpo): DPO
+        from barkgpt.dpo import train_preference_preset
+
+        result = train_preference_preset(train_cfg, source, resume=args.resume)
+    else:
+        result = train(model_cfg, train_cfg, resume=args.resume, source=source)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for all
         print_run_summary(result, train_cfg.out_dir)
+
+
+def wants_plan(args, overrides: dict) -> bool:
+    """Whether `train` plans the run (barkgpt.planner): ``--budget`` or ``--dry-run`` given, or
+    ``--data`` of text with no preset, config, model flag, ``--max-iters`` or ``--resume``.
+
+    Raises:
+        BarkError: ``--budget`` with ``--preset``/``--config``/``--resume``/``--nproc``.
+    """
+    if args.budget is not None or args.dry_run:
+        for flag, given in (("--preset", args.preset), ("--config", args.config), ("--resume", args.resume)):
+            if given:
+                raise BarkError(f"--budget plans the whole run, which {flag} fixes; drop {flag} or --budget/--dry-run")
+        if args.nproc != 1:
+            raise BarkError("--budget plans for one process; drop --nproc (or give the model flags and --max-iters yourself)")
+        return True
+    if args.preset or args.config or args.resume or args.nproc != 1 or "data" not in overrides or "max_iters" in overrides:
+        return False
+    if any(f.name in overrides for f in dataclasses.fields(GPTConfig)):
+        return False
+    load_builtin_datasets()
+    from barkgpt.data import builtin_dataset
+
+    return builtin_dataset(overrides["data"]) is None
+
+
+def cmd_train_planned(args, overrides: dict) -> None:
+    """`barkgpt train --data X [--budget 10m] [--dry-run]`: plan the run (barkgpt.planner), print
+    the pre-flight table, then train within the budget (or stop, with --dry-run)."""
+    import time
+
+    from barkgpt.planner import DEFAULT_BUDGET_S, format_duration, parse_budget, plan_run, process_start_time
+
+    started = process_start_time()
+    if time.time() - started > 5:  # main() called in a long-lived process (a notebook, a test): the clock starts now
+        started = time.time()
+    budget = parse_budget(args.budget) if args.budget is not None else DEFAULT_BUDGET_S
+    why = "" if args.budget is not None else " (the default; set it with --budget 2m, 1h...)"
+    data = overrides.get("data")
+    line = f"planning a {format_duration(budget)} run{why} on {data}: preparing the data, measuring this machine"
+    print(line, file=sys.stderr if args.print_config else sys.stdout, flush=True)  # --print-config: stdout is the YAML
+    plan = plan_run(budget, overrides, started)
+    if args.print_config:  # the planned run's config, as config.yaml will hold it
+        from barkgpt.config import config_to_dict, dump_yaml
+
+        print(dump_yaml(config_to_dict(plan.model, plan.launch_config())), end="")
+        return
+    print(plan.table(), flush=True)
+    if args.dry_run:
+        print(f"dry run: planned in {time.time() - started:.1f}s; drop --dry-run to train")
+        return
+    from barkgpt.train import train
+
+    cfg = plan.launch_config()
+    result = train(plan.model, cfg)
+    wall = time.time() - started
+    print_run_summary(result, cfg.out_dir)
+    print(f"wall clock {wall:.1f}s from process start, budget {budget:.0f}s ({wall / budget:.0%})")
+
+
+def use_numpy_backend() -> None:
+    """Before NumPy loads for ``--backend numpy``: one BLAS thread unless ``OPENBLAS_NUM_THREADS``
+    or ``OMP_NUM_THREADS`` says otherwise. At this backend's small matrices OpenBLAS's threads
+    spin more than they compute: a bark-shape step took 57 ms on one thread and 585 ms on two
+    on the 2-core machine (bench/bench_numpy.py)."""
+    if not (os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")):
+        os.environ["OPENBLAS_NUM_THREADS"] = "1"
+
+
+def cmd_train_numpy(args, model_cfg, train_cfg) -> None:
+    """`barkgpt train --backend numpy`: the NumPy trainer (barkgpt.numpy.train), which never imports torch."""
+    if args.nproc != 1:
+        raise BarkError("--backend numpy trains in one process; drop --nproc or use --backend torch")
+    use_numpy_backend()
+    load_builtin_datasets()
+    from barkgpt.numpy.train import train
+
+    result = train(model_cfg, train_cfg, resume=args.resume)
+    print_run_summary(result, train_cfg.out_dir)
+
+
+def backend_generator(args, **kw):
+    """The text generator of ``--model`` for ``--backend`` (torch: barkgpt.generate, numpy: barkgpt.numpy.generate)."""
+    if getattr(args, "backend", "torch") == "numpy":
+        use_numpy_backend()
+        from barkgpt.numpy.generate import load_generator
+    else:
+        from barkgpt.generate import load_generator
+    return load_generator(args.model, device=args.device, **kw)
 
 
 def print_run_summary(result: dict, out_dir: str) -> None:
@@ -139,24 +243,75 @@ def cmd_finetune(args) -> None:
     print_run_summary(result, cfg.out_dir)
 
 
+def cmd_dpo(args) -> None:
+    """`barkgpt dpo`: preference-tune a checkpoint on chosen/rejected pairs (see barkgpt.dpo)."""
+    from barkgpt.config import read_config_file
+    from barkgpt.dpo import DPO_DEFAULTS, dpo
+
+    values = {
+        **DPO_DEFAULTS,
+        **(read_config_file(args.config)["train"] if args.config else {}),
+        **collect_overrides(args, TrainConfig),
+    }
+    cfg = TrainConfig(**values)
+    result = dpo(args.model, args.data, cfg, beta=args.beta, val_fraction=args.val_fraction, resume=args.resume)
+    print_run_summary(result, cfg.out_dir)
+
+
+def eval_bark_agent(args) -> None:
+    """`barkgpt eval --bark-agent`: tool calls on held-out requests (see bark.bark_agent_eval)."""
+    import json
+
+    from barkgpt.bark import bark_agent_eval
+    from barkgpt.generate import load_generator
+
+    r = bark_agent_eval(load_generator(args.model, device=args.device), n=args.samples, seed=args.seed)
+    if args.json:
+        print(json.dumps(r))
+        return
+    print(
+        f"right tool and arguments in {r['right']}/{r['samples']} held-out requests ({r['right_share']:.0%}); "
+        f"valid calls {r['valid_share']:.0%}; answers from the result {r['answered_share']:.0%}; "
+        f"no call for small talk {r['talked']}/{r['talk_samples']}"
+    )
+    for f in r["failures"][:5]:
+        print(f"  fails: User: {f['request']} -> {f['reply']!r} (expected {json.dumps(f['expected'])})")
+
+
 def cmd_eval(args) -> None:
     """`barkgpt eval`: loss, perplexity and bits per byte on a text, or --bark rule-following."""
     import json
 
     if args.bark:
-        from barkgpt.bark import bark_eval
-        from barkgpt.generate import load_generator
+        gen = backend_generator(args)  # first: --backend numpy sets its BLAS threads before numpy loads
+        from barkgpt.bark import bark_eval, long_growl_share
 
-        r = bark_eval(load_generator(args.model, device=args.device), n=args.samples, seed=args.seed)
+        r = bark_eval(gen, n=args.samples, seed=args.seed)
+        r["long_growl"] = long_growl_share(gen, n=args.samples, seed=args.seed)  # the behaviour bark-dpo prefers
         if args.json:
             print(json.dumps(r))
             return
         print(f"bark rule followed by {r['passed']}/{r['samples']} sampled replies ({r['share']:.0%})")
+        others = [v for c, v in r["by_command"].items() if c != "growl"]
+        g = r["long_growl"]
+        print(
+            f"  commands other than growl: {sum(p for p, _ in others)}/{sum(n for _, n in others)} on rule; growl answered "
+            f"with the long growl (bark-dpo's preference) in {g['long_growl']}/{g['samples']} replies ({g['share']:.0%})"
+        )
         for f in r["failures"][:5]:
             print(f"  fails: User: {f['command']} -> {f['reply']!r} ({f['finish_reason']})")
         return
+    if args.bark_agent:
+        eval_bark_agent(args)
+        return
     if not args.data:
-        raise BarkError("barkgpt eval needs --data FILE (a text to score) or --bark (the Bark chat rule check)")
+        raise BarkError(
+            "barkgpt eval needs --data FILE (a text to score), --bark (the Bark chat rule check) or --bark-agent (tool calls)"
+        )
+    if args.backend == "numpy":
+        raise BarkError(
+            "eval --data scores with the torch backend (it reads any checkpoint, numpy-trained ones too); drop --backend numpy"
+        )
     from barkgpt.evaluate import evaluate_text
 
     r = evaluate_text(
@@ -210,16 +365,37 @@ def sampling_kwargs(args) -> dict:
     return kw
 
 
+def sample_constraint(args):
+    """The --json-schema/--choice/--regex/--grammar constraint of `barkgpt sample`, or None.
+
+    Raises:
+        BarkError: an unreadable file, or a constraint out of bounds.
+    """
+    if not (args.json_schema or args.choice or args.regex or args.grammar):
+        return None
+    from barkgpt.structured import Constraint
+
+    path = args.json_schema or args.grammar
+    try:
+        text = open(path, encoding="utf-8").read() if path else None
+    except OSError as e:
+        raise BarkError(f"cannot read {path} ({e.strerror}); check the path") from None
+    if args.json_schema:
+        return Constraint.json_schema(text)
+    if args.grammar:
+        return Constraint.grammar(text)
+    return Constraint.choice(args.choice) if args.choice else Constraint.regex(args.regex)
+
+
 def cmd_sample(args) -> None:
     """`barkgpt sample`: stream one sample, or print --num-samples of them."""
-    from barkgpt.generate import load_generator
-
     kw = sampling_kwargs(args)
-    gen = load_generator(args.model, device=args.device, compile=args.compile)
+    gen = backend_generator(args, compile=args.compile)
     prompt = args.prompt
     if args.prompt_file:
         prompt = open(args.prompt_file, encoding="utf-8").read()
     n = kw.get("num_samples", 1)
+    kw["constraint"] = sample_constraint(args)
     if n == 1 and not args.one_line:
         sys.stdout.write(prompt)
         for piece in gen.stream(prompt, truncate=args.truncate, **kw):
@@ -236,43 +412,10 @@ def cmd_sample(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    """`barkgpt chat`: a REPL over the chat template; oldest turns are dropped to fit block_size."""
-    from barkgpt.generate import load_generator
+    """`barkgpt chat`: the REPL of barkgpt.chat (slash commands, history, --url for a served model)."""
+    from barkgpt.chat import chat
 
-    kw = sampling_kwargs(args)
-    gen = load_generator(args.model, device=args.device, compile=args.compile)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print(f"chatting with {args.model} (block_size {gen.block_size}); empty line or Ctrl-D to quit, /reset to start over")
-    while True:
-        try:
-            line = input("you> " if interactive else "")
-        except (EOFError, KeyboardInterrupt):
-            break
-        if not line.strip():
-            if interactive:
-                break
-            continue
-        if line.strip() == "/reset":
-            messages = messages[:1] if args.system else []
-            continue
-        messages.append({"role": "user", "content": line})
-        prompt = gen.chat_prompt(messages)
-        ids = gen.tokenizer.encode(prompt)
-        while len(ids) > gen.block_size - 8 and len(messages) > 1:  # forget the oldest turns
-            messages.pop(1 if args.system else 0)
-            ids = gen.tokenizer.encode(gen.chat_prompt(messages))
-        sys.stdout.write("bot> " if interactive else "")
-        reply = []
-        for piece in gen.stream(gen.chat_prompt(messages), truncate=True, **kw):
-            if not reply:
-                piece = piece.lstrip()  # the reply continues the template's "Assistant:"
-            reply.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": "".join(reply).strip()})
+    chat(args, sampling_kwargs(args))
 
 
 def cmd_serve(args) -> None:
@@ -353,13 +496,19 @@ def _is_loopback(host: str) -> bool:
 def add_prepare_verb(sub) -> None:
     """``barkgpt prepare``: its flags, on the subparsers action ``sub``."""
     sp = sub.add_parser("prepare", help="tokenize a text corpus into train.bin/val.bin + tokenizer")
-    sp.add_argument("--input", required=True, help="a .txt file, a folder of .txt files, or a .jsonl file")
+    sp.add_argument(
+        "--input",
+        required=True,
+        help="a text file, a folder of .txt/.md files, a .jsonl or .parquet file, a datasets folder (save_to_disk); .gz/.zst too",
+    )
     sp.add_argument("--out", required=True, help="output folder")
     sp.add_argument("--tokenizer", default="bpe", choices=["bpe", "char", "word"], help="tokenizer kind to train (default bpe)")
     sp.add_argument("--vocab-size", type=int, default=None, help="vocabulary size (bpe default 2048)")
     sp.add_argument("--val-fraction", type=float, default=0.1, help="tail fraction of the input for validation (default 0.1)")
     sp.add_argument("--tokenizer-from", default=None, help="reuse the tokenizer in this folder instead of training one")
-    sp.add_argument("--text-field", default="text", help="JSON field holding the text in .jsonl input (default text)")
+    sp.add_argument(
+        "--text-field", default="text", help="the JSON field or table column holding the text (.jsonl, .parquet; default text)"
+    )
     sp.add_argument("--errors", default="strict", choices=["strict", "replace"], help="what to do with bytes that are not UTF-8")
     sp.set_defaults(func=cmd_prepare)
 
@@ -372,6 +521,16 @@ def add_train_verb(sub) -> None:
     sp.add_argument("--resume", action="store_true", help="continue from out_dir/last")
     sp.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     sp.add_argument("--nproc", type=int, default=1, help="train on N processes with DDP: starts torchrun for you (default 1)")
+    sp.add_argument(
+        "--backend", default="torch", choices=["torch", "numpy"], help="torch, or numpy: the NumPy-only trainer (barkgpt/numpy)"
+    )
+    sp.add_argument(
+        "--budget",
+        default=None,
+        help="plan the run to end within this wall clock (90s, 10m, 2h): tokenizer, model, batch, lr, steps "
+        "(default with --data alone and no preset or model flags: 10m); flags you give override the plan",
+    )
+    sp.add_argument("--dry-run", action="store_true", help="print the plan's pre-flight table and exit")
     add_dataclass_args(sp, GPTConfig)
     add_dataclass_args(sp, TrainConfig)
     sp.set_defaults(func=cmd_train)
@@ -394,6 +553,25 @@ def add_finetune_verb(sub) -> None:
     sp.add_argument("--resume", action="store_true", help="continue from out_dir/last")
     add_dataclass_args(sp, TrainConfig, skip=("data", "init_from", "tokenizer", "tokenizer_vocab_size"))
     sp.set_defaults(func=cmd_finetune)
+
+
+def add_dpo_verb(sub) -> None:
+    """``barkgpt dpo``: its own flags plus one per TrainConfig field it does not fix itself."""
+    sp = sub.add_parser("dpo", help="preference-tune a model (DPO) on chosen/rejected pairs or OASST trees (JSONL)")
+    sp.add_argument("--model", required=True, help="the run or checkpoint folder to start from (and the frozen reference)")
+    sp.add_argument(
+        "--data", required=True, help="a .jsonl of prompt/chosen/rejected rows (TRL's format) or OpenAssistant message trees"
+    )
+    sp.add_argument(
+        "--beta", type=float, default=0.1, help="DPO's beta: how far the policy may move from the reference (default 0.1)"
+    )
+    sp.add_argument(
+        "--val-fraction", type=float, default=0.1, help="share of pair groups (trees) held out for validation (default 0.1)"
+    )
+    sp.add_argument("--config", default=None, help="a run config YAML whose train section applies (e.g. runs/x/config.yaml)")
+    sp.add_argument("--resume", action="store_true", help="continue from out_dir/last")
+    add_dataclass_args(sp, TrainConfig, skip=("data", "init_from", "tokenizer", "tokenizer_vocab_size"))
+    sp.set_defaults(func=cmd_dpo)
 
 
 def add_eval_verb(sub) -> None:
@@ -419,10 +597,16 @@ def add_eval_verb(sub) -> None:
     )
     sp.add_argument("--batch-size", type=int, default=16, help="windows of block_size tokens per forward pass (default 16)")
     sp.add_argument("--bark", action="store_true", help="instead: the share of sampled replies that follow the Bark chat rule")
-    sp.add_argument("--samples", type=int, default=100, help="--bark: commands to sample (default 100)")
-    sp.add_argument("--seed", type=int, default=0, help="--bark: seed of the commands and the sampling (default 0)")
+    sp.add_argument(
+        "--bark-agent",
+        action="store_true",
+        help="instead: the share of held-out requests a bark-agent model answers with the right tool call (greedy)",
+    )
+    sp.add_argument("--samples", type=int, default=100, help="--bark/--bark-agent: requests to sample (default 100)")
+    sp.add_argument("--seed", type=int, default=0, help="--bark/--bark-agent: seed of the requests and the sampling (default 0)")
     sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     sp.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
+    sp.add_argument("--backend", default="torch", choices=["torch", "numpy"], help="--bark: sample with torch or numpy")
     sp.set_defaults(func=cmd_eval)
 
 
@@ -453,13 +637,19 @@ def add_generation_verbs(sub) -> None:
         ("chat", "talk to a model with its chat template", cmd_chat),
     ):
         sp = sub.add_parser(name, help=helptext)
-        sp.add_argument("--model", required=True, help="a run folder (runs/x) or checkpoint folder")
+        sp.add_argument(
+            "--model",
+            required=name == "sample",
+            help="a run folder (runs/x) or checkpoint folder"
+            + ("" if name == "sample" else "; with --url, a served model's name"),
+        )
         sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
         sp.add_argument(
             "--compile",
             action="store_true",
             help="torch.compile the decode step: ~3x tokens/s on CPU after a one-time 5-20 s compile",
         )
+        sp.add_argument("--backend", default="torch", choices=["torch", "numpy"], help="torch, or numpy: decode with barkgpt/numpy")
         if name == "sample":
             sp.add_argument("--prompt", default="", help="text to continue ('' starts a new document)")
             sp.add_argument("--prompt-file", default=None, help="read the prompt from this file")
@@ -469,8 +659,16 @@ def add_generation_verbs(sub) -> None:
                 action="store_true",
                 help="with --num-samples: print each sample on one line, ending in <EOS> when the model stopped",
             )
+            c = sp.add_mutually_exclusive_group()  # one constraint on the text (barkgpt/structured.py)
+            c.add_argument("--json-schema", default=None, metavar="FILE", help="the sample is JSON valid under this schema file")
+            c.add_argument("--choice", action="append", default=None, help="the sample is exactly one of these (repeatable)")
+            c.add_argument("--regex", default=None, help="the sample matches this regex whole (Rust regex syntax)")
+            c.add_argument("--grammar", default=None, metavar="FILE", help="the sample is in this Lark grammar's language")
         else:
             sp.add_argument("--system", default="", help="a system message")
+            sp.add_argument(
+                "--url", default=None, help="chat with a served model instead: its OpenAI API, e.g. http://127.0.0.1:8000/v1"
+            )
         add_dataclass_args(sp, SamplingParams, skip=("logprobs",))
         sp.set_defaults(func=func)
 
@@ -501,6 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_prepare_verb,
         add_train_verb,
         add_finetune_verb,
+        add_dpo_verb,
         add_eval_verb,
         add_export_import_verbs,
         add_generation_verbs,

@@ -77,8 +77,10 @@ from barkgpt.distributed import all_reduce_mean, full_model_state, setup, teardo
 from barkgpt.engine import Engine
 from barkgpt.model import GPT
 from barkgpt.optim import build_optimizers
+from barkgpt.planner import REFIT_STEPS, StepClock
 from barkgpt.runlog import METRICS_NAME, SAMPLES_NAME, append_row, plot_run, read_rows, rewrite_rows
 from barkgpt.tokenizer import Tokenizer
+from barkgpt.trackers import Trackers
 
 # Fine-tuning starts from a trained model on a small chat set: fewer, gentler steps than
 # TrainConfig's pretraining defaults (flags and --config still override each one).
@@ -131,7 +133,7 @@ def resolve_data(cfg: TrainConfig) -> Path:
             f"that registers it first)"
         )
     if not (target / "meta.json").is_file():
-        prepare_dataset(src, target, tokenizer=cfg.tokenizer, vocab_size=cfg.tokenizer_vocab_size)
+        prepare_dataset(src, target, tokenizer=cfg.tokenizer, vocab_size=cfg.tokenizer_vocab_size, text_field=cfg.text_field)
     return target
 
 
@@ -350,7 +352,9 @@ def signal_hook_from_env() -> Callable[[str, int], None] | None:
     return hook
 
 
-def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: bool = False, source=None) -> dict:
+def train(
+    model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: bool = False, source=None, trainer_class=None
+) -> dict:
     """Train a model and write checkpoints, metrics and plots to ``cfg.out_dir``.
 
     A run started from a checkpoint (``cfg.init_from``) is evaluated once before its first step,
@@ -365,6 +369,8 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: b
         source: the batch source (``TokenWindows``, ``ChatRows``, or anything with their
             ``tokenizer``, ``meta``, ``check``, ``batch``, ``eval_batches`` and ``describe``);
             None opens ``cfg.data`` with :func:`open_source`.
+        trainer_class: :class:`Trainer` (None) or a subclass with another objective
+            (``dpo.DPOTrainer``), built with the same arguments.
 
     Returns:
         Summary dict: ``step``, ``train_loss``, ``val_loss``, ``best_val_loss``, ``tokens_per_s``
@@ -384,7 +390,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: b
     """
     ctx = setup(resolve_device(cfg.device), cfg.fsdp)
     try:
-        result = Trainer(model_cfg, cfg, ctx, resume, quiet or not ctx.is_main, source).run()
+        result = (trainer_class or Trainer)(model_cfg, cfg, ctx, resume, quiet or not ctx.is_main, source).run()
     except BaseException:
         teardown(ctx, wait=False)
         raise
@@ -456,6 +462,7 @@ class Trainer:
 
     def __init__(self, model_cfg: GPTConfig, cfg: TrainConfig, ctx, resume: bool, quiet: bool, source):
         self.cfg, self.ctx, self.quiet = cfg, ctx, quiet
+        self.clock = StepClock(cfg.max_time)  # the deadline counts from here: data, model and compile included
         self.out_dir, self.device = Path(cfg.out_dir), ctx.device
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.source = source if source is not None else open_source(cfg)
@@ -475,6 +482,7 @@ class Trainer:
         self.metrics_path, self.samples_path = self.out_dir / METRICS_NAME, self.out_dir / SAMPLES_NAME
         if ctx.is_main:
             self.prepare_out_dir()
+        self.trackers = Trackers(cfg.log_to if ctx.is_main else [], self.out_dir, config_to_dict(self.model_cfg, cfg))
         self.setup_runtime()
         self.info = {
             "data": {
@@ -589,8 +597,10 @@ class Trainer:
                 if (cfg.init_from != "scratch" and not self.resumed) or st.eval_pending:  # the starting point, or a redo
                     self.evaluate()
                     self.t_log = time.perf_counter()
-                while st.step < cfg.max_iters:
+                while st.step < self.cfg.max_iters and not self.time_up():  # self.cfg: refit_to_time may change it
                     self.train_step()
+                if st.step < self.cfg.max_iters and not self.last_is_current:  # stopped by max_time: evaluate and save now
+                    self.evaluate()
             except KeyboardInterrupt:
                 self.sigint.hold = True  # the save below finishes even if Ctrl-C comes again
                 interrupted = True
@@ -600,6 +610,7 @@ class Trainer:
                 if self.bar is not None:
                     self.bar.close()
                 torch.set_flush_denormal(False)  # process-wide state: back to the default for the caller
+                self.trackers.close()
         return self.summary(interrupted)
 
     def eval_due(self) -> bool:
@@ -636,11 +647,18 @@ class Trainer:
             )
         with self.sigint.critical():  # the update: all of it, or (before it) none of it
             self.update(lr, t_step)
+        self.clock.step_done(time.perf_counter() - t_step)
         if self.bar is not None:
             self.bar.update(1)
+        if cfg.fit_to_time and st.step - self.step0 == REFIT_STEPS:
+            self.refit_to_time()
         if self.eval_due():
             st.elapsed_s = self.elapsed0 + time.perf_counter() - self.t_start
+            t_eval = time.perf_counter()
             losses = self.evaluate()
+            self.clock.eval_done(time.perf_counter() - t_eval)
+            if cfg.fit_to_time and st.step < self.cfg.max_iters:  # the evaluation is measured now, and the machine's speed
+                self.refit_to_time()
             if self.bar is not None:
                 self.bar.write(
                     f"step {st.step}: train {losses['train']:.4f}, val {losses['val']:.4f} "
@@ -675,9 +693,14 @@ class Trainer:
                 self.raw_model.set_requires_gradient_sync(last)
             with self.wrapped.no_sync() if ctx.enabled and not ctx.fsdp and not last else contextlib.nullcontext():
                 with self.autocast:
-                    loss = model_loss(model, batch)
+                    loss = self.batch_loss(model, batch)
                 self.scaler.scale(loss / len(batches)).backward()
         return loss
+
+    def batch_loss(self, model, batch: tuple) -> torch.Tensor:
+        """The training objective of one micro-batch (a scalar tensor): :func:`model_loss`, the
+        next-token cross-entropy. A subclass with another objective (``dpo.DPOTrainer``) overrides it."""
+        return model_loss(model, batch)
 
     def update(self, lr: float, t_step: float) -> None:
         """The update, which SIGINT does not cut in half: clip, step every optimizer, zero the
@@ -710,6 +733,7 @@ class Trainer:
         tps = self.tok_log / max(now - self.t_log, 1e-9)
         st.elapsed_s = self.elapsed0 + now - self.t_start
         share = expert_share(self.raw_model)
+        eta = self.eta()
         self.log(
             {
                 "step": st.step,
@@ -717,13 +741,57 @@ class Trainer:
                 "lr": lr,
                 "tokens_per_s": round(tps, 1),
                 "elapsed_s": round(st.elapsed_s, 3),
+                **({"eta_s": round(eta, 1)} if eta is not None else {}),
                 **({"mfu": round(self.mfu(tps), 4)} if self.peak else {}),
                 **({"expert_share": share} if share else {}),
             }
         )
         self.t_log, self.tok_log = now, 0
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+            ends = {"ends": time.strftime("%H:%M:%S", time.localtime(time.time() + eta))} if eta is not None else {}
+            self.bar.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", **ends)
+
+    def refit_to_time(self) -> None:
+        """Re-fit the run to ``cfg.max_time`` from the measured step and evaluation times
+        (``fit_to_time``; done after ``REFIT_STEPS`` steps and after each evaluation): set
+        ``max_iters`` (and the cosine's ``lr_decay_iters``) to the steps that fit, keeping the
+        number of evaluations, and write the new ``config.yaml``. The compile, the machine's load
+        and the plan's estimates all show in the measured times, so the schedule ends on time."""
+        cfg, st, clock = self.cfg, self.state, self.clock
+        n_evals = math.ceil(cfg.max_iters / cfg.eval_interval)
+        evals_left = n_evals - st.step // cfg.eval_interval
+        left = cfg.max_time - clock.elapsed() - evals_left * clock.eval_guess() - 0.5
+        new = max(st.step + 1, st.step + int(left / max(clock.step_s or clock.first_s, 1e-6)))
+        new = round(all_reduce_mean(float(new), self.ctx))  # one schedule for every rank
+        if new == cfg.max_iters:
+            return
+        self.cfg = cfg = dataclasses.replace(
+            cfg,
+            max_iters=new,
+            lr_decay_iters=new,
+            eval_interval=max(1, math.ceil(new / n_evals)),
+            warmup_iters=min(cfg.warmup_iters, new - 1),
+        )
+        if self.ctx.is_main:
+            atomic_write_text(self.out_dir / "config.yaml", dump_yaml(config_to_dict(self.model_cfg, cfg)))
+        if self.bar is not None:
+            self.bar.total = new
+            ms = (clock.step_s or 0.0) * 1e3
+            self.bar.write(f"re-fitted to max_time: {new:,} steps at {ms:.1f} ms/step, eval every {cfg.eval_interval}")
+
+    def time_up(self) -> bool:
+        """Whether ``cfg.max_time`` leaves no room for another step and the final evaluation
+        (:meth:`StepClock.out_of_time`); every rank stops when one does."""
+        if self.cfg.max_time is None:
+            return False
+        return all_reduce_mean(float(self.clock.out_of_time()), self.ctx) > 0
+
+    def eta(self) -> float | None:
+        """Forecast seconds to the run's end from the measured step and evaluation times
+        (:class:`~barkgpt.planner.StepClock`), the evaluations still due included."""
+        step, cfg = self.state.step, self.cfg
+        evals_left = (cfg.max_iters // cfg.eval_interval - step // cfg.eval_interval) + (cfg.max_iters % cfg.eval_interval > 0)
+        return self.clock.eta(cfg.max_iters - step, evals_left)
 
     def mfu(self, tokens_per_s: float) -> float | None:
         """Model FLOPs utilization of all ranks together; None off known GPUs."""
@@ -740,21 +808,9 @@ class Trainer:
         """
         st = self.state
         st.eval_pending = True  # until last/ holds this evaluation's outcome
-        # eager model: a compiled one would recompile for eval mode and no_grad, for ~20 forwards
-        losses = estimate_loss(
-            self.raw_model, self.source, self.cfg, self.block_size, self.device, self.autocast, self.token_bytes
-        )
+        losses = self.estimate()
         self.hook("eval", st.step)
-        self.log(
-            {
-                "step": st.step,
-                "val_loss": round(losses["val"], 5),
-                "val_perplexity": round(math.exp(min(losses["val"], 50)), 4),
-                "val_bpb": round(losses["val_bpb"], 5),
-                "eval_train_loss": round(losses["train"], 5),
-                "elapsed_s": round(st.elapsed_s, 3),
-            }
-        )
+        self.log(self.eval_row(losses))
         self.write_sample()
         if losses["val"] < st.best_val_loss:
             self.save("best", losses)  # before last/ records it as the best
@@ -768,6 +824,23 @@ class Trainer:
             plot_run(self.out_dir)
         self.losses = losses
         return losses
+
+    def estimate(self) -> dict:
+        """The evaluation's numbers: :func:`estimate_loss` (a subclass with another objective
+        overrides it and :meth:`eval_row`); ``"val"`` decides ``best/``."""
+        # eager model: a compiled one would recompile for eval mode and no_grad, for ~20 forwards
+        return estimate_loss(self.raw_model, self.source, self.cfg, self.block_size, self.device, self.autocast, self.token_bytes)
+
+    def eval_row(self, losses: dict) -> dict:
+        """The ``metrics.jsonl`` row of an evaluation's ``losses`` (:meth:`estimate`)."""
+        return {
+            "step": self.state.step,
+            "val_loss": round(losses["val"], 5),
+            "val_perplexity": round(math.exp(min(losses["val"], 50)), 4),
+            "val_bpb": round(losses["val_bpb"], 5),
+            "eval_train_loss": round(losses["train"], 5),
+            "elapsed_s": round(self.state.elapsed_s, 3),
+        }
 
     def write_sample(self) -> None:
         """Sample one document (or reply to ``cfg.sample_prompt``), at most 64 tokens, seeded by
@@ -813,9 +886,10 @@ class Trainer:
         return [get_optimizer_state_dict(self.model, o, options=opts) for o in self.optimizers]
 
     def log(self, row: dict) -> None:
-        """Append ``row`` to ``metrics.jsonl`` (rank 0 only)."""
+        """Append ``row`` to ``metrics.jsonl`` and the ``--log-to`` trackers (rank 0 only)."""
         if self.ctx.is_main:
             append_row(self.metrics_path, row)
+            self.trackers.log(row)
 
     def save_interrupted(self) -> None:
         """After a SIGINT: save ``last/`` unless it already holds this state, and say how to go on."""
@@ -928,11 +1002,11 @@ def finetune(
     base = GPTConfig(**read_checkpoint_config(ckpt)["model"])
     tokenizer, added = Tokenizer.load(ckpt).with_chat_tokens()
     train_c, val_c = split_conversations(load_conversations(data, group_field), val_fraction, cfg.seed)
-    splits = {"train": [c["messages"] for c in train_c], "val": [c["messages"] for c in val_c]}
+    splits = {"train": train_c, "val": val_c}  # rows keep their "tools" for the template
     meta = {"source": str(Path(data).resolve()), "source_sha256": file_sha256(data), "base_model": str(ckpt.resolve())}
     source = ChatRows(tokenizer, splits, meta)
     changes = {"init_from": str(ckpt), "data": str(data)}
-    first_user = next((m for m in splits["val"][0] if m["role"] == "user"), None)
+    first_user = next((m for m in val_c[0]["messages"] if m["role"] == "user"), None)
     if not cfg.sample_prompt and first_user is not None:  # samples.jsonl then shows a reply to a held-out prompt
         changes["sample_prompt"] = tokenizer.apply_chat_template([first_user])
     cfg = dataclasses.replace(cfg, **changes)

@@ -226,10 +226,15 @@ def test_eval_refuses_a_prepared_folder_of_another_tokenizer(char_run, tmp_path,
 @pytest.mark.parametrize(
     "args, message",
     [
-        ([], "error: barkgpt eval needs --data FILE (a text to score) or --bark (the Bark chat rule check)"),
+        (
+            [],
+            "error: barkgpt eval needs --data FILE (a text to score), --bark (the Bark chat rule check) "
+            "or --bark-agent (tool calls)",
+        ),
         (
             ["--data", "missing.txt"],
-            "error: input missing.txt does not exist; pass a .txt file, a folder of .txt files or a .jsonl file",
+            "error: input missing.txt does not exist; pass a .txt/.md/.jsonl/.parquet file (or .gz/.zst), "
+            "a folder of .txt/.md files, or a datasets folder (save_to_disk)",
         ),
     ],
 )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "barkgpt"
 
-SERVER = {"server", "engine", "checkpoint", "model", "tokenizer", "config", "common", "generate", "runlog"}
+SERVER = {"server", "engine", "checkpoint", "model", "tokenizer", "config", "common", "generate", "runlog", "structured"}
 # No module but the CLI imports bark: it is an edge that fills data's dataset hook on import.
 ALLOWED = {
     "__init__": {"generate"},
@@ -19,14 +19,30 @@ ALLOWED = {
     "tokenizer": {"common"},
     "cpu_attention": set(),
     "model": {"config", "cpu_attention"},
-    "data": {"tokenizer", "config", "common"},
+    "data": {"tokenizer", "config", "common", "readers"},
+    # The input formats (issue 17): text/jsonl byte streams (gzip, zstd), parquet and datasets tables.
+    "readers": {"common"},
+    # The run planner (issue 17): measures shapes with model/optim, prepares data; its StepClock
+    # is the trainer's forecast and deadline, so train imports it (not the other way).
+    "planner": {"common", "config", "data", "readers", "model", "optim", "cpu_attention"},
+    # Experiment trackers beside metrics.jsonl (issue 17): TensorBoard, W&B offline.
+    "trackers": {"common"},
     "engine": {"model", "common", "config"},  # config: SamplingParams, the one form of sampling settings (issue 14)
     "checkpoint": {"model", "tokenizer", "config", "common"},
-    "generate": {"engine", "checkpoint", "model", "tokenizer", "config", "common"},
+    "generate": {"engine", "checkpoint", "model", "tokenizer", "config", "common", "structured"},
+    # Constrained decoding (issue 15): grammars over a tokenizer, applied as engine row hooks; beside engine.
+    "structured": {"tokenizer", "common"},
     "conversations": {"tokenizer", "common"},
     # The Bark toy (STYLE.md section 3): an edge over the core it needs, imported only by the CLI;
     # it registers its corpora with data.register_dataset instead of the core naming them.
-    "bark": {"tokenizer", "data", "conversations", "common"},
+    "bark": {"tokenizer", "data", "conversations", "common", "preferences"},
+    # Preference pairs for DPO (issue 19): reading, OASST trees, packing; numpy only, beside conversations.
+    "preferences": {"tokenizer", "conversations", "common"},
+    # DPO (issue 19): a train.Trainer subclass with another objective, so it reuses the loop's
+    # checkpoints and exact resume; like train, only the CLI imports it.
+    "dpo": {"train", "preferences", "checkpoint", "config", "common", "conversations", "tokenizer"},
+    # The chat REPL (issue 19): the CLI's `chat` verb over a local generator or an OpenAI client.
+    "chat": {"generate", "config", "common", "numpy"},
     "train": {
         "model",
         "data",
@@ -40,6 +56,8 @@ ALLOWED = {
         "distributed",
         "cpu_attention",
         "runlog",
+        "planner",
+        "trackers",
     },
     "evaluate": {"checkpoint", "common", "conversations", "data", "generate", "model", "tokenizer"},
     "optim": {"model", "config", "common"},
@@ -67,10 +85,18 @@ ALLOWED = {
             "web",
             "runfiles",
             "run_limits",
+            "tools",
+            "tool_protocol",
         )
     },
     # runs: data for the dataset hook's names (a run's data that is a generated corpus, not a path).
     "server.runs": SERVER | {"data"},
+    # The NumPy backend (issue 16): the same GPT with hand-written backward passes; never torch.
+    # It shares config, tokenizer, data, checkpoint names and runlog, and TextGenerator's text layer.
+    **{
+        f"numpy.{m}": {"common", "config", "tokenizer", "data", "conversations", "checkpoint", "runlog", "generate", "numpy"}
+        for m in ("__init__", "layers", "model", "optim", "train", "generate")
+    },
     "export.__init__": set(),
     "export.hf": {"checkpoint", "model", "tokenizer", "config", "common", "generate"},
     "export.gguf": {"export", "checkpoint", "model", "tokenizer", "config", "common", "generate"},
@@ -92,7 +118,7 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def test_every_module_imports_only_what_the_table_allows():
-    for path in [*PKG.glob("*.py"), *PKG.glob("server/*.py"), *PKG.glob("export/*.py")]:
+    for path in sorted(PKG.rglob("*.py")):
         name = ".".join(path.relative_to(PKG).with_suffix("").parts)
         assert name in ALLOWED, f"{name}.py is not in the import table; add it to STYLE's table and this test"
         allowed = ALLOWED[name]
@@ -123,7 +149,7 @@ ALLOWED_LINES = {
 
 def test_core_modules_never_name_the_bark_toy():
     found = []
-    for path in [*PKG.glob("*.py"), *PKG.glob("export/*.py"), *PKG.glob("server/*.py")]:
+    for path in sorted(PKG.rglob("*.py")):
         rel = path.relative_to(PKG).as_posix()
         if rel in EDGE:
             continue
