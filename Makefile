@@ -8,7 +8,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 TORCH_CPU := torch==2.13.0
 LLAMA_CPP := llama-cpp-python==0.3.36
 
-.PHONY: demo test test-fast lint format bench install install-dev clean
+.PHONY: demo test test-fast lint format bench install install-dev clean docker
 
 $(VENV)/.core: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,10 +63,21 @@ test-fast: $(VENV)/.dev
 
 bench: $(VENV)/.dev $(VENV)/.llama
 	$(PY) bench/bench_train.py --budget 180
+	$(PY) bench/bench_numpy.py
 	$(PY) bench/bench_attention.py
 	$(PY) bench/bench_decode.py
 	$(PY) bench/bench_serve.py
 	$(PY) bench/bench_gpu.py --if-gpu
+
+# The CPU image barkgpt:latest (Dockerfile; the README's Deploy section). BASE_IMAGE=... builds
+# on another base (a Python 3.11+ image with venv). WHEELHOUSE=docker/wheelhouse (a folder inside
+# the repo, the build context) builds offline: docker/wheelhouse.sh makes the wheels there with
+# this machine's pip (its Python must match the image's), and the image installs only from them.
+BASE_IMAGE ?=
+WHEELHOUSE ?=
+docker:
+	$(if $(WHEELHOUSE),PYTHON=$(if $(wildcard $(PY)),$(PY),$(PYTHON)) docker/wheelhouse.sh $(WHEELHOUSE))
+	docker build -t barkgpt:latest --build-arg TORCH=$(TORCH_CPU) $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) $(if $(WHEELHOUSE),--build-arg WHEELHOUSE=$(WHEELHOUSE)) .
 
 clean:
 	rm -rf runs/bark build *.egg-info
