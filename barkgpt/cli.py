@@ -649,7 +649,9 @@ def add_generation_verbs(sub) -> None:
             action="store_true",
             help="torch.compile the decode step: ~3x tokens/s on CPU after a one-time 5-20 s compile",
         )
-        sp.add_argument("--backend", default="torch", choices=["torch", "numpy"], help="torch, or numpy: decode with barkgpt/numpy")
+        sp.add_argument(
+            "--backend", default="torch", choices=["torch", "numpy"], help="torch, or numpy: decode with barkgpt/numpy"
+        )
         if name == "sample":
             sp.add_argument("--prompt", default="", help="text to continue ('' starts a new document)")
             sp.add_argument("--prompt-file", default=None, help="read the prompt from this file")
