@@ -40,7 +40,7 @@ from barkgpt.server.streaming import (
     sse,
     stream_choices,
 )
-from barkgpt.server.tools import ToolCallParser, request_hooks
+from barkgpt.server.tools import ToolCallParser, asked_constraints, request_hooks
 
 TOKEN_TEXTS_CACHED = 1 << 16  # (tokenizer, token id) -> text and bytes kept for logprobs, per app
 
@@ -149,6 +149,19 @@ async def chat_prompt(body: P.ChatCompletionRequest, gen: TextGenerator) -> list
     if not body.tools:
         return await encode(gen, gen.chat_prompt(messages))
     return await encode(gen, gen.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=body.tools))
+
+
+async def row_hooks(body: P.Request, gen: TextGenerator) -> list:
+    """The request's row hooks (:func:`~barkgpt.server.tools.request_hooks`): none, without a thread
+    hop, for a request that asks for no constraint, tools or ``logit_bias`` (most of them); else
+    compiled (cached) off the event loop.
+
+    Raises:
+        ApiError: 400 as ``request_hooks`` (a bad constraint, ``tool_choice`` without tools, ...).
+    """
+    if not asked_constraints(body) and not body.logit_bias and not getattr(body, "tools", None):
+        return []
+    return await asyncio.to_thread(request_hooks, body, gen.tokenizer)
 
 
 def submit_all(sched: Scheduler, jobs: list[tuple]) -> list:
@@ -265,7 +278,7 @@ async def completions(body: P.CompletionRequest, request: Request):
     check_model(host, body.model)
     gen, sched = host.ready()
     prompts = [await encode(gen, p) if isinstance(p, str) else ids_of(p, gen) for p in body.prompts()]
-    hooks = await asyncio.to_thread(request_hooks, body, gen.tokenizer)  # compiles a constraint (cached)
+    hooks = await row_hooks(body, gen)
     choices = prepare(body, prompts, gen, sched, state, hooks)
     for c in choices if body.echo else []:
         p = body.prompts()[c.index // body.n]
@@ -306,7 +319,7 @@ async def chat_completions(body: P.ChatCompletionRequest, request: Request):
     host = state.host
     check_model(host, body.model)
     gen, sched = host.ready()
-    hooks = await asyncio.to_thread(request_hooks, body, gen.tokenizer)  # compiles a constraint (cached)
+    hooks = await row_hooks(body, gen)
     choices = prepare(body, [await chat_prompt(body, gen)], gen, sched, state, hooks)
     for c in choices:
         c.lstrip = True  # the reply continues the template's "Assistant:"
