@@ -60,13 +60,14 @@ DROPOUT_RULES = ((16, 0.2), (4, 0.1))  # (more epochs than, dropout)
 CHAR_MAX_BYTES = 4 << 20  # corpora under 4 MiB are tokenized by character
 BPE_VOCAB_RULES = ((64 << 20, 2048), (1 << 30, 8192))  # (corpus under N bytes, vocabulary); above: 32768
 BPE_VOCAB_LARGE = 32768
-MIN_CORPUS_TOKENS = 4096
-MIN_STEPS = 30  # a plan with fewer steps than this is refused: the budget is too small  # a train split below this is too small for any model
+MIN_CORPUS_TOKENS = 4096  # a train split below this is too small for any model
+MIN_STEPS = 30  # a plan with fewer steps than this is refused: the budget is too small
 # (n_layer, n_embd): the shapes measured, smallest first
 LADDER = ((2, 64), (3, 96), (4, 128), (4, 192), (6, 256), (6, 384), (8, 512), (12, 768), (16, 1024), (24, 1536))
 MEASURE_SHARE = 0.06  # at most this share of the budget (at least 3 s) goes to measuring shapes
 EVALS = 5  # evaluations in a planned run (the last at its end)
 REFIT_STEPS = 20  # the trainer re-fits max_iters to the deadline once, after this many measured steps (fit_to_time)
+SETUP_S = 1.0  # seconds before the plan's clock started (imports) and between planning and step 0
 EXIT_RESERVE_S = 2.0  # the deadline leaves this for the process to end (torch's teardown takes ~1 s on a busy machine)
 COMPILE_MIN_BUDGET_S = {"cpu": 300.0, "cuda": 120.0}
 COMPILE_FIRST_S = {"cpu": 25.0, "cuda": 40.0}  # the compile's first step, reserved; the trainer re-fits its steps after it
@@ -359,11 +360,7 @@ class Plan:
         """The forecast end (``time.time()`` seconds) of the run as planned."""
         train_s = self.train.max_iters * self.timing.step_s + self.first_extra_s
         evals = math.ceil(self.train.max_iters / self.train.eval_interval)
-        return self.started + self.prepare_s + self.measure_s + self.setup_s() + train_s + evals * self.eval_s
-
-    def setup_s(self) -> float:
-        """Seconds before the plan's clock started (imports) and between planning and step 0."""
-        return 1.0
+        return self.started + self.prepare_s + self.measure_s + SETUP_S + train_s + evals * self.eval_s
 
     def launch_config(self) -> TrainConfig:
         """The TrainConfig to train with now: ``max_time`` the budget's remainder (minus a second
@@ -574,15 +571,10 @@ def schedule(plan: Plan, train_over: dict, model_over: dict, data_dir: str, comp
     evals = EVALS if plan.budget_s >= 60 else 2
     eval_iters = 20 if plan.budget_s >= 60 else 8
     plan.eval_s = eval_seconds(tm, eval_iters)
+    # the seconds to train: the budget less what has passed, the exit, setup, compile, evals and the first plot (1 s)
     left = (
-        plan.budget_s
-        - (time.time() - plan.started)
-        - EXIT_RESERVE_S
-        - plan.setup_s()
-        - plan.first_extra_s
-        - evals * plan.eval_s
-        - 1.0
-    )  # first plot
+        plan.budget_s - (time.time() - plan.started) - EXIT_RESERVE_S - SETUP_S - plan.first_extra_s - evals * plan.eval_s - 1.0
+    )
     steps = int(left / tm.step_s)
     if steps < MIN_STEPS:
         raise BarkError(

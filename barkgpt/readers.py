@@ -105,14 +105,14 @@ def _arrow_files(folder: Path) -> list[Path]:
     """
     if (folder / "dataset_dict.json").is_file():
         splits = _read_json(folder / "dataset_dict.json").get("splits") or []
-        chosen = ["train"] if "train" in splits else list(splits)
+        chosen = [_plain_name(s, folder / "dataset_dict.json") for s in (["train"] if "train" in splits else list(splits))]
         files = [f for split in chosen for f in _arrow_files(folder / split)]
         if not files:
             raise BarkError(f"{folder}/dataset_dict.json lists no splits; save the dataset again with save_to_disk")
         return files
     state = _read_json(folder / "state.json")
     names = [d.get("filename") for d in state.get("_data_files") or [] if isinstance(d, dict)]
-    files = [folder / n for n in names if isinstance(n, str)]
+    files = [folder / _plain_name(n, folder / "state.json") for n in names if isinstance(n, str)]
     missing = [f.name for f in files if not f.is_file()]
     if not files or missing:
         raise BarkError(
@@ -120,6 +120,18 @@ def _arrow_files(folder: Path) -> list[Path]:
             "save the dataset again with save_to_disk"
         )
     return files
+
+
+def _plain_name(name, listed_in: Path) -> str:
+    """``name`` if it is a plain file or folder name (what ``save_to_disk`` writes), so a listed
+    split or Arrow file cannot lead outside the dataset folder.
+
+    Raises:
+        BarkError: ``name`` is not a string, is empty, ``.``/``..``, or holds a path separator.
+    """
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
+        raise BarkError(f"{listed_in} names {name!r}, not a plain file name; save the dataset again with save_to_disk")
+    return name
 
 
 def _read_json(path: Path) -> dict:

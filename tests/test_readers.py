@@ -149,3 +149,18 @@ def test_datasets_save_to_disk_folder_and_dataset_dict(tmp_path):
     (tmp_path / "ds" / "data-00001-of-00002.arrow").unlink()
     with pytest.raises(BarkError, match=r"state.json names .*missing ones \(data-00001-of-00002.arrow\)"):
         prepare_dataset(tmp_path / "ds", out, "char")
+
+
+def test_datasets_folder_names_that_leave_the_folder_are_refused(tmp_path):
+    """A hostile ``state.json`` or ``dataset_dict.json`` cannot point the reader outside the folder."""
+    pa = pytest.importorskip("pyarrow", reason="pyarrow (the data extra) is not installed")
+    save_to_disk_folder(pa, tmp_path / "outside", DOCS, n_files=1)
+    (tmp_path / "ds").mkdir()
+    state = {"_data_files": [{"filename": "../outside/data-00000-of-00001.arrow"}]}
+    (tmp_path / "ds" / "state.json").write_text(json.dumps(state))
+    with pytest.raises(BarkError, match=r"state.json names '\.\./outside/.*', not a plain file name"):
+        read_documents(tmp_path / "ds")
+    (tmp_path / "dd").mkdir()
+    (tmp_path / "dd" / "dataset_dict.json").write_text(json.dumps({"splits": ["../outside"]}))
+    with pytest.raises(BarkError, match=r"dataset_dict.json names '\.\./outside', not a plain file name"):
+        read_documents(tmp_path / "dd")
