@@ -12,8 +12,10 @@ import glob
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -295,3 +297,75 @@ def progress(total: int | None = None, desc: str = "", unit: str = "it", **kwarg
 
     disable = not (sys.stderr.isatty() or os.environ.get("BARKGPT_PROGRESS"))
     return tqdm(total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True, **kwargs)
+
+
+def get_lr(it: int, cfg) -> float:
+    """Learning rate at step ``it`` of a :class:`~barkgpt.config.TrainConfig`: linear warmup to
+    ``learning_rate`` over ``warmup_iters``, cosine decay to ``min_lr`` at ``lr_decay_iters``,
+    then ``min_lr`` (SGDR, Loshchilov & Hutter 2016; nanoGPT's ``get_lr``). Shared by the torch
+    and NumPy trainers, so both follow one schedule."""
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= cfg.lr_decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+class DeferredSigint:
+    """SIGINT as ``KeyboardInterrupt``, except inside :meth:`critical`, which holds it until the
+    section is done and raises it then: an update that must not be cut in half (the optimizer
+    steps, ``zero_grad``, the step count) finishes first. Shared by the torch and NumPy trainers.
+
+    Used as a context manager around training: it installs its handler on entry and puts the
+    previous one back on exit. Off the main thread (where Python cannot set signal handlers)
+    it does nothing and SIGINT keeps its usual behaviour. :attr:`hold` set True holds every
+    SIGINT from then on (used while the interrupted run saves ``last/``).
+    """
+
+    def __init__(self):
+        self.hold = False  # True: SIGINT only sets `pending`
+        self.pending = False  # a SIGINT arrived while held
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+    def _handle(self, signum, frame):
+        if self.hold:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def critical(self):
+        """Hold SIGINT inside the ``with`` block; a held one is raised when the block ends."""
+        self.hold = True
+        try:
+            yield
+        finally:
+            self.hold = False
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+
+def check_prompt(prompt, block_size: int) -> None:
+    """Check a prompt of token ids before prefill: 1 <= ``len(prompt)`` <= ``block_size``.
+
+    Raises:
+        BarkError: the prompt is empty or longer than the model's context.
+    """
+    if len(prompt) == 0:
+        raise BarkError("the prompt is empty; give at least one token (e.g. start from <EOS>)")
+    if len(prompt) > block_size:
+        raise BarkError(
+            f"the prompt has {len(prompt)} tokens but the model's block_size is {block_size}; shorten it or use --truncate"
+        )

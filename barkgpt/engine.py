@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from barkgpt.common import BarkError, compile_fn
+from barkgpt.common import BarkError, check_prompt, compile_fn
 from barkgpt.config import SamplingParams
 from barkgpt.model import GPT
 
@@ -822,12 +822,7 @@ class Engine:
         """
         p = params if params is not None else SamplingParams(**sampling)
         block_size = self.model.config.block_size
-        if len(prompt) == 0:
-            raise BarkError("the prompt is empty; give at least one token (e.g. start from <EOS>)")
-        if len(prompt) > block_size:
-            raise BarkError(
-                f"the prompt has {len(prompt)} tokens but the model's block_size is {block_size}; shorten it or use --truncate"
-            )
+        check_prompt(prompt, block_size)
         n, stop = p.num_samples, set(stop_ids)
         rows = [Row(prompt, p, None if p.seed is None else p.seed + j, processors, self.device) for j in range(n)]
         cache = KVCache.for_model(self.model, 1, block_size + 1)  # a spare slot: see decode()

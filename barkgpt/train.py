@@ -38,7 +38,6 @@ import json
 import math
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -60,9 +59,11 @@ from barkgpt.checkpoint import (
 )
 from barkgpt.common import (
     BarkError,
+    DeferredSigint,
     atomic_write_text,
     bits_per_byte,
     compile_fn,
+    get_lr,
     peak_flops,
     progress,
     remove_leftovers,
@@ -94,18 +95,6 @@ FINETUNE_DEFAULTS = {
     "log_interval": 5,
     "batch_size": 8,
 }
-
-
-def get_lr(it: int, cfg: TrainConfig) -> float:
-    """Learning rate at step ``it``: linear warmup to ``learning_rate`` over ``warmup_iters``,
-    cosine decay to ``min_lr`` at ``lr_decay_iters``, then ``min_lr`` (SGDR, Loshchilov & Hutter
-    2016; nanoGPT's ``get_lr``)."""
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it >= cfg.lr_decay_iters:
-        return cfg.min_lr
-    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
 def resolve_data(cfg: TrainConfig) -> Path:
@@ -273,51 +262,6 @@ def expert_share(model: GPT) -> list[float] | None:
         return None
     counts = sum(b.mlp.expert_tokens.float() for b in model.transformer.h)
     return [round(x, 4) for x in (counts / counts.sum()).tolist()]
-
-
-class DeferredSigint:
-    """SIGINT as ``KeyboardInterrupt``, except inside :meth:`critical`, which holds it until the
-    section is done and raises it then: an update that must not be cut in half (the optimizer
-    steps of every optimizer, ``zero_grad``, the step count) finishes first.
-
-    Used as a context manager around training: it installs its handler on entry and puts the
-    previous one back on exit. Off the main thread (where Python cannot set signal handlers)
-    it does nothing and SIGINT keeps its usual behaviour. :attr:`hold` set True holds every
-    SIGINT from then on (used while the interrupted run saves ``last/``).
-    """
-
-    def __init__(self):
-        self.hold = False  # True: SIGINT only sets `pending`
-        self.pending = False  # a SIGINT arrived while held
-        self.previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-        return False
-
-    def _handle(self, signum, frame):
-        if self.hold:
-            self.pending = True
-        else:
-            raise KeyboardInterrupt
-
-    @contextlib.contextmanager
-    def critical(self):
-        """Hold SIGINT inside the ``with`` block; a held one is raised when the block ends."""
-        self.hold = True
-        try:
-            yield
-        finally:
-            self.hold = False
-        if self.pending:
-            self.pending = False
-            raise KeyboardInterrupt
 
 
 SIGNAL_HOOK_POINTS = ("forward", "update", "eval", "best_saved", "last_saved")
@@ -759,8 +703,7 @@ class Trainer:
         and the plan's estimates all show in the measured times, so the schedule ends on time."""
         cfg, st, clock = self.cfg, self.state, self.clock
         n_evals = math.ceil(cfg.max_iters / cfg.eval_interval)
-        evals_left = n_evals - st.step // cfg.eval_interval
-        left = cfg.max_time - clock.elapsed() - evals_left * clock.eval_guess() - 0.5
+        left = cfg.max_time - clock.elapsed() - self.evals_left() * clock.eval_guess() - 0.5
         new = max(st.step + 1, st.step + int(left / max(clock.step_s or clock.first_s, 1e-6)))
         new = round(all_reduce_mean(float(new), self.ctx))  # one schedule for every rank
         if new == cfg.max_iters:
@@ -789,9 +732,12 @@ class Trainer:
     def eta(self) -> float | None:
         """Forecast seconds to the run's end from the measured step and evaluation times
         (:class:`~barkgpt.planner.StepClock`), the evaluations still due included."""
-        step, cfg = self.state.step, self.cfg
-        evals_left = (cfg.max_iters // cfg.eval_interval - step // cfg.eval_interval) + (cfg.max_iters % cfg.eval_interval > 0)
-        return self.clock.eta(cfg.max_iters - step, evals_left)
+        return self.clock.eta(self.cfg.max_iters - self.state.step, self.evals_left())
+
+    def evals_left(self) -> int:
+        """Evaluations still due: one every ``eval_interval`` steps and one at ``max_iters``."""
+        cfg = self.cfg
+        return math.ceil(cfg.max_iters / cfg.eval_interval) - self.state.step // cfg.eval_interval
 
     def mfu(self, tokens_per_s: float) -> float | None:
         """Model FLOPs utilization of all ranks together; None off known GPUs."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from barkgpt.common import BarkError
+from barkgpt.common import BarkError, check_prompt
 from barkgpt.config import SamplingParams
 from barkgpt.generate import TextGenerator
 from barkgpt.numpy.model import GPT, load_weights
@@ -133,12 +133,7 @@ class Engine:
             raise BarkError("constraints and logit_bias run on the torch engine; drop them or use --backend torch")
         p = params if params is not None else SamplingParams(**sampling)
         block_size = self.model.config.block_size
-        if len(prompt) == 0:
-            raise BarkError("the prompt is empty; give at least one token (e.g. start from <EOS>)")
-        if len(prompt) > block_size:
-            raise BarkError(
-                f"the prompt has {len(prompt)} tokens but the model's block_size is {block_size}; shorten it or use --truncate"
-            )
+        check_prompt(prompt, block_size)
         n, stop = p.num_samples, set(stop_ids)
         rngs = [np.random.default_rng(None if p.seed is None else (p.seed + j) % 2**64) for j in range(n)]
         cache = KVCache(self.model, 1, block_size)
@@ -147,7 +142,9 @@ class Engine:
         generated: list[list[int]] = [[] for _ in range(n)]
         done = [False] * n
         for _ in range(p.max_new_tokens):
-            tokens = sample_rows(process_logits(logits, p, [list(prompt) + g for g in generated], generated), p, rngs)
+            # the prompt + generated history only feeds the repetition penalty: skip the copy without one
+            history = [list(prompt) + g for g in generated] if p.repetition_penalty != 1.0 else generated
+            tokens = sample_rows(process_logits(logits, p, history, generated), p, rngs)
             yield [None if done[b] else t for b, t in enumerate(tokens)]
             done = [d or t in stop for d, t in zip(done, tokens)]
             if all(done):

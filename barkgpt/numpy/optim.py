@@ -3,7 +3,7 @@
 Each is the PyTorch backend's, step for step: ``torch.optim.AdamW``'s update (decoupled weight
 decay, bias-corrected moments, ``eps`` outside the square root), weight decay on 2-D tensors only
 (``optim.build_optimizers``' groups: embeddings, projections and an untied head; not norms or
-biases), ``torch.nn.utils.clip_grad_norm_``'s scaling, and ``train.get_lr``'s schedule.
+biases), ``torch.nn.utils.clip_grad_norm_``'s scaling, and the shared ``common.get_lr`` schedule.
 """
 
 from __future__ import annotations
@@ -12,20 +12,10 @@ import math
 
 import numpy as np
 
-from barkgpt.common import BarkError
+from barkgpt.common import BarkError, get_lr
 from barkgpt.config import TrainConfig
 
-
-def get_lr(it: int, cfg: TrainConfig) -> float:
-    """Learning rate at step ``it``: linear warmup to ``learning_rate`` over ``warmup_iters``,
-    cosine decay to ``min_lr`` at ``lr_decay_iters``, then ``min_lr`` (SGDR, Loshchilov & Hutter
-    2016; the same function as ``barkgpt.train.get_lr``, which a test checks)."""
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it >= cfg.lr_decay_iters:
-        return cfg.min_lr
-    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+__all__ = ["AdamW", "clip_grad_norm", "get_lr"]  # get_lr: common's schedule, shared with barkgpt.train
 
 
 def clip_grad_norm(flat_grad: np.ndarray, max_norm: float) -> float:

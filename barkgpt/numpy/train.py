@@ -23,15 +23,13 @@ import contextlib
 import dataclasses
 import json
 import math
-import signal
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 from barkgpt.checkpoint import CONFIG_NAME, WEIGHTS_NAME, TrainState, find_checkpoint, recover_checkpoint
-from barkgpt.common import BarkError, atomic_dir, atomic_write_text, bits_per_byte, progress, remove_leftovers
+from barkgpt.common import BarkError, DeferredSigint, atomic_dir, atomic_write_text, bits_per_byte, progress, remove_leftovers
 from barkgpt.config import GPTConfig, TrainConfig, config_to_dict, dump_yaml
 from barkgpt.conversations import ChatRows
 from barkgpt.data import BUILTIN_DATASETS, TokenWindows, builtin_dataset, prepare_dataset
@@ -76,42 +74,6 @@ def open_source(cfg: TrainConfig):
     if not (target / "meta.json").is_file():
         prepare_dataset(src, target, tokenizer=cfg.tokenizer, vocab_size=cfg.tokenizer_vocab_size)
     return TokenWindows(target)
-
-
-class DeferredSigint:
-    """SIGINT as ``KeyboardInterrupt``, except inside :meth:`critical`, which holds it until the
-    update is done (as ``barkgpt.train.DeferredSigint``). Off the main thread it does nothing."""
-
-    def __init__(self):
-        self.hold, self.pending, self.previous = False, False, None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-        return False
-
-    def _handle(self, signum, frame):
-        if self.hold:
-            self.pending = True
-        else:
-            raise KeyboardInterrupt
-
-    @contextlib.contextmanager
-    def critical(self):
-        """Hold SIGINT inside the block; a held one is raised when it ends."""
-        self.hold = True
-        try:
-            yield
-        finally:
-            self.hold = False
-        if self.pending:
-            self.pending = False
-            raise KeyboardInterrupt
 
 
 def train(model_cfg: GPTConfig, cfg: TrainConfig, resume: bool = False, quiet: bool = False, source=None) -> dict:
