@@ -55,6 +55,7 @@ MAX_LOGIT_BIAS = 1024  # entries of a logit_bias map (OpenAI's value range: [-10
 COMPILED_CACHED = 64  # compiled constraints kept (LRU), over all tokenizers
 PROBE_STEPS = 512  # tokens the typeability probe writes at most
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 KINDS = ("json_schema", "json_object", "choice", "regex", "grammar", "tool_calls")
 
 
@@ -118,8 +119,8 @@ def check_tools(tools) -> list[dict]:
         ``[{"name": str, "parameters": dict}, ...]`` (no parameters: any object).
 
     Raises:
-        BarkError: not a list of function tools, more than :data:`MAX_TOOLS`, a repeated or
-            empty name, or a parameters schema out of bounds.
+        BarkError: not a list of function tools, more than :data:`MAX_TOOLS`, a repeated name or
+            one that does not match :data:`TOOL_NAME`, or a parameters schema out of bounds.
     """
     if not isinstance(tools, list) or not tools:
         raise BarkError("tools must be a non-empty list of {'type': 'function', 'function': {...}} objects")
@@ -129,9 +130,9 @@ def check_tools(tools) -> list[dict]:
     for i, t in enumerate(tools):
         fn = t.get("function") if isinstance(t, dict) and t.get("type", "function") == "function" else None
         name = fn.get("name") if isinstance(fn, dict) else None
-        if not isinstance(name, str) or not name or len(name) > 64:
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):  # no markup: a name is written into calls' text
             raise BarkError(
-                f"tools[{i}] must be {{'type': 'function', 'function': {{'name': NAME, ...}}}} with a 1-64 character name"
+                f"tools[{i}] must be {{'type': 'function', 'function': {{'name': NAME, ...}}}}, NAME of 1-64 letters, digits, _ or -"
             )
         params = fn.get("parameters") or {"type": "object"}
         text = check_schema(params, f"the parameters of tool {name!r}")
@@ -379,9 +380,9 @@ def _probe_table(tok: Tokenizer):
         table = _PROBE_TABLES.get(tok)
     if table is not None:
         return table
-    rank, present = [], set()
+    rank, present, special = [], set(), tok._special_ids()
     for i in range(tok.vocab_size):
-        b = tok.id_to_bytes(i) if i not in tok._special_ids() else b""
+        b = tok.id_to_bytes(i) if i not in special else b""
         present.update(b)
         head = b[:1]
         group = 0 if head in (b'"', b"}", b"]") else 1 if head.isdigit() else 2 if head in (b"{", b"[", b":", b",") else 3
@@ -505,9 +506,8 @@ class ToolCallTrigger:
     def __init__(self, compiled: CompiledConstraint, tok: Tokenizer):
         self.tok, self.grammar = tok, GrammarProcessor(compiled)
         self._marker = TOOL_CALL_OPEN.encode()
-        self._rows: weakref.WeakKeyDictionary = (
-            weakref.WeakKeyDictionary()
-        )  # row -> [bytes so far, tokens seen] or None once free
+        # row -> [the text's bytes not yet searched past, tokens seen], or [None, ...] once free
+        self._rows: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __call__(self, row, logits: torch.Tensor) -> torch.Tensor:
         """(V,) logits -> (V,) logits: unchanged before the marker, masked by the grammar from it on."""
@@ -519,7 +519,8 @@ class ToolCallTrigger:
         state[0] += b"".join(self.tok.id_to_bytes(t) for t in row.generated[state[1] :])
         state[1] = len(row.generated)
         at = state[0].find(self._marker)
-        if at < 0:
+        if at < 0:  # keep only a tail that may start the marker: O(1) work per decode step
+            state[0] = state[0][-(len(self._marker) - 1) :]
             return logits
         matcher = self.grammar.compiled.new_matcher()
         if not matcher.consume_tokens(self.tok.encode(state[0][at:].decode("utf-8", "replace"))):

@@ -263,3 +263,26 @@ def test_sample_cli_flags(tiny_generator, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().removeprefix("Q: ")) in ({"ok": True}, {"ok": False})
     assert main([*base, "--regex", "(a"]) != 0
     assert "does not compile" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["x" * 65, '</tool_call><tool_call>{"name"', "a b", "", "fetch/../x", 7],
+)
+def test_hostile_tool_names_are_refused(name):
+    """A function name is written into the call's text: markup or odd characters in it would cut
+    the call short when parsed, so only OpenAI's [A-Za-z0-9_-]{1,64} passes."""
+    from barkgpt.structured import check_tools
+
+    tool = {"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": {}}}}
+    with pytest.raises(BarkError):
+        check_tools([tool])
+
+
+def test_a_repeated_tool_name_is_refused_and_a_plain_one_passes():
+    from barkgpt.structured import check_tools
+
+    tool = {"type": "function", "function": {"name": "get_weather-2", "parameters": {"type": "object", "properties": {}}}}
+    assert len(check_tools([tool])) == 1
+    with pytest.raises(BarkError):
+        check_tools([tool, tool])

@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from barkgpt.config import SamplingParams
-from barkgpt.server.tool_protocol import DeltaToolCall, StructuredFields, ToolCall, ToolFields
+from barkgpt.server.tool_protocol import DeltaToolCall, DropNone, StructuredFields, ToolCall, ToolFields
 
 # Caps on what one request may ask for (the body itself is capped by security.Guard).
 MAX_N = 16  # choices per request
@@ -333,16 +333,13 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
-class DeltaMessage(BaseModel):
-    """The increment of a streamed chat message."""
+class DeltaMessage(DropNone):
+    """The increment of a streamed chat message (None fields left out: role only in the first
+    delta; ``{}`` in the finishing one)."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
-
-    @model_serializer(mode="wrap")
-    def _drop_none(self, handler):  # role only in the first delta; {} in the finishing one
-        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChatChunkChoice(BaseModel):

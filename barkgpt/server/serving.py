@@ -280,8 +280,9 @@ async def completions(body: P.CompletionRequest, request: Request):
     prompts = [await encode(gen, p) if isinstance(p, str) else ids_of(p, gen) for p in body.prompts()]
     hooks = await row_hooks(body, gen)
     choices = prepare(body, prompts, gen, sched, state, hooks)
+    texts = body.prompts() if body.echo else []
     for c in choices if body.echo else []:
-        p = body.prompts()[c.index // body.n]
+        p = texts[c.index // body.n]
         c.prefix = p if isinstance(p, str) else gen.tokenizer.decode(p)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 

@@ -100,7 +100,7 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
-class _DropNone(BaseModel):
+class DropNone(BaseModel):
     """A stream delta object: fields that are None are left out (OpenAI's stream shape)."""
 
     @model_serializer(mode="wrap")
@@ -108,14 +108,14 @@ class _DropNone(BaseModel):
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
-class DeltaFunctionCall(_DropNone):
+class DeltaFunctionCall(DropNone):
     """A piece of a streamed call's function: the ``name`` in its first piece, then ``arguments`` text."""
 
     name: str | None = None
     arguments: str | None = None
 
 
-class DeltaToolCall(_DropNone):
+class DeltaToolCall(DropNone):
     """A piece of a streamed tool call: ``index`` always; ``id`` and ``type`` in its first piece."""
 
     index: int

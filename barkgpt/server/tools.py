@@ -16,7 +16,7 @@ import secrets
 from barkgpt.common import BarkError
 from barkgpt.server.errors import ApiError
 from barkgpt.server.tool_protocol import DeltaFunctionCall, DeltaToolCall, FunctionCall, ToolCall
-from barkgpt.structured import Constraint, processors_for
+from barkgpt.structured import Constraint, check_tools, processors_for
 from barkgpt.tokenizer import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 ARGUMENT_PIECE_CHARS = 16  # a streamed call's arguments go out in pieces of this many characters, as OpenAI streams them
@@ -85,7 +85,8 @@ def request_constraint(body) -> tuple[Constraint | None, Constraint | None]:
 
     Raises:
         ApiError: 400 naming the field: two constraints at once, ``tool_choice`` without tools, an
-            unknown function in ``tool_choice``, bad tools or a schema out of bounds.
+            unknown function in ``tool_choice``, bad tools (also under ``tool_choice: "none"``, as
+            the chat template still writes them) or a schema out of bounds.
     """
     asked = asked_constraints(body)
     if len(asked) > 1:
@@ -94,8 +95,12 @@ def request_constraint(body) -> tuple[Constraint | None, Constraint | None]:
     try:
         if asked:
             built = asked[0][1](asked[0][2])
-        if hasattr(body, "tool_mode") and body.tool_mode() == "auto":
+        mode = body.tool_mode() if hasattr(body, "tool_mode") else "none"
+        if mode == "auto":
             field, auto = "tools", Constraint.tool_calls(body.tools, None, body.parallel_tool_calls)
+        elif mode == "none" and getattr(body, "tools", None):  # still written into the prompt: check them too
+            field = "tools"
+            check_tools(body.tools)
     except BarkError as e:
         raise ApiError(400, str(e), param="tools" if "tools[" in str(e) else field) from None
     return built, auto
