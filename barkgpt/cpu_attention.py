@@ -13,6 +13,10 @@ autograd formula and a fake kernel, so ``torch.compile`` treats it as one opaque
 ``train`` calls :func:`load` before its first step when it compiles the model (``compile: true``,
 as the presets for real text do); set ``BARKGPT_CPU_ATTENTION=0`` to keep the stock attention.
 Until :func:`load` succeeded, :func:`usable` is False and nothing changes.
+
+The same library holds ``torch.ops.barkgpt.decode_attention`` (:func:`decode_attention`), the
+attention of a compiled decode step (``barkgpt.engine``): one query per row over that row's
+filled cache slots and its new key/value, read in place (no copy of the cache, no mask).
 """
 
 from __future__ import annotations
@@ -69,6 +73,40 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     2022, Algorithm 4) over the kept attention weights.
     """
     return torch.ops.barkgpt.causal_attention(q, k, v, q.size(-1) ** -0.5)[0]
+
+
+DECODE_HEAD_SIZES = (16, 32, 64)
+
+
+def decode_usable(q: torch.Tensor) -> bool:
+    """True when :func:`decode_attention` can take ``q`` (B, 1, H, D): the kernel is loaded, and
+    ``q`` is float32 on the CPU with D in :data:`DECODE_HEAD_SIZES`."""
+    return _state["ready"] and q.device.type == "cpu" and q.dtype == torch.float32 and q.size(-1) in DECODE_HEAD_SIZES
+
+
+def decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor
+) -> torch.Tensor:
+    """Attention of one new token per row over its cached keys/values and itself, with scale
+    ``1/sqrt(D)``, reading the cache without copying or writing it (inference only: no autograd).
+
+    Args:
+        q: (B, 1, H, D) the new queries.
+        k_cache, v_cache: (B, H_kv, L, D) cached keys/values; row b's first ``pos[b]`` slots count.
+        k_new, v_new: (B, 1, H_kv, D) each row's new key/value (the caller stores them).
+        pos: (B,) int64, each in [0, L].
+        All with a contiguous last dim, any other strides (slices of a larger cache need no copy).
+
+    Returns:
+        (B, 1, H, D), contiguous.
+
+    Raises:
+        RuntimeError: the kernel is not loaded (see :func:`decode_usable`), mismatched shapes, or a
+            position outside the cache.
+
+    Softmax attention as in Vaswani et al. 2017, query head h using key/value head h // (H / H_kv).
+    """
+    return torch.ops.barkgpt.decode_attention(q, k_cache, v_cache, k_new, v_new, pos, q.size(-1) ** -0.5)
 
 
 def load(quiet: bool = False) -> bool:
@@ -131,6 +169,10 @@ def _build_and_register() -> None:
     def _(q, k, v, scale):
         B, T, H, D = q.shape
         return q.new_empty(B, T, H, D), q.new_empty(B, H, T, T)
+
+    @torch.library.register_fake("barkgpt::decode_attention")
+    def _(q, k_cache, v_cache, k_new, v_new, pos, scale):
+        return q.new_empty(q.shape)
 
     @torch.library.register_fake("barkgpt::causal_attention_backward")
     def _(dout, q, k, v, out, p, scale):

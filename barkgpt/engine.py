@@ -175,13 +175,19 @@ class StaticKVCache:
     a compiled graph that mutates its inputs copies them whole on every call (a full cache per
     step at batch 16).
 
+    With ``decode_kernel`` (float32 on a CPU with AVX2, see :meth:`attend`) the model calls
+    :meth:`attend` instead of :meth:`update`: the C++ kernel reads each row's filled slots in
+    place, so nothing the size of the cache is copied and the cost follows the rows' lengths.
+
     Args:
         k, v: (n_layer, B, n_kv_head, max_len, head_dim), e.g. a prefilled :class:`KVCache`'s.
         pos: (B,) int64, how many positions each row holds; advanced in place.
+        decode_kernel: attend through :func:`barkgpt.cpu_attention.decode_attention`.
     """
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, decode_kernel: bool = False):
         self.k, self.v, self.pos = k, v, pos
+        self.decode_kernel = decode_kernel
         self.max_len = k.size(3)
         self._p = None  # (B, T) positions of the tokens in flight
         self.new_k: list[torch.Tensor] = []  # per layer: (B, n_kv_head, T, hs)
@@ -192,9 +198,22 @@ class StaticKVCache:
         self._p = row_positions(self.pos, T)
         return self._p
 
-    def attn_mask(self, T: int) -> torch.Tensor:
-        """(B, 1, T, max_len) bool, True where query t of row b may attend slot j (j <= its position)."""
-        return row_causal_mask(self._p, self.max_len)
+    def attn_mask(self, T: int) -> torch.Tensor | None:
+        """(B, 1, T, max_len) bool, True where query t of row b may attend slot j (j <= its position);
+        None with ``decode_kernel`` (:meth:`attend` needs none)."""
+        return None if self.decode_kernel else row_causal_mask(self._p, self.max_len)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """With ``decode_kernel``: attention of each row's new query (B, 1, n_head, hs) over its
+        filled slots and its new key/value (B, 1, n_kv_head, hs), through
+        :func:`barkgpt.cpu_attention.decode_attention`, which reads the cache without the copies
+        :meth:`update` makes; records the new entries. Returns (B, 1, n_head, hs)."""
+        from barkgpt import cpu_attention
+
+        assert q.size(1) == 1, "StaticKVCache serves decode steps of one token per row"
+        self.new_k.append(k.transpose(1, 2))
+        self.new_v.append(v.transpose(1, 2))
+        return cpu_attention.decode_attention(q, self.k[layer], self.v[layer], k, v, self.pos)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All slots (B, n_kv_head, max_len, hs) with the new keys/values (B, n_kv_head, 1, hs) at
@@ -466,13 +485,17 @@ def sample_rows(logits: torch.Tensor, rows: Sequence[Row], processors: Sequence[
         B token ids (Python ints).
     """
     x = process_logits(logits, rows, processors)
-    tokens = x.argmax(dim=-1).tolist()
     hot = [b for b, r in enumerate(rows) if not r.params.greedy]
-    if hot:
-        probs = F.softmax(x[hot] if len(hot) < len(rows) else x, dim=-1)  # (len(hot), V)
-        u = torch.cat([torch.rand(1, generator=rows[b].rng, device=x.device) for b in hot])  # (len(hot),)
-        for b, t in zip(hot, sample_from_probs(probs, u).tolist()):
-            tokens[b] = t
+    if not hot:
+        return x.argmax(dim=-1).tolist()
+    probs = F.softmax(x[hot] if len(hot) < len(rows) else x, dim=-1)  # (len(hot), V)
+    u = torch.cat([torch.rand(1, generator=rows[b].rng, device=x.device) for b in hot])  # (len(hot),)
+    drawn = sample_from_probs(probs, u).tolist()
+    if len(hot) == len(rows):  # no greedy row: no argmax to take (a (B, V) pass)
+        return drawn
+    tokens = x.argmax(dim=-1).tolist()
+    for b, t in zip(hot, drawn):
+        tokens[b] = t
     return tokens
 
 
@@ -666,9 +689,11 @@ class Engine:
     graph replaces a few hundred Python-dispatched tensor ops per token with one call, about 3x
     the tokens/s at batch 1 on a small model on CPU (``bench/bench_decode.py``), for a one-time
     compile of 5-20 s (cached by inductor across runs). Batches are padded to a power of two
-    (:func:`batch_bucket`) and attention spans a power-of-two number of slots
-    (:func:`length_bucket`), both dynamic dimensions of one graph; :meth:`warmup` compiles
-    ahead. If compiling fails (no C++ compiler, an unsupported op), one warning on stderr, and
+    (:func:`batch_bucket`), a dynamic dimension of one graph. On a CPU with AVX2 the step's
+    attention is the C++ decode kernel (``cpu_attention.decode_attention``), which reads only
+    each row's filled slots: at 16 rows of the shakespeare-bpe shape a step over a 128-slot
+    window went from 3.6 to 2.1 ms. Elsewhere attention spans a power-of-two number of slots
+    (:func:`length_bucket`), another dynamic dimension. :meth:`warmup` compiles ahead. If compiling fails (no C++ compiler, an unsupported op), one warning on stderr, and
     eager decoding from then on.
 
     Args:
@@ -685,6 +710,7 @@ class Engine:
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self._compiled_step = None
         self._compiled_ok = False  # a compiled step has run: later errors are real errors
+        self._decode_kernel = False  # the compiled step attends through cpu_attention.decode_attention
 
     def prefill(self, ids: Sequence[int], cache: KVCache) -> torch.Tensor:
         """Run a prompt into a one-row ``cache`` (reset first); returns the (1, V) logits after
@@ -712,22 +738,37 @@ class Engine:
 
     def _step(self):
         if self._compiled_step is None:
+            self._decode_kernel = self._use_decode_kernel()
+            kernel = self._decode_kernel
 
             def step(idx, k, v, pos):  # tensors only: a fresh cache object each call needs no new guard
-                cache = StaticKVCache(k, v, pos)
+                cache = StaticKVCache(k, v, pos, decode_kernel=kernel)
                 logits = self.model(idx, kv_cache=cache)[0][:, -1, :]
                 return logits, torch.stack(cache.new_k), torch.stack(cache.new_v)  # (B, V), (n_layer, B, n_kv_head, 1, hs) x2
 
             self._compiled_step = compile_fn(step, self.device.type, fullgraph=True)
         return self._compiled_step
 
+    def _use_decode_kernel(self) -> bool:
+        """True when the compiled step can attend through the C++ decode kernel: float32 on the CPU,
+        a head size it covers, and :func:`barkgpt.cpu_attention.load` succeeded (built once per
+        machine, ~15 s; ``BARKGPT_CPU_ATTENTION=0`` turns it off)."""
+        from barkgpt import cpu_attention
+
+        c = self.model.config
+        dtype = next(self.model.parameters()).dtype
+        if self.device.type != "cpu" or dtype != torch.float32 or c.head_dim not in cpu_attention.DECODE_HEAD_SIZES:
+            return False
+        return cpu_attention.load(quiet=True)
+
     def decode(self, tokens: Sequence[int], cache: KVCache) -> torch.Tensor:
         """One decode step for the first ``n = len(tokens)`` rows of ``cache``, each at its own
         position: feeds row b's token ``tokens[b]`` and advances its length.
 
         Compiled, the batch is padded to :func:`batch_bucket` rows (padding rows are computed at
-        position 0 of rows past ``n`` and their entries dropped) and attends over the first
-        :func:`length_bucket` slots. A batch or length smaller than the cache's is a dynamic
+        position 0 of rows past ``n`` and their entries dropped) and attends over each row's
+        filled slots (the decode kernel) or the first :func:`length_bucket` slots (SDPA). A
+        batch or length smaller than the cache's is a dynamic
         dimension of one graph; the cache's full size is a static one (its own graph), which is
         why the scheduler's cache has a spare row and slot. A compile failure before the first
         compiled step says so once on stderr and decodes eagerly from then on (the cache is
@@ -738,10 +779,12 @@ class Engine:
         """
         n = len(tokens)
         if self.compile:
+            step = self._step()
             b = batch_bucket(n, cache.batch_size)
             idx = torch.tensor(list(tokens) + [0] * (b - n), dtype=torch.long, device=self.device).view(b, 1)
             pos = torch.tensor(cache.lengths[:n] + [0] * (b - n), device=self.device)  # (b,)
-            L = length_bucket(max(cache.lengths[:n]), cache.max_len)
+            # the kernel reads only each row's filled slots: no length buckets (and no graphs for them)
+            L = cache.max_len if self._decode_kernel else length_bucket(max(cache.lengths[:n]), cache.max_len)
             k, v = cache.k[:, :b, :, :L], cache.v[:, :b, :, :L]  # (n_layer, b, n_kv_head, L, hs) views
             if 1 < b < cache.batch_size:  # one graph for the batch sizes from 2 up that leave rows free
                 for t, dim in ((idx, 0), (k, 1), (v, 1), (pos, 0)):
@@ -750,7 +793,7 @@ class Engine:
                 torch._dynamo.mark_dynamic(k, 3)
                 torch._dynamo.mark_dynamic(v, 3)
             try:
-                logits, new_k, new_v = self._step()(idx, k, v, pos)
+                logits, new_k, new_v = step(idx, k, v, pos)
             except Exception as e:  # noqa: BLE001 - compile errors come in many types
                 if self._compiled_ok:
                     raise

@@ -86,6 +86,8 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if kv_cache is None and attn_mask is None and cpu_attention.usable(q, dropout_p):  # short contexts on CPU
             return self.resid_dropout(self.c_proj(cpu_attention.causal_attention(q, k, v).view(B, T, C)))
+        if getattr(kv_cache, "decode_kernel", False):  # a compiled decode step on CPU: the cache is read, not copied
+            return self.resid_dropout(self.c_proj(kv_cache.attend(self.layer_idx, q, k, v).view(B, T, C)))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs), (B, nkv, T, hs)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, L, hs): all cached positions

@@ -14,11 +14,11 @@ from barkgpt.model import GPT
 def kernel():
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip("the kernel needs AVX2 and FMA")
-    before = cpu_attention._state["ready"]
+    before = dict(cpu_attention._state)
     cpu_attention._state["tried"] = False
     assert cpu_attention.load(), "the kernel did not build (see the warning above)"
     yield
-    cpu_attention._state["ready"] = before
+    cpu_attention._state.update(before)  # as it was: later tests load it (or not) themselves
 
 
 def sdpa(q, k, v):
@@ -114,3 +114,43 @@ def test_backward_checks_shapes(kernel):
         torch.ops.barkgpt.causal_attention_backward(torch.randn(2, 4, 2, 16), q, k, v, out, p, 0.25)
     with pytest.raises(RuntimeError, match=r"\(B, H, T, T\)"):
         torch.ops.barkgpt.causal_attention_backward(torch.randn_like(q), q, k, v, out, p[:, :, :4].contiguous(), 0.25)
+
+
+def decode_reference(q, k_cache, v_cache, k_new, v_new, pos):
+    """SDPA of each row's one query over its first pos[b] cached slots and its new key/value."""
+    out = []
+    for b in range(q.size(0)):
+        n = int(pos[b])
+        k = torch.cat([k_cache[b, :, :n], k_new[b].transpose(0, 1)], dim=1)  # (H_kv, n + 1, D)
+        v = torch.cat([v_cache[b, :, :n], v_new[b].transpose(0, 1)], dim=1)
+        y = F.scaled_dot_product_attention(
+            q[b].transpose(0, 1).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), enable_gqa=q.size(2) != k.size(0)
+        )
+        out.append(y[0].transpose(0, 1))  # (1, H, D)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("B,H,H_kv,D,L", [(16, 4, 1, 32, 129), (3, 4, 4, 32, 20), (2, 8, 2, 64, 50), (5, 2, 2, 16, 9)])
+def test_decode_attention_matches_sdpa(kernel, B, H, H_kv, D, L):
+    """One query per row over a strided slice of a larger cache (as the engine passes it), rows
+    at every position from an empty cache (0) to a full one (L)."""
+    torch.manual_seed(0)
+    q = torch.randn(B, 1, H + 2 * H_kv, D)[:, :, :H] * 2  # a view into a fused projection
+    k_cache, v_cache = torch.randn(2, B + 1, H_kv, L + 5, D)[:, :B, :, :L]
+    k_new, v_new = torch.randn(B, 1, H_kv, D), torch.randn(B, 1, H_kv, D)
+    pos = torch.randint(0, L + 1, (B,))
+    pos[0], pos[-1] = 0, L
+    out = cpu_attention.decode_attention(q, k_cache, v_cache, k_new, v_new, pos)
+    assert out.shape == (B, 1, H, D) and out.is_contiguous()
+    torch.testing.assert_close(out, decode_reference(q, k_cache, v_cache, k_new, v_new, pos), atol=1e-5, rtol=1e-5)
+
+
+def test_decode_attention_refuses_bad_positions_and_shapes(kernel):
+    q, k_cache, v_cache = torch.randn(2, 1, 2, 16), torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16)
+    k_new = v_new = torch.randn(2, 1, 2, 16)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        cpu_attention.decode_attention(q, k_cache, v_cache, k_new, v_new, torch.tensor([0, 9]))
+    with pytest.raises(RuntimeError, match="one query token per row"):
+        cpu_attention.decode_attention(torch.randn(2, 2, 2, 16), k_cache, v_cache, k_new, v_new, torch.tensor([1, 1]))
+    with pytest.raises(RuntimeError, match="k_new/v_new"):
+        cpu_attention.decode_attention(q, k_cache, v_cache, k_new[:1], v_new[:1], torch.tensor([1, 1]))

@@ -46,13 +46,20 @@ def test_generation_slides_past_block_size(model):
     assert len(steps) == 80
 
 
-def test_compiled_decode_equals_eager(model):
+@pytest.mark.parametrize("kernel", [True, False], ids=["decode-kernel", "sdpa"])
+def test_compiled_decode_equals_eager(model, kernel, monkeypatch):
     """The compiled static-cache step gives the eager engine's tokens, across the window slide
-    (80 tokens with block_size 32) and for two rows sampled with one seed."""
+    (80 tokens with block_size 32) and for two rows sampled with one seed: through the C++
+    decode attention kernel (CPUs with AVX2) and through SDPA over the merged cache (elsewhere)."""
+    if kernel and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("the decode kernel needs AVX2 and FMA")
+    if not kernel:
+        monkeypatch.setattr(Engine, "_use_decode_kernel", lambda self: False)
     eager, compiled = Engine(model), Engine(model, compile=True)
     kw = dict(num_samples=2, max_new_tokens=80, temperature=0.7, seed=3)
     assert list(compiled.generate([1, 2, 3], **kw)) == list(eager.generate([1, 2, 3], **kw))
     assert compiled._compiled_step is not None  # the compiled path really ran
+    assert compiled._decode_kernel is kernel
 
 
 def test_a_failed_compile_falls_back_to_eager(model, capsys):

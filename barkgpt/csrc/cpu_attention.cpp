@@ -205,11 +205,65 @@ void backward_impl(const float* dO, Layout lg, const float* Q, Layout lq, const 
   });
 }
 
+
+// One decode step of attention (a query of one token per row) over a KV cache, without writing it.
+// Row b attends its first n = pos[b] cached slots and its own new key/value, which the caller
+// writes into the cache afterwards: nothing the size of the cache is copied, and only the filled
+// slots are read. Softmax attention (Vaswani et al. 2017) in two passes over the row: scores and
+// their max, then exp and the weighted sum of values.
+template <int D>
+void decode_impl(const float* Q, Layout lq, const float* Kc, Layout lkc, const float* Vc, Layout lvc, const float* Kn,
+                 Layout lkn, const float* Vn, Layout lvn, const int64_t* pos, float* O, int64_t B, int64_t H, int64_t Hkv,
+                 int64_t L, float scale) {
+  constexpr int ND = D / 8;
+  const int64_t G = H / Hkv;
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s((L + 1 + 7) / 8 * 8);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / Hkv, hk = bh % Hkv, n = pos[b];
+      const float* kb = Kc + b * lkc.sb + hk * lkc.sh;  // (L, D) rows at stride lkc.st
+      const float* vb = Vc + b * lvc.sb + hk * lvc.sh;
+      const float* kn = Kn + b * lkn.sb + hk * lkn.sh;
+      const float* vn = Vn + b * lvn.sb + hk * lvn.sh;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = hk * G + g;
+        const float* qh = Q + b * lq.sb + h * lq.sh;
+        __m256 qv[ND];
+        for (int j = 0; j < ND; ++j) qv[j] = _mm256_mul_ps(_mm256_loadu_ps(qh + 8 * j), _mm256_set1_ps(scale));
+        float m = -INFINITY;
+        for (int64_t u = 0; u <= n; ++u) {  // slot n is the new token
+          const float* kr = u < n ? kb + u * lkc.st : kn;
+          __m256 acc = _mm256_mul_ps(qv[0], _mm256_loadu_ps(kr));
+          for (int j = 1; j < ND; ++j) acc = _mm256_fmadd_ps(qv[j], _mm256_loadu_ps(kr + 8 * j), acc);
+          s[u] = hsum(acc);
+          m = std::max(m, s[u]);
+        }
+        const int64_t np = (n + 1 + 7) / 8 * 8;
+        for (int64_t u = n + 1; u < np; ++u) s[u] = -INFINITY;
+        __m256 tot = _mm256_setzero_ps(), mv = _mm256_set1_ps(m);
+        for (int64_t u = 0; u < np; u += 8) {
+          __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s.data() + u), mv));
+          _mm256_storeu_ps(s.data() + u, e);
+          tot = _mm256_add_ps(tot, e);
+        }
+        float* out = O + (b * H + h) * D;
+        weighted_rows<D>(s.data(), vb, lvc.st, n, out, 1.f);  // sum over the cached slots
+        const float inv = 1.f / hsum(tot);
+        for (int j = 0; j < ND; ++j) {
+          __m256 o = _mm256_fmadd_ps(_mm256_set1_ps(s[n]), _mm256_loadu_ps(vn + 8 * j), _mm256_loadu_ps(out + 8 * j));
+          _mm256_storeu_ps(out + 8 * j, _mm256_mul_ps(o, _mm256_set1_ps(inv)));
+        }
+      }
+    }
+  });
+}
+
 #define DISPATCH_D(D_, ...)                                              \
   switch (D_) {                                                          \
     case 16: { constexpr int D = 16; __VA_ARGS__; break; }               \
     case 32: { constexpr int D = 32; __VA_ARGS__; break; }               \
-    default: TORCH_CHECK(false, "barkgpt::causal_attention: head size ", D_, " is not 16 or 32"); \
+    case 64: { constexpr int D = 64; __VA_ARGS__; break; }               \
+    default: TORCH_CHECK(false, "barkgpt: head size ", D_, " is not 16, 32 or 64"); \
   }
 
 Layout layout_of(const at::Tensor& x) {
@@ -260,14 +314,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(
   return {dq, dk, dv};
 }
 
+// q (B, 1, H, D); k_cache/v_cache (B, Hkv, L, D); k_new/v_new (B, 1, Hkv, D), any strides with a
+// contiguous last dim; pos (B,) int64 contiguous, each in [0, L]: row b's filled slots.
+// Returns (B, 1, H, D) contiguous: the attention output of each row's one new query.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
+                            const at::Tensor& v_new, const at::Tensor& pos, double scale) {
+  const Layout lq = layout_of(q), lkn = layout_of(k_new), lvn = layout_of(v_new);
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == at::kFloat &&
+                  v_cache.scalar_type() == at::kFloat && k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
+              "barkgpt::decode_attention: k_cache and v_cache must be float32 (B, Hkv, L, D) with a contiguous last dim");
+  const int64_t B = q.size(0), H = q.size(2), D_ = q.size(3), Hkv = k_cache.size(1), L = k_cache.size(2);
+  TORCH_CHECK(q.size(1) == 1, "barkgpt::decode_attention: one query token per row, got ", q.size(1));
+  TORCH_CHECK(k_cache.size(0) == B && k_cache.size(3) == D_ && Hkv >= 1 && H % Hkv == 0,
+              "barkgpt::decode_attention: cache ", k_cache.sizes(), " does not match q ", q.sizes());
+  TORCH_CHECK(k_new.sizes() == v_new.sizes() && k_new.size(0) == B && k_new.size(1) == 1 && k_new.size(2) == Hkv &&
+                  k_new.size(3) == D_,
+              "barkgpt::decode_attention: k_new/v_new must be (B, 1, Hkv, D), got ", k_new.sizes());
+  TORCH_CHECK(pos.dim() == 1 && pos.size(0) == B && pos.scalar_type() == at::kLong && pos.is_contiguous(),
+              "barkgpt::decode_attention: pos must be a contiguous (B,) int64 tensor");
+  const int64_t* p = pos.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(p[b] >= 0 && p[b] <= L, "barkgpt::decode_attention: pos ", p[b], " outside the cache's ", L, " slots");
+  auto out = at::empty({B, 1, H, D_}, q.options());
+  const Layout lkc{k_cache.stride(0), k_cache.stride(2), k_cache.stride(1)}, lvc{v_cache.stride(0), v_cache.stride(2), v_cache.stride(1)};
+  DISPATCH_D(D_, decode_impl<D>(q.data_ptr<float>(), lq, k_cache.data_ptr<float>(), lkc, v_cache.data_ptr<float>(), lvc,
+                                k_new.data_ptr<float>(), lkn, v_new.data_ptr<float>(), lvn, p, out.data_ptr<float>(), B, H, Hkv,
+                                L, static_cast<float>(scale)));
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(barkgpt, m) {
   m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
   m.def("causal_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor p, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor k_new, Tensor v_new, Tensor pos, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(barkgpt, CPU, m) {
   m.impl("causal_attention", &causal_attention);
   m.impl("causal_attention_backward", &causal_attention_backward);
+  m.impl("decode_attention", &decode_attention);
 }
