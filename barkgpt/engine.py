@@ -175,14 +175,15 @@ class StaticKVCache:
     a compiled graph that mutates its inputs copies them whole on every call (a full cache per
     step at batch 16).
 
-    With ``decode_kernel`` (float32 on a CPU with AVX2, see :meth:`attend`) the model calls
-    :meth:`attend` instead of :meth:`update`: the C++ kernel reads each row's filled slots in
-    place, so nothing the size of the cache is copied and the cost follows the rows' lengths.
+    With ``decode_kernel`` (float32 on a CPU with AVX2: :meth:`GPT.decode_kernel
+    <barkgpt.model.GPT.decode_kernel>`) the model calls :meth:`record` instead of :meth:`update`
+    and attends through the C++ kernel, which reads each row's filled slots in place: nothing the
+    size of the cache is copied, and the cost follows the rows' lengths.
 
     Args:
         k, v: (n_layer, B, n_kv_head, max_len, head_dim), e.g. a prefilled :class:`KVCache`'s.
         pos: (B,) int64, how many positions each row holds; advanced in place.
-        decode_kernel: attend through :func:`barkgpt.cpu_attention.decode_attention`.
+        decode_kernel: the model attends through :func:`barkgpt.cpu_attention.decode_attention`.
     """
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, decode_kernel: bool = False):
@@ -203,17 +204,12 @@ class StaticKVCache:
         None with ``decode_kernel`` (:meth:`attend` needs none)."""
         return None if self.decode_kernel else row_causal_mask(self._p, self.max_len)
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """With ``decode_kernel``: attention of each row's new query (B, 1, n_head, hs) over its
-        filled slots and its new key/value (B, 1, n_kv_head, hs), through
-        :func:`barkgpt.cpu_attention.decode_attention`, which reads the cache without the copies
-        :meth:`update` makes; records the new entries. Returns (B, 1, n_head, hs)."""
-        from barkgpt import cpu_attention
-
-        assert q.size(1) == 1, "StaticKVCache serves decode steps of one token per row"
+    def record(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """With ``decode_kernel``: keep layer ``layer``'s new keys/values (B, 1, n_kv_head, hs), as
+        the model's attention reads the cache in place (see :class:`~barkgpt.model.CausalSelfAttention`)."""
+        assert k.size(1) == 1, "StaticKVCache serves decode steps of one token per row"
         self.new_k.append(k.transpose(1, 2))
         self.new_v.append(v.transpose(1, 2))
-        return cpu_attention.decode_attention(q, self.k[layer], self.v[layer], k, v, self.pos)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All slots (B, n_kv_head, max_len, hs) with the new keys/values (B, n_kv_head, 1, hs) at
@@ -738,7 +734,7 @@ class Engine:
 
     def _step(self):
         if self._compiled_step is None:
-            self._decode_kernel = self._use_decode_kernel()
+            self._decode_kernel = self.model.decode_kernel()
             kernel = self._decode_kernel
 
             def step(idx, k, v, pos):  # tensors only: a fresh cache object each call needs no new guard
@@ -748,18 +744,6 @@ class Engine:
 
             self._compiled_step = compile_fn(step, self.device.type, fullgraph=True)
         return self._compiled_step
-
-    def _use_decode_kernel(self) -> bool:
-        """True when the compiled step can attend through the C++ decode kernel: float32 on the CPU,
-        a head size it covers, and :func:`barkgpt.cpu_attention.load` succeeded (built once per
-        machine, ~15 s; ``BARKGPT_CPU_ATTENTION=0`` turns it off)."""
-        from barkgpt import cpu_attention
-
-        c = self.model.config
-        dtype = next(self.model.parameters()).dtype
-        if self.device.type != "cpu" or dtype != torch.float32 or c.head_dim not in cpu_attention.DECODE_HEAD_SIZES:
-            return False
-        return cpu_attention.load(quiet=True)
 
     def decode(self, tokens: Sequence[int], cache: KVCache) -> torch.Tensor:
         """One decode step for the first ``n = len(tokens)`` rows of ``cache``, each at its own

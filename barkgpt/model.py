@@ -87,7 +87,9 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is None and attn_mask is None and cpu_attention.usable(q, dropout_p):  # short contexts on CPU
             return self.resid_dropout(self.c_proj(cpu_attention.causal_attention(q, k, v).view(B, T, C)))
         if getattr(kv_cache, "decode_kernel", False):  # a compiled decode step on CPU: the cache is read, not copied
-            return self.resid_dropout(self.c_proj(kv_cache.attend(self.layer_idx, q, k, v).view(B, T, C)))
+            kv_cache.record(self.layer_idx, k, v)
+            y = cpu_attention.decode_attention(q, kv_cache.k[self.layer_idx], kv_cache.v[self.layer_idx], k, v, kv_cache.pos)
+            return self.resid_dropout(self.c_proj(y.view(B, T, C)))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs), (B, nkv, T, hs)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, L, hs): all cached positions
@@ -260,6 +262,16 @@ class GPT(nn.Module):
         if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
         return n
+
+    def decode_kernel(self) -> bool:
+        """True when a compiled decode step can attend through the C++ decode kernel
+        (:func:`barkgpt.cpu_attention.decode_attention`): float32 weights on the CPU, a head size it
+        covers, and :func:`barkgpt.cpu_attention.load` succeeded (built once per machine, ~15 s;
+        ``BARKGPT_CPU_ATTENTION=0`` turns it off)."""
+        p = next(self.parameters())
+        if p.device.type != "cpu" or p.dtype != torch.float32 or self.config.head_dim not in cpu_attention.DECODE_HEAD_SIZES:
+            return False
+        return cpu_attention.load(quiet=True)
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token: 6 * N (matmul params) + 12 * n_layer * n_embd * block_size

@@ -54,7 +54,7 @@ def test_compiled_decode_equals_eager(model, kernel, monkeypatch):
     if kernel and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip("the decode kernel needs AVX2 and FMA")
     if not kernel:
-        monkeypatch.setattr(Engine, "_use_decode_kernel", lambda self: False)
+        monkeypatch.setattr(GPT, "decode_kernel", lambda self: False)
     eager, compiled = Engine(model), Engine(model, compile=True)
     kw = dict(num_samples=2, max_new_tokens=80, temperature=0.7, seed=3)
     assert list(compiled.generate([1, 2, 3], **kw)) == list(eager.generate([1, 2, 3], **kw))
