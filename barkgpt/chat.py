@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -38,6 +39,16 @@ input: a line ending in \\ continues on the next line; a line of \"\"\" starts a
 Ctrl-C stops a reply; Ctrl-D or /quit leaves."""
 SETTINGS = {"temperature": float, "top_p": float, "top_k": int, "max_tokens": int}
 DIM, RESET = "\x1b[2m", "\x1b[0m"
+# C0 and C1 control characters but tab and newline: a reply (from a model, or a server over the
+# network) that holds them could move the cursor, retitle the window or, with OSC 52, write the
+# clipboard of the terminal it is printed on.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with its control characters but tab and newline shown as ``\\xNN`` escapes, for
+    printing model and server text on a terminal (the conversation keeps the text as it came)."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def open_generator(model: str | Path, device: str = "auto", compile: bool = False, backend: str = "torch"):
@@ -243,7 +254,7 @@ class ChatSession:
                 if not pieces:
                     piece = piece.lstrip()  # the reply continues the template's "Assistant:"
                 pieces.append(piece)
-                self.out.write(piece)
+                self.out.write(terminal_safe(piece))
                 self.out.flush()
         except KeyboardInterrupt:
             stopped = True
@@ -276,7 +287,7 @@ class ChatSession:
             self.note("new conversation")
         elif name == "history":
             for m in self.conversation():
-                self.note(f"{m['role']}: {m['content']}")
+                self.note(f"{m['role']}: {terminal_safe(m['content'])}")
         elif name == "save":
             self.save(arg)
         elif name == "load":
@@ -286,7 +297,7 @@ class ChatSession:
             self.note(f"loaded {arg}")
         elif name == "info":
             settings = ", ".join(f"{k} {v}" for k, v in self.sampling.items())
-            self.note(f"{self.backend.info()}\nsampling: {settings}")
+            self.note(f"{terminal_safe(self.backend.info())}\nsampling: {settings}")
         elif name == "help":
             self.note(HELP)
         else:
@@ -402,7 +413,7 @@ def run_chat(session: ChatSession, interactive: bool) -> None:
                 if not session.command(text.strip()):
                     break
             except BarkError as e:
-                print(f"error: {e}", file=sys.stderr if not interactive else session.out, flush=True)
+                print(f"error: {terminal_safe(str(e))}", file=sys.stderr if not interactive else session.out, flush=True)
             continue
         session.reply(text)
 
