@@ -651,6 +651,25 @@ class PrefixCache:
 # ---- the engine ------------------------------------------------------------------------------
 
 
+def write_new_entries(cache: KVCache, new_k: torch.Tensor, new_v: torch.Tensor) -> None:
+    """Store one decode step's keys/values (n_layer, n, n_kv_head, 1, hs) of the first n rows of
+    ``cache``, each at its own position ``cache.lengths[b]`` (its length is not advanced here).
+
+    One row is a slice assignment; several are one ``index_put_`` over a (B, max_len, ...) view
+    per tensor (at 16 rows ~4x faster than the equivalent ``scatter_`` with an expanded index,
+    which walks every element's index on CPU)."""
+    n = new_k.size(1)
+    if n == 1:
+        p = cache.lengths[0]
+        cache.k[:, 0, :, p : p + 1] = new_k[:, 0]
+        cache.v[:, 0, :, p : p + 1] = new_v[:, 0]
+        return
+    rows = torch.arange(n, device=new_k.device)
+    pos = torch.tensor(cache.lengths[:n], device=new_k.device)
+    for dst, src in ((cache.k, new_k), (cache.v, new_v)):
+        dst.permute(1, 3, 0, 2, 4)[rows, pos] = src[:, :, :, 0].permute(1, 0, 2, 3)  # (n, n_layer, n_kv_head, hs)
+
+
 def batch_bucket(n: int, max_rows: int) -> int:
     """The compiled batch size that serves ``n`` rows of a ``max_rows``-row cache: the next power of
     two, at most ``max_rows``. Row counts from 2 up share one graph whose batch dimension is
@@ -789,13 +808,7 @@ class Engine:
                 self.compile = False
             else:
                 self._compiled_ok = True
-                at = (
-                    torch.tensor(cache.lengths[:n], device=self.device)
-                    .view(1, n, 1, 1, 1)
-                    .expand(new_k.size(0), n, new_k.size(2), 1, new_k.size(4))
-                )
-                cache.k[:, :n].scatter_(3, at, new_k[:, :n])  # the new entries, written outside the graph
-                cache.v[:, :n].scatter_(3, at, new_v[:, :n])
+                write_new_entries(cache, new_k[:, :n], new_v[:, :n])  # outside the graph: see StaticKVCache
                 cache.lengths[:n] = [x + 1 for x in cache.lengths[:n]]
                 return logits[:n]
         view = cache.narrow(n)
