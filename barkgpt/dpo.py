@@ -183,6 +183,15 @@ class DPOTrainer(Trainer):
         self.raw_model.train()
         return out
 
+    def eval_line(self, losses: dict) -> str:
+        """The progress line after an evaluation: DPO losses and the val pairs' reward accuracy and
+        margin (a perplexity of the DPO loss would mean nothing)."""
+        m = losses["metrics"]["val"]
+        return (
+            f"step {self.state.step}: DPO loss train {losses['train']:.4f}, val {losses['val']:.4f}; "
+            f"val reward accuracy {m['rewards/accuracies']:.3f}, margin {m['rewards/margins']:+.4f}"
+        )
+
     def eval_row(self, losses: dict) -> dict:
         """The ``metrics.jsonl`` row: ``val_loss`` and ``eval_train_loss`` (DPO losses), the val
         pairs' metrics under TRL's names, and the train pairs' reward accuracy."""

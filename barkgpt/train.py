@@ -604,10 +604,7 @@ class Trainer:
             if cfg.fit_to_time and st.step < self.cfg.max_iters:  # the evaluation is measured now, and the machine's speed
                 self.refit_to_time()
             if self.bar is not None:
-                self.bar.write(
-                    f"step {st.step}: train {losses['train']:.4f}, val {losses['val']:.4f} "
-                    f"(perplexity {math.exp(losses['val']):.2f})"
-                )
+                self.bar.write(self.eval_line(losses))
             self.t_log, self.tok_log = time.perf_counter(), 0  # keep eval time out of tokens/s
 
     def forward_backward_or_uncompile(self, batches: list[tuple]) -> torch.Tensor:
@@ -776,6 +773,13 @@ class Trainer:
         overrides it and :meth:`eval_row`); ``"val"`` decides ``best/``."""
         # eager model: a compiled one would recompile for eval mode and no_grad, for ~20 forwards
         return estimate_loss(self.raw_model, self.source, self.cfg, self.block_size, self.device, self.autocast, self.token_bytes)
+
+    def eval_line(self, losses: dict) -> str:
+        """The line the progress bar prints after an evaluation's ``losses`` (:meth:`estimate`)."""
+        return (
+            f"step {self.state.step}: train {losses['train']:.4f}, val {losses['val']:.4f} "
+            f"(perplexity {math.exp(losses['val']):.2f})"
+        )
 
     def eval_row(self, losses: dict) -> dict:
         """The ``metrics.jsonl`` row of an evaluation's ``losses`` (:meth:`estimate`)."""

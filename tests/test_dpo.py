@@ -226,3 +226,14 @@ def test_bark_dpo_preset_routes_train_to_dpo(tmp_path):
     last = json.loads((tmp_path / "d" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 2 and "rewards/accuracies" in last
     assert json.loads((tmp_path / "d" / "last" / "config.json").read_text())["dpo"]["beta"] == 0.1
+
+
+def test_the_progress_line_reports_reward_accuracy_not_a_perplexity():
+    """A perplexity of the DPO loss means nothing: the line after an eval gives the val pairs' metrics."""
+    from types import SimpleNamespace
+
+    from barkgpt.dpo import DPOTrainer
+
+    losses = {"train": 0.6, "val": 0.69, "metrics": {"val": {"rewards/accuracies": 0.5625, "rewards/margins": 0.0123}}}
+    line = DPOTrainer.eval_line(SimpleNamespace(state=SimpleNamespace(step=7)), losses)
+    assert line == "step 7: DPO loss train 0.6000, val 0.6900; val reward accuracy 0.562, margin +0.0123"
