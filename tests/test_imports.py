@@ -76,6 +76,7 @@ ALLOWED = {
             "native_protocol",
             "errors",
             "scheduler",
+            "handoff",  # the worker -> event loop token hand-off (scheduler's mailboxes)
             "security",
             "app",
             "host",

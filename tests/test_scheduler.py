@@ -206,7 +206,8 @@ def test_steps_sent_while_the_loop_is_busy_wake_it_once_and_arrive_together():
     waking the loop per step; the request then takes every ready token at once, the end last."""
     import threading
 
-    from barkgpt.server.scheduler import Request, _send
+    from barkgpt.server.handoff import send as _send
+    from barkgpt.server.scheduler import Request
 
     class CountingLoop(asyncio.SelectorEventLoop):  # a real loop that counts its thread-safe wake-ups
         wakeups = 0
@@ -235,5 +236,43 @@ def test_steps_sent_while_the_loop_is_busy_wake_it_once_and_arrive_together():
 
         assert loop.run_until_complete(go()) == (5, [6, 7, 8], [])
         assert CountingLoop.wakeups == 1
+    finally:
+        loop.close()
+
+
+def test_a_steps_tokens_wait_for_the_stream_interval_then_flush_sends_them(monkeypatch):
+    """At one stream a decode step is shorter than the stream interval: a step's tokens sent with
+    ``hold`` soon after a wake-up wait (no wake-up), and the worker's ``flush`` sends them; an
+    end or error (sent without ``hold``) goes at once."""
+    from barkgpt.server import handoff
+    from barkgpt.server.scheduler import Request
+
+    monkeypatch.setattr(handoff, "STREAM_INTERVAL_S", 60.0)  # "soon after" even on a slow machine
+
+    class CountingLoop(asyncio.SelectorEventLoop):
+        wakeups = 0
+
+        def call_soon_threadsafe(self, *args, **kwargs):
+            CountingLoop.wakeups += 1
+            return super().call_soon_threadsafe(*args, **kwargs)
+
+    loop = CountingLoop()
+    try:
+
+        async def go():
+            req = Request([1], SamplingParams(max_new_tokens=4), asyncio.get_running_loop())
+            handoff.send([(req, 5)], hold=True)  # the first wake-up of this loop: at once
+            assert await req.__anext__() == 5 and CountingLoop.wakeups == 1
+            handoff.send([(req, 6)], hold=True)  # within the interval of that wake-up: held
+            await asyncio.sleep(0)
+            assert req.ready() == [] and CountingLoop.wakeups == 1
+            handoff.flush()  # still within the interval: stays held
+            assert CountingLoop.wakeups == 1
+            handoff.flush(force=True)  # the worker goes idle: sent
+            assert await req.__anext__() == 6 and CountingLoop.wakeups == 2
+            handoff.send([(req, None)])  # the end: never held
+            return [x async for x in req], CountingLoop.wakeups
+
+        assert loop.run_until_complete(go()) == ([], 3)
     finally:
         loop.close()

@@ -13,11 +13,9 @@ the engine decodes each at its own. Each row samples with its own settings and i
 ``torch.Generator`` (:func:`~barkgpt.engine.sample_rows`), so a request's tokens do not depend on
 what else is running (up to float rounding of batched matmuls).
 
-The scheduler works on token ids only; ``streaming.py`` turns them into text. Tokens reach the asyncio
-side through a mailbox per event loop: one ``loop.call_soon_threadsafe`` hands a decode step's
-tokens for all rows over, and while that hand-off waits for the loop, later steps join it
-instead of waking the loop again; so the event loop never waits on the model and wakes at most
-once per step.
+The scheduler works on token ids only; ``streaming.py`` turns them into text. Tokens reach the
+asyncio side through :mod:`barkgpt.server.handoff` (a mailbox per event loop, at most one
+wake-up per step and per :data:`~barkgpt.server.handoff.STREAM_INTERVAL_S`).
 """
 
 from __future__ import annotations
@@ -28,13 +26,13 @@ import logging
 import sys
 import threading
 import time
-import weakref
 
 import torch
 
 from barkgpt.common import BarkError
 from barkgpt.config import SamplingParams
 from barkgpt.engine import Engine, KVCache, Row, row_logprobs, sample_rows
+from barkgpt.server.handoff import flush, send
 
 log = logging.getLogger("barkgpt.server")
 
@@ -81,7 +79,7 @@ class Request:
 
     def _put(self, item) -> None:
         """Hand a token id, None (the end) or an exception to the event loop (worker thread)."""
-        _send([(self, item)])
+        send([(self, item)])
 
     def _push(self, item) -> None:
         """Event-loop side of :meth:`_put`: queue ``item`` and wake the waiting iteration."""
@@ -116,52 +114,6 @@ class Request:
                 raise StopAsyncIteration
             raise item
         return item
-
-
-class _Mailbox:
-    """What the worker has sent one event loop and the loop has not taken yet: while a delivery is
-    scheduled, later steps add to it instead of waking the loop again (one self-pipe write, and
-    one callback, however far the loop is behind)."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.items: list[tuple[Request, object]] = []
-        self.scheduled = False
-
-    def deliver(self) -> None:
-        """Event-loop side: hand every waiting item to its request, in order."""
-        with self.lock:
-            items, self.items, self.scheduled = self.items, [], False
-        for req, item in items:
-            req._push(item)
-
-
-_mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its _Mailbox
-_mailboxes_lock = threading.Lock()
-
-
-def _send(items: list[tuple[Request, object]]) -> None:
-    """Hand one step's items to the event loops (at most one wake-up per loop, not per token)."""
-    loops: dict[asyncio.AbstractEventLoop, list] = {}
-    for req, item in items:
-        loops.setdefault(req.loop, []).append((req, item))
-    for loop, batch in loops.items():
-        with _mailboxes_lock:
-            box = _mailboxes.get(loop)
-            if box is None:
-                box = _mailboxes[loop] = _Mailbox()
-        with box.lock:
-            box.items.extend(batch)
-            wake, box.scheduled = not box.scheduled, True
-        if not wake:
-            continue
-        try:
-            loop.call_soon_threadsafe(box.deliver)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            with box.lock:
-                dropped, box.items, box.scheduled = box.items, [], False
-            for req, _ in dropped:
-                req.cancelled = True
 
 
 class _Row(Row):
@@ -284,6 +236,7 @@ class Scheduler:
                 except Exception as e:  # noqa: BLE001 - fail the running requests, keep serving
                     log.exception("generation failed")
                     self._fail_all(RuntimeError(f"generation failed: {type(e).__name__}"))
+                flush(force=not self._rows)  # nothing left to decode: send what is held now
             self._fail_all(ShuttingDown("the server shut down before the request finished"))
 
     def _fail_all(self, error: Exception) -> None:
@@ -365,7 +318,7 @@ class Scheduler:
             done.append(t in self.stop_ids or len(row.generated) >= p.max_new_tokens)
             if done[-1]:
                 items.append((req, None))
-        _send(items)
+        send(items, hold=True)
         return done
 
     def _remove(self, rows: list[int]) -> None:
