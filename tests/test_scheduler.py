@@ -201,6 +201,18 @@ def test_prefix_cache_reuses_a_previous_turn_and_changes_no_token(model):
     assert cached_engine.prefix_cache.hits >= 2 * (4 + 5) + 2 * 7
 
 
+class CountingLoop(asyncio.SelectorEventLoop):
+    """A real event loop that counts its thread-safe wake-ups."""
+
+    def __init__(self):
+        super().__init__()
+        self.wakeups = 0
+
+    def call_soon_threadsafe(self, *args, **kwargs):
+        self.wakeups += 1
+        return super().call_soon_threadsafe(*args, **kwargs)
+
+
 def test_steps_sent_while_the_loop_is_busy_wake_it_once_and_arrive_together():
     """A worker that runs ahead of a busy event loop adds to the pending hand-off instead of
     waking the loop per step; the request then takes every ready token at once, the end last."""
@@ -208,13 +220,6 @@ def test_steps_sent_while_the_loop_is_busy_wake_it_once_and_arrive_together():
 
     from barkgpt.server.handoff import send as _send
     from barkgpt.server.scheduler import Request
-
-    class CountingLoop(asyncio.SelectorEventLoop):  # a real loop that counts its thread-safe wake-ups
-        wakeups = 0
-
-        def call_soon_threadsafe(self, *args, **kwargs):
-            CountingLoop.wakeups += 1
-            return super().call_soon_threadsafe(*args, **kwargs)
 
     loop = CountingLoop()
     try:
@@ -235,7 +240,7 @@ def test_steps_sent_while_the_loop_is_busy_wake_it_once_and_arrive_together():
             return first, ready, rest
 
         assert loop.run_until_complete(go()) == (5, [6, 7, 8], [])
-        assert CountingLoop.wakeups == 1
+        assert loop.wakeups == 1
     finally:
         loop.close()
 
@@ -249,29 +254,22 @@ def test_a_steps_tokens_wait_for_the_stream_interval_then_flush_sends_them(monke
 
     monkeypatch.setattr(handoff, "STREAM_INTERVAL_S", 60.0)  # "soon after" even on a slow machine
 
-    class CountingLoop(asyncio.SelectorEventLoop):
-        wakeups = 0
-
-        def call_soon_threadsafe(self, *args, **kwargs):
-            CountingLoop.wakeups += 1
-            return super().call_soon_threadsafe(*args, **kwargs)
-
     loop = CountingLoop()
     try:
 
         async def go():
             req = Request([1], SamplingParams(max_new_tokens=4), asyncio.get_running_loop())
             handoff.send([(req, 5)], hold=True)  # the first wake-up of this loop: at once
-            assert await req.__anext__() == 5 and CountingLoop.wakeups == 1
+            assert await req.__anext__() == 5 and loop.wakeups == 1
             handoff.send([(req, 6)], hold=True)  # within the interval of that wake-up: held
             await asyncio.sleep(0)
-            assert req.ready() == [] and CountingLoop.wakeups == 1
+            assert req.ready() == [] and loop.wakeups == 1
             handoff.flush()  # still within the interval: stays held
-            assert CountingLoop.wakeups == 1
+            assert loop.wakeups == 1
             handoff.flush(force=True)  # the worker goes idle: sent
-            assert await req.__anext__() == 6 and CountingLoop.wakeups == 2
+            assert await req.__anext__() == 6 and loop.wakeups == 2
             handoff.send([(req, None)])  # the end: never held
-            return [x async for x in req], CountingLoop.wakeups
+            return [x async for x in req], loop.wakeups
 
         assert loop.run_until_complete(go()) == ([], 3)
     finally:
