@@ -83,6 +83,7 @@ class TrainState:
     elapsed_s: float = 0.0  # wall clock seconds of the run, across resumes
     run_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)  # ties best/ to this run's last/
     eval_pending: bool = False  # interrupted in this step's evaluation: the resumed run redoes it
+    last_eval_step: int | None = None  # the latest evaluation's step (None: none yet, evals on the eval_interval grid)
     world_size: int = 1  # processes that trained it (the batch stream depends on it)
     sampler: dict | None = None  # the batch sampler's ``np.random.Generator.bit_generator.state``
     rng: dict | None = None  # :func:`rng_state` (Python, NumPy, torch)

@@ -558,8 +558,17 @@ class Trainer:
         return self.summary(interrupted)
 
     def eval_due(self) -> bool:
-        """Whether the step just done is evaluated (every ``eval_interval`` steps, and the last)."""
-        return self.state.step % self.cfg.eval_interval == 0 or self.state.step == self.cfg.max_iters
+        """Whether the step just done is evaluated: ``eval_interval`` steps after the latest
+        evaluation (the first at ``eval_interval``), and the last step. Counting from the latest
+        evaluation rather than on a grid of multiples matters when ``fit_to_time`` changes the
+        interval: the next evaluation then comes a whole new interval later, not at the next
+        multiple of it (which could be a few steps away)."""
+        st, cfg = self.state, self.cfg
+        if st.step == cfg.max_iters:
+            return True
+        if st.last_eval_step is None:
+            return st.step % cfg.eval_interval == 0
+        return st.step - st.last_eval_step >= cfg.eval_interval
 
     def train_step(self) -> None:
         """One step, as a transaction: take the sampler and RNG states, draw the batches,
@@ -732,9 +741,11 @@ class Trainer:
         return self.clock.eta(self.cfg.max_iters - self.state.step, self.evals_left())
 
     def evals_left(self) -> int:
-        """Evaluations still due: one every ``eval_interval`` steps and one at ``max_iters``."""
-        cfg = self.cfg
-        return math.ceil(cfg.max_iters / cfg.eval_interval) - self.state.step // cfg.eval_interval
+        """Evaluations still due (:meth:`eval_due`): one every ``eval_interval`` steps after the
+        latest and one at ``max_iters``."""
+        cfg, st = self.cfg, self.state
+        last = st.last_eval_step if st.last_eval_step is not None else st.step - st.step % cfg.eval_interval
+        return max(0, math.ceil((cfg.max_iters - last) / cfg.eval_interval))
 
     def mfu(self, tokens_per_s: float) -> float | None:
         """Model FLOPs utilization of all ranks together; None off known GPUs."""
@@ -751,6 +762,7 @@ class Trainer:
         """
         st = self.state
         st.eval_pending = True  # until last/ holds this evaluation's outcome
+        st.last_eval_step = st.step
         losses = self.estimate()
         self.hook("eval", st.step)
         self.log(self.eval_row(losses))

@@ -2,6 +2,7 @@
 torn metrics lines), SIGINT held through the update, NaN guard, bad input."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -282,3 +283,26 @@ def test_sigint_is_held_through_the_update_and_raised_after_it():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.5)
     assert done == ["update"]
+
+
+def test_evaluations_count_from_the_latest_one_when_the_interval_changes():
+    """``fit_to_time`` can change ``eval_interval`` right after an evaluation: the next one is a
+    whole new interval later, not at the next multiple of the new interval a few steps on; a run
+    that never changes it evaluates on the same grid as before (state without an evaluation yet,
+    or from an older checkpoint, is on the grid)."""
+    from types import SimpleNamespace
+
+    from barkgpt.checkpoint import TrainState
+    from barkgpt.train import Trainer
+
+    def trainer(step, last, interval, max_iters=3000):
+        st = TrainState(step=step, last_eval_step=last)
+        return SimpleNamespace(state=st, cfg=SimpleNamespace(eval_interval=interval, max_iters=max_iters))
+
+    due = lambda *a: Trainer.eval_due(trainer(*a))  # noqa: E731
+    left = lambda *a: Trainer.evals_left(trainer(*a))  # noqa: E731
+    assert [s for s in range(1, 1300) if due(s, None, 576)] == [576, 1152]  # no evaluation yet: the grid
+    assert not due(586, 576, 586) and due(1162, 576, 586)  # re-fitted to 586 after the eval at 576
+    assert due(3000, 2900, 586)  # the last step always
+    assert left(600, 576, 586) == math.ceil((3000 - 576) / 586) == left(1000, 576, 586)
+    assert left(700, None, 100) == math.ceil(3000 / 100) - 700 // 100  # the grid's count, as before
