@@ -252,15 +252,16 @@ CHAT_TURNS = [
 ]
 
 
-async def chat_ttfts(base: str, max_tokens: int) -> tuple[list[float], list[str]]:
+async def chat_ttfts(base: str, max_tokens: int, tag: str = "") -> tuple[list[float], list[str]]:
     """A 10-turn greedy chat, each turn resending the conversation; time to first token (s) and
-    reply per turn."""
+    reply per turn. ``tag`` opens the first message, so chats with different tags share no
+    prefix (each repeat's turn 1 is a prefix-cache miss)."""
     import httpx2 as httpx
 
     messages, ttfts, replies = [], [], []
     async with httpx.AsyncClient(base_url=base, headers={"Authorization": "Bearer bench"}, timeout=300) as client:
-        for text in CHAT_TURNS:
-            messages.append({"role": "user", "content": text})
+        for i, text in enumerate(CHAT_TURNS):
+            messages.append({"role": "user", "content": f"{tag}{text}" if i == 0 else text})
             body = {"model": "bench", "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
             t0, ttft, reply = time.perf_counter(), None, ""
             async with client.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -278,19 +279,24 @@ async def chat_ttfts(base: str, max_tokens: int) -> tuple[list[float], list[str]
     return ttfts, replies
 
 
-def chat_bench(max_tokens: int) -> dict:
+def chat_bench(max_tokens: int, repeats: int = 5) -> dict:
     """TTFT per turn of :func:`chat_ttfts` with and without the prefix cache, on servers as they
     start by default (compiled decode step). The prefill is eager either way; but the first
     *visible* token can need a decode step or two more (a leading space is stripped, a byte of a
     character waits for the rest), which an eager server pays at ~4.5 ms each at turn 10's
-    context, so an eager bench measures the reply's first characters as much as the prefill."""
+    context, so an eager bench measures the reply's first characters as much as the prefill.
+    Each turn's TTFT is the median over ``repeats`` chats that share no prefix."""
     model = make_chat_model()
     out = {}
     for name, flags in (("prefix_cache", ()), ("no_prefix_cache", ("--no-prefix-cache",))):
         proc, base = start_server(model, *flags)
         try:
-            asyncio.run(chat_ttfts(base, 2))  # warm up
-            out[name] = dict(zip(("ttft_s", "replies"), asyncio.run(chat_ttfts(base, max_tokens))))
+            asyncio.run(chat_ttfts(base, 2, "Warm up. "))
+            runs = [asyncio.run(chat_ttfts(base, max_tokens, f"Chat {r}. ")) for r in range(repeats)]
+            out[name] = {
+                "ttft_s": [round(statistics.median(t), 4) for t in zip(*(ttfts for ttfts, _ in runs))],
+                "replies": [replies for _, replies in runs],
+            }
             with urllib.request.urlopen(
                 urllib.request.Request(base + "/metrics", headers={"Authorization": "Bearer bench"})
             ) as r:
