@@ -20,7 +20,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -398,6 +400,10 @@ def run_chat(session: ChatSession, interactive: bool) -> None:
     """The REPL loop: read a message, run it as a command or send it, until Ctrl-D or ``/quit``."""
     if interactive:
         start_readline()
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN and threading.current_thread() is threading.main_thread():
+            # started with SIGINT ignored (a shell's background job, nohup): Python then keeps it
+            # ignored, and Ctrl-C could not stop a reply; a terminal chat wants it back
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     while True:
         try:
             text = read_message(interactive)
