@@ -92,6 +92,22 @@ def rewrite_rows(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+def truncate_for_resume(metrics_path: Path, samples_path: Path, step: int, redo_eval: bool) -> None:
+    """Keep the ``metrics.jsonl`` and ``samples.jsonl`` rows a run resumed at ``step`` has already
+    written: those before ``step``, and those at it unless ``redo_eval`` (the resumed run redoes
+    that step's evaluation, so its val row and sample go). Missing files are left alone."""
+    for path in (metrics_path, samples_path):
+        if path.exists():
+            rewrite_rows(
+                path,
+                [
+                    r
+                    for r in read_rows(path)
+                    if r["step"] < step or r["step"] == step and not (redo_eval and (path == samples_path or "val_loss" in r))
+                ],
+            )
+
+
 def pyplot():
     """matplotlib's ``pyplot`` on the file-only Agg backend (no display needed)."""
     import matplotlib

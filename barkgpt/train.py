@@ -79,7 +79,7 @@ from barkgpt.engine import Engine
 from barkgpt.model import GPT
 from barkgpt.optim import build_optimizers
 from barkgpt.planner import REFIT_STEPS, StepClock
-from barkgpt.runlog import METRICS_NAME, SAMPLES_NAME, append_row, plot_run, read_rows, rewrite_rows
+from barkgpt.runlog import METRICS_NAME, SAMPLES_NAME, append_row, plot_run, truncate_for_resume
 from barkgpt.tokenizer import Tokenizer
 from barkgpt.trackers import Trackers
 
@@ -483,17 +483,7 @@ class Trainer:
             atomic_write_text(self.metrics_path, "")
             self.samples_path.unlink(missing_ok=True)
             return
-        step, redo = self.state.step, self.state.eval_pending
-        for path in (self.metrics_path, self.samples_path):
-            if path.exists():
-                rewrite_rows(
-                    path,
-                    [
-                        r
-                        for r in read_rows(path)
-                        if r["step"] < step or r["step"] == step and not (redo and (path == self.samples_path or "val_loss" in r))
-                    ],
-                )
+        truncate_for_resume(self.metrics_path, self.samples_path, self.state.step, self.state.eval_pending)
 
     def setup_runtime(self) -> None:
         """The CPU kernel and denormal setting, ``torch.compile``, autocast and the loss scaler;

@@ -36,7 +36,7 @@ from barkgpt.data import BUILTIN_DATASETS, TokenWindows, builtin_dataset, prepar
 from barkgpt.numpy.generate import Engine
 from barkgpt.numpy.model import GPT, load_weights, replace_vocab
 from barkgpt.numpy.optim import AdamW, clip_grad_norm, get_lr
-from barkgpt.runlog import METRICS_NAME, SAMPLES_NAME, append_row, plot_run, read_rows, rewrite_rows
+from barkgpt.runlog import METRICS_NAME, SAMPLES_NAME, append_row, plot_run, truncate_for_resume
 from barkgpt.tokenizer import Tokenizer
 
 STATE_NAME = "trainer_state.json"  # step, best val loss, sampler and dropout generator states
@@ -249,15 +249,7 @@ class Trainer:
             atomic_write_text(self.metrics_path, "")
             self.samples_path.unlink(missing_ok=True)
             return
-        step, redo = self.state.step, self.state.eval_pending
-        for path in (self.metrics_path, self.samples_path):
-            if path.exists():
-                keep = [
-                    r
-                    for r in read_rows(path)
-                    if r["step"] < step or r["step"] == step and not (redo and (path == self.samples_path or "val_loss" in r))
-                ]
-                rewrite_rows(path, keep)
+        truncate_for_resume(self.metrics_path, self.samples_path, self.state.step, self.state.eval_pending)
 
     def run(self) -> dict:
         """Train from ``state.step`` to ``cfg.max_iters``; a SIGINT saves ``last/`` and returns the summary."""
