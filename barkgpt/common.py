@@ -301,14 +301,21 @@ def progress(total: int | None = None, desc: str = "", unit: str = "it", **kwarg
 
 def get_lr(it: int, cfg) -> float:
     """Learning rate at step ``it`` of a :class:`~barkgpt.config.TrainConfig`: linear warmup to
-    ``learning_rate`` over ``warmup_iters``, cosine decay to ``min_lr`` at ``lr_decay_iters``,
-    then ``min_lr`` (SGDR, Loshchilov & Hutter 2016; nanoGPT's ``get_lr``). Shared by the torch
-    and NumPy trainers, so both follow one schedule."""
+    ``learning_rate`` over ``warmup_iters``, then to ``min_lr`` at ``lr_decay_iters`` and
+    ``min_lr`` after it. The decay is ``cfg.lr_schedule``: ``cosine`` (SGDR, Loshchilov & Hutter
+    2016; nanoGPT's ``get_lr``), or ``wsd``, warmup-stable-decay: constant, then linear over the
+    last ``lr_cooldown_frac`` of the steps after warmup (Hu et al. 2024, MiniCPM; Hagele et al.
+    2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations"; the
+    modded-nanogpt speedruns' schedule). Shared by the torch and NumPy trainers, so both follow
+    one schedule."""
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
     if it >= cfg.lr_decay_iters:
         return cfg.min_lr
-    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)  # [0, 1)
+    if cfg.lr_schedule == "wsd":
+        decay = min(1.0, (1.0 - ratio) / cfg.lr_cooldown_frac)  # 1 until the cooldown, then linear to 0
+        return cfg.min_lr + decay * (cfg.learning_rate - cfg.min_lr)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 

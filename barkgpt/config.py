@@ -130,9 +130,12 @@ class TrainConfig:
     min_lr: float = 1e-4  # learning rate at the end of cosine decay
     warmup_iters: int = 100  # linear warmup steps
     lr_decay_iters: int | None = None  # steps of cosine decay; None means max_iters
+    lr_schedule: str = "cosine"  # cosine to min_lr after warmup, or wsd: constant, then linear to min_lr
+    lr_cooldown_frac: float = 0.4  # wsd: the share of the steps after warmup that decay to min_lr
     max_iters: int = 2000  # optimizer steps
     optimizer: str = "adamw"  # adamw, or muon: Muon for the blocks' 2-D weight matrices, AdamW for the rest
     muon_learning_rate: float | None = None  # Muon's peak learning rate (None: learning_rate; its update RMS matches AdamW's)
+    muon_ns_steps: int = 5  # Muon's Newton-Schulz iterations per step (torch.optim.Muon's 5; 3 costs 3/5 of the time)
     weight_decay: float = 0.1  # AdamW weight decay on 2-D weights (not norms, biases)
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.99  # AdamW beta2
@@ -164,8 +167,14 @@ class TrainConfig:
             raise BarkError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
         if self.optimizer == "muon" and self.fsdp:
             raise BarkError("--optimizer muon needs whole weight matrices, which --fsdp shards; use DDP (drop --fsdp) or AdamW")
+        if not 1 <= self.muon_ns_steps <= 10:
+            raise BarkError(f"muon_ns_steps must be between 1 and 10, got {self.muon_ns_steps}")
         if self.muon_learning_rate is not None and self.muon_learning_rate <= 0:
             raise BarkError(f"muon_learning_rate must be positive, got {self.muon_learning_rate}")
+        if self.lr_schedule not in ("cosine", "wsd"):
+            raise BarkError(f"lr_schedule must be cosine or wsd, got {self.lr_schedule!r}")
+        if not 0 < self.lr_cooldown_frac <= 1:
+            raise BarkError(f"lr_cooldown_frac must be in (0, 1], got {self.lr_cooldown_frac}")
         if not 0 <= self.min_lr <= self.learning_rate:
             raise BarkError(f"min_lr ({self.min_lr}) must be between 0 and learning_rate ({self.learning_rate})")
         if self.lr_decay_iters is None:

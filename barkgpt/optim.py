@@ -139,7 +139,7 @@ def build_optimizers(model: GPT, cfg: TrainConfig, device: str) -> list[torch.op
     AdamW: weight decay on 2-D weights only (nanoGPT's split), fused kernels where available.
     Muon takes the 2-D matrices inside the transformer blocks (attention and MLP projections; not
     embeddings, the output head, the MoE router, or 3-D expert stacks) with
-    ``cfg.muon_learning_rate`` and ``match_rms_adamw``. Each param group carries ``lr_scale``, its
+    ``cfg.muon_learning_rate``, ``cfg.muon_ns_steps`` and ``match_rms_adamw``. Each param group carries ``lr_scale``, its
     learning rate relative to ``cfg.learning_rate``, which the schedule multiplies in.
 
     ``cfg.optimizer`` is ``adamw`` or ``muon`` (``TrainConfig`` refuses any other name).
@@ -166,6 +166,7 @@ def build_optimizers(model: GPT, cfg: TrainConfig, device: str) -> list[torch.op
                 lr=lr,
                 weight_decay=cfg.weight_decay,
                 adjust_lr_fn="match_rms_adamw",
+                ns_steps=cfg.muon_ns_steps,
                 ns_dtype=ns_dtype,
             )
         )

@@ -19,7 +19,9 @@ source: a third kind of text, on every machine).
     python bench/bench_autopilot.py [--budgets 2m,10m] [--corpora shakespeare,tinystories,stdlib]
         [--sizes 2x64,4x128,6x256] [--lrs 0.001,0.002,0.004] [--no-results]
 
-The full acceptance (3 corpora x 2 budgets x 10 runs) takes about 4.5 hours; a short version:
+The full acceptance (3 corpora x 2 budgets x 10 runs) takes about 4.5 hours; while the file
+``bench/out/autopilot/pause`` exists no new run starts (the machine is free for something else
+between runs, and every run still gets it alone). A short version:
 ``--budgets 1m --corpora shakespeare --sizes 2x64,4x128 --lrs 0.002,0.004``.
 """
 
@@ -66,6 +68,8 @@ def corpus_path(name: str) -> Path:
 def run(label: str, data: Path, budget: str, seconds: float, flags: list[str]) -> dict:
     """One run in a fresh process: its wall clock, val bits per byte and ETA check."""
     out_dir = OUT / label
+    while (OUT / "pause").exists():  # `touch bench/out/autopilot/pause` frees the machine between runs
+        time.sleep(1)
     cmd = [sys.executable, "-m", "barkgpt", "train", "--data", str(data), "--budget", budget, "--out-dir", str(out_dir), *flags]
     t0 = time.time()
     stamps, proc = watch(cmd, out_dir / "metrics.jsonl")

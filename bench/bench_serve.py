@@ -108,9 +108,11 @@ def start_server(model: Path, *flags: str) -> tuple[subprocess.Popen, str]:
     sys.exit("barkgpt serve did not come up in 10 minutes")
 
 
-def engine_tokens_per_s(model_dir: Path, max_tokens: int, repeats: int = 8) -> float:
-    """In-process ``Engine.generate`` at batch 1 with the compiled step (compiled first), on the
-    server's thread count (all cores but one), from the same prompt as the load."""
+def engine_tokens_per_s(model_dir: Path, max_tokens: int, repeats: int = 8, rows: int = 1) -> float:
+    """In-process ``Engine.generate`` with the compiled step (compiled first), on the server's
+    thread count (all cores but one), from the same prompt as the load: ``rows`` rows of one
+    prompt decoded together (``num_samples``), each with its own seed. At 16 rows it is the
+    batching a server could reach with no HTTP at all (``engine_16_vs_1``)."""
     import torch
 
     from barkgpt.checkpoint import load_checkpoint
@@ -120,8 +122,9 @@ def engine_tokens_per_s(model_dir: Path, max_tokens: int, repeats: int = 8) -> f
     model, tok, _ = load_checkpoint(model_dir, torch.device("cpu"))
     engine, ids = Engine(model, compile=True), tok.encode("ROMEO:")
 
-    def run(seed):  # tokens generated for one seeded sample
-        return sum(1 for _ in engine.generate(ids, max_new_tokens=max_tokens, temperature=0.8, seed=seed))
+    def run(seed):  # tokens generated for one seeded sample of `rows` rows
+        steps = engine.generate(ids, max_new_tokens=max_tokens, temperature=0.8, seed=seed * rows, num_samples=rows)
+        return sum(sum(t is not None for t in step) for step in steps)
 
     with torch.inference_mode():
         run(0)  # compile
@@ -393,6 +396,7 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=30)
     engine_1 = engine_tokens_per_s(model, a.max_tokens)  # the servers are gone: the cores are its own
+    engine_16 = engine_tokens_per_s(model, a.max_tokens, repeats=4, rows=16)
     rows = []
     for c in levels:  # each level over all rounds
         xs = [rd[c] for rd in rounds]
@@ -422,6 +426,8 @@ def main() -> None:
         "compiled_vs_eager_16": round(statistics.median(on_off), 2),
         "engine_compiled_tokens_per_s_1": engine_1,
         "server_1_vs_engine": round(server_1 / engine_1, 2),
+        "engine_compiled_tokens_per_s_16": engine_16,
+        "engine_16_vs_1": round(engine_16 / engine_1, 2),
     }
     if a.chat:
         summary["chat"] = chat_bench(a.chat_max_tokens)

@@ -38,6 +38,33 @@ def test_newton_schulz_orthogonalizes():
         assert torch.allclose(newton_schulz(g, dtype=torch.float64).float(), x, atol=1e-3)
 
 
+def test_muon_ns_steps_reach_the_optimizer_and_change_the_update():
+    from barkgpt.common import BarkError
+
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32))
+    _, muon = build_optimizers(model, TrainConfig(optimizer="muon", muon_ns_steps=3), "cpu")
+    assert muon.param_groups[0]["ns_steps"] == 3
+    g = torch.randn(32, 96, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(newton_schulz(g, 3), newton_schulz(g, 5), atol=1e-3)  # the knob is not a no-op
+    with pytest.raises(BarkError, match="muon_ns_steps"):
+        TrainConfig(optimizer="muon", muon_ns_steps=0)
+
+
+def test_wsd_schedule_holds_then_decays_linearly():
+    from barkgpt.common import BarkError, get_lr
+
+    cfg = TrainConfig(learning_rate=1e-2, min_lr=0.0, warmup_iters=10, max_iters=110, lr_schedule="wsd", lr_cooldown_frac=0.4)
+    assert get_lr(9, cfg) == pytest.approx(1e-2 * 10 / 11)  # the same warmup as cosine
+    assert get_lr(10, cfg) == get_lr(70, cfg) == pytest.approx(1e-2)  # stable until 60% of the 100 steps after warmup
+    assert get_lr(80, cfg) == pytest.approx(1e-2 * 0.75) and get_lr(90, cfg) == pytest.approx(1e-2 * 0.5)
+    assert get_lr(110, cfg) == 0.0 and get_lr(109, cfg) == pytest.approx(1e-2 / 40)
+    cosine = TrainConfig(learning_rate=1e-2, min_lr=0.0, warmup_iters=10, max_iters=110)
+    assert get_lr(70, cosine) < get_lr(70, cfg)  # not the cosine
+    for bad in ({"lr_schedule": "linear"}, {"lr_cooldown_frac": 0.0}):
+        with pytest.raises(BarkError, match=next(iter(bad))):
+            TrainConfig(**bad)
+
+
 def test_parameter_split():
     model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, n_expert=4, n_expert_per_token=2))
     adamw_only = build_optimizers(model, TrainConfig(optimizer="adamw"), "cpu")

@@ -274,3 +274,24 @@ def test_a_steps_tokens_wait_for_the_stream_interval_then_flush_sends_them(monke
         assert loop.run_until_complete(go()) == ([], 3)
     finally:
         loop.close()
+
+
+def test_first_tokens_and_ends_are_not_held_for_the_stream_interval(model, monkeypatch):
+    """With a stream interval far longer than the test, a second request's first token and a
+    short request's end still arrive while a long request decodes: only middle tokens wait."""
+    from barkgpt.server import handoff
+
+    monkeypatch.setattr(handoff, "STREAM_INTERVAL_S", 60.0)
+    sched = Scheduler(Engine(model), stop_ids=[], max_batch_size=4)
+
+    async def go():
+        long = sched.submit([1, 2, 3], SamplingParams(max_new_tokens=28, temperature=0))
+        assert isinstance(await long.__anext__(), int)  # the first token of the first request
+        short = sched.submit([4, 5], SamplingParams(max_new_tokens=3, temperature=0))
+        got = await collect(short)  # its first token and its end, while `long` still runs
+        running = sched.running == 1  # `long` has not finished: the end above was not waiting on it
+        long.cancel()
+        return got, running
+
+    got, running = run(sched, go)
+    assert len(got) == 3 and running

@@ -4,9 +4,9 @@ One mailbox per event loop: one ``loop.call_soon_threadsafe`` hands a decode ste
 all of that loop's requests over, and while that hand-off waits for the loop, later steps join it
 instead of waking the loop again, so the event loop never waits on the model and wakes at most
 once per step. While its streams decode, a loop is also woken at most once per
-:data:`STREAM_INTERVAL_S`: at one stream a decode step is shorter than that, and two steps' tokens
-then make one chunk (vLLM's ``--stream-interval``, in time), so the loop's Python work (rendering
-and writing chunks) takes the GIL from the worker half as often.
+:data:`STREAM_INTERVAL_S`: the steps' tokens in between make one chunk per stream (vLLM's
+``--stream-interval``, in time), so the loop's Python work (rendering and writing chunks) takes
+the GIL from the worker about once per interval instead of at every step.
 """
 
 from __future__ import annotations
@@ -19,8 +19,11 @@ from typing import Any  # a scheduler.Request: it has .loop, ._push() and .cance
 
 # While its streams decode, an event loop is woken at most once per this (seconds): the steps in
 # between join one hand-off, so the loop renders and writes one chunk per stream for them (vLLM's
-# --stream-interval, in time). Its Python work then holds the GIL once instead of per step.
-STREAM_INTERVAL_S = 0.001
+# --stream-interval, in time). A request's first token and its end are not held (time to first
+# token, and the client's next request). Fewer wake-ups leave the worker the GIL: on 2 cores,
+# 1 ms -> 20 ms took 1 stream from 1,334 to 1,515 tokens/s and 16 streams from 5,119 to 6,965
+# (bench/RESULTS.md, 2026-12-01 17:40); 20 ms is 50 updates a second, smooth to a reader.
+STREAM_INTERVAL_S = 0.02
 
 
 class _Mailbox:

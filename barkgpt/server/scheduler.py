@@ -304,7 +304,7 @@ class Scheduler:
         cancelled)."""
         tokens = sample_rows(logits, rows)
         logprobs = row_logprobs(logits, rows, tokens)
-        items, done = [], []
+        items, done, hold = [], [], True
         for b, (row, t) in enumerate(zip(rows, tokens)):
             req, p = row.req, row.req.params
             if req.cancelled:
@@ -318,7 +318,8 @@ class Scheduler:
             done.append(t in self.stop_ids or len(row.generated) >= p.max_new_tokens)
             if done[-1]:
                 items.append((req, None))
-        send(items, hold=True)
+            hold = hold and not done[-1] and len(row.generated) > 1
+        send(items, hold=hold)  # a first token or an end goes now: time to first token, and the client's next request
         return done
 
     def _remove(self, rows: list[int]) -> None:
