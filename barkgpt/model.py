@@ -102,6 +102,24 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+GELU_TANH_SCALE = 2.0 * math.sqrt(2.0 / math.pi)  # gelu_new's tanh(sqrt(2/pi) u), as a sigmoid of twice that
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's ``gelu_new``, the tanh approximation of GELU (Hendrycks & Gimpel 2016):
+    ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``, any shape.
+
+    Eagerly it is ``F.gelu(approximate="tanh")`` (one fused kernel). Under ``torch.compile`` it is
+    the same function written as ``x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3))`` (since
+    ``(1 + tanh(u)) / 2 = sigmoid(2u)``): inductor's C++ backend vectorizes ``exp`` but calls
+    ``tanh`` per element, so the sigmoid form's forward and backward take about half the time
+    (1.03 against 1.89 ms for a (12, 64, 512) tensor on 2 cores); both agree to float rounding.
+    """
+    if torch.compiler.is_compiling():
+        return x * torch.sigmoid(GELU_TANH_SCALE * (x + 0.044715 * x * x * x))
+    return F.gelu(x, approximate="tanh")
+
+
 class MLP(nn.Module):
     """Position-wise feed-forward: GELU (gpt2) or SwiGLU (llama), (B, T, C) -> (B, T, C).
 
@@ -124,7 +142,7 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up  # SwiGLU (Shazeer 2020)
         else:
-            h = F.gelu(h, approximate="tanh")  # GPT-2's gelu_new
+            h = gelu_tanh(h)  # GPT-2's gelu_new
         return self.dropout(self.c_proj(h))
 
 

@@ -179,3 +179,26 @@ def test_attention_dropout_applies_with_a_mask():
     for dropped, plain in outs.values():
         assert not torch.allclose(dropped, plain), "attention dropout was not applied"
     torch.testing.assert_close(outs["masked"][1], outs["unmasked"][1])  # same attention without dropout
+
+
+def test_gelu_tanh_compiled_form_equals_gelu_new():
+    """Under torch.compile gelu_tanh is written with a sigmoid (vectorizable); it is still
+    GPT-2's gelu_new, values and gradients, and eagerly it is F.gelu(approximate="tanh")."""
+    import torch.nn.functional as F
+
+    from barkgpt.model import gelu_tanh
+
+    x = torch.linspace(-8, 8, 4001, dtype=torch.float64).requires_grad_()
+    expect = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    (g_expect,) = torch.autograd.grad(expect.sum(), x)
+    assert torch.equal(gelu_tanh(x.detach()), F.gelu(x.detach(), approximate="tanh"))
+    graphs = []
+
+    def backend(gm, example_inputs):  # records what dynamo traced, runs it as is
+        graphs.append(gm.code)
+        return gm.forward
+
+    y = torch.compile(gelu_tanh, backend=backend, fullgraph=True)(x)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert "sigmoid" in graphs[0] and "gelu" not in graphs[0]  # the compiled branch ran
+    assert torch.allclose(y, expect, atol=1e-12) and torch.allclose(g, g_expect, atol=1e-12)
