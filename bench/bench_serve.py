@@ -4,7 +4,10 @@
   the same model, at the server's torch thread count (``server_1_vs_engine``; the HTTP path
   should cost little: at least 0.8);
 * aggregate tokens/s at 16 streams against 1 stream (``ratio_16_vs_1``, at least 6), with
-  p50/p99 time to first token, at 1, 4 and 16 streams;
+  p50/p99 time to first token, at 1, 4 and 16 streams; beside it the ceiling: in-process
+  ``Engine.generate`` decoding 16 rows together against 1 row (``engine_16_vs_1``, no HTTP, the
+  same thread count). On this 2-core machine a 16-row step of this model is GEMM-bound (17
+  matmuls at M=16), so no server can batch better than the engine alone does;
 * the same 16-stream load with the compiled step on and off (``compiled_vs_eager_16``: > 1);
 * with ``--json``, instead of the above: 16 streams with a JSON schema against 16 without, on the
   same compiled server (``json_vs_plain_16``: at least 0.8); the schema is a list of at least 64
