@@ -65,6 +65,7 @@ bench: $(VENV)/.dev $(VENV)/.llama
 	$(PY) bench/bench_train.py --budget 180
 	$(PY) bench/bench_numpy.py
 	$(PY) bench/bench_attention.py
+	$(PY) bench/bench_gelu.py
 	$(PY) bench/bench_decode.py
 	$(PY) bench/bench_serve.py
 	$(PY) bench/bench_gpu.py --if-gpu

@@ -135,7 +135,7 @@ class TrainConfig:
     max_iters: int = 2000  # optimizer steps
     optimizer: str = "adamw"  # adamw, or muon: Muon for the blocks' 2-D weight matrices, AdamW for the rest
     muon_learning_rate: float | None = None  # Muon's peak learning rate (None: learning_rate; its update RMS matches AdamW's)
-    muon_ns_steps: int = 5  # Muon's Newton-Schulz iterations per step (torch.optim.Muon's 5; 3 costs 3/5 of the time)
+    muon_ns_steps: int = 5  # Muon's Newton-Schulz iterations per step (torch.optim.Muon's 5; 3 takes 3/5 of their time)
     weight_decay: float = 0.1  # AdamW weight decay on 2-D weights (not norms, biases)
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.99  # AdamW beta2

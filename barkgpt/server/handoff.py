@@ -21,8 +21,9 @@ from typing import Any  # a scheduler.Request: it has .loop, ._push() and .cance
 # between join one hand-off, so the loop renders and writes one chunk per stream for them (vLLM's
 # --stream-interval, in time). A request's first token and its end are not held (time to first
 # token, and the client's next request). Fewer wake-ups leave the worker the GIL: on 2 cores,
-# 1 ms -> 20 ms took 1 stream from 1,334 to 1,515 tokens/s and 16 streams from 5,119 to 6,965
-# (bench/RESULTS.md, 2026-12-01 17:40); 20 ms is 50 updates a second, smooth to a reader.
+# 1 ms -> 20 ms took 1 stream from 1,285-1,334 to 1,513-1,515 tokens/s and 16 streams from
+# 5,105-5,119 to 6,877-6,965 (two rounds each, bench/RESULTS.md, 2026-12-01 17:40); 20 ms is 50
+# updates a second, smooth to a reader.
 STREAM_INTERVAL_S = 0.02
 
 
