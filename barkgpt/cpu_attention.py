@@ -16,7 +16,7 @@ Until :func:`load` succeeded, :func:`usable` is False and nothing changes.
 
 The same library holds ``torch.ops.barkgpt.decode_attention`` (:func:`decode_attention`), the
 attention of a compiled decode step (``barkgpt.engine``): one query per row over that row's
-filled cache slots and its new key/value, read in place (no copy of the cache, no mask).
+filled cache slots and its new keys/values, read in place (no copy of the cache, no mask).
 """
 
 from __future__ import annotations
@@ -87,13 +87,15 @@ def decode_usable(q: torch.Tensor) -> bool:
 def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor
 ) -> torch.Tensor:
-    """Attention of one new token per row over its cached keys/values and itself, with scale
+    """Attention of one new token per row over its cached keys/values and the new ones, with scale
     ``1/sqrt(D)``, reading the cache without copying or writing it (inference only: no autograd).
 
     Args:
         q: (B, 1, H, D) the new queries.
         k_cache, v_cache: (B, H_kv, L, D) cached keys/values; row b's first ``pos[b]`` slots count.
-        k_new, v_new: (B, 1, H_kv, D) each row's new key/value (the caller stores them).
+        k_new, v_new: (B, J, H_kv, D) each row's J >= 1 keys/values not yet in the cache, the
+            query's own last (J > 1 when one compiled call decodes several tokens); the caller
+            stores them.
         pos: (B,) int64, each in [0, L].
         All with a contiguous last dim, any other strides (slices of a larger cache need no copy).
 

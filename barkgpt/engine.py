@@ -171,18 +171,22 @@ class StaticKVCache:
     ``max_len`` slots under a (B, 1, T, max_len) mask, so one compiled graph serves every
     position: nothing the graph reads changes shape between steps. The cache tensors are not
     written: each layer attends over them with its new key/value put in by ``torch.where``, and
-    the new entries are collected in ``new_k``/``new_v`` for the caller to write back, because
+    the new entries are collected for the caller to write back (:meth:`new_entries`), because
     a compiled graph that mutates its inputs copies them whole on every call (a full cache per
     step at batch 16).
 
+    Several decode steps may run on one such cache (one compiled call decoding several tokens):
+    step j puts its tokens at ``pos + j``, and attends over the cache plus the entries of steps
+    0 to j, which are still only in this object.
+
     With ``decode_kernel`` (float32 on a CPU with AVX2: :meth:`GPT.decode_kernel
     <barkgpt.model.GPT.decode_kernel>`) the model calls :meth:`record` instead of :meth:`update`
-    and attends through the C++ kernel, which reads each row's filled slots in place: nothing the
-    size of the cache is copied, and the cost follows the rows' lengths.
+    and attends through the C++ kernel, which reads each row's filled slots in place, then the
+    new entries: nothing the size of the cache is copied, and the cost follows the rows' lengths.
 
     Args:
         k, v: (n_layer, B, n_kv_head, max_len, head_dim), e.g. a prefilled :class:`KVCache`'s.
-        pos: (B,) int64, how many positions each row holds; advanced in place.
+        pos: (B,) int64, how many positions each row holds (not changed: steps count in ``offset``).
         decode_kernel: the model attends through :func:`barkgpt.cpu_attention.decode_attention`.
     """
 
@@ -190,39 +194,55 @@ class StaticKVCache:
         self.k, self.v, self.pos = k, v, pos
         self.decode_kernel = decode_kernel
         self.max_len = k.size(3)
+        self.offset = 0  # decode steps run on this object so far
         self._p = None  # (B, T) positions of the tokens in flight
-        self.new_k: list[torch.Tensor] = []  # per layer: (B, n_kv_head, T, hs)
-        self.new_v: list[torch.Tensor] = []
+        n_layer = k.size(0)
+        self._k: list[torch.Tensor] = [k[i] for i in range(n_layer)]  # per layer, with the new entries put in (SDPA)
+        self._v: list[torch.Tensor] = [v[i] for i in range(n_layer)]
+        self._new_k: list[list[torch.Tensor]] = [[] for _ in range(n_layer)]  # per layer, per step: (B, 1, n_kv_head, hs)
+        self._new_v: list[list[torch.Tensor]] = [[] for _ in range(n_layer)]
 
     def positions(self, T: int) -> torch.Tensor:
         """(B, T) positions of the next ``T`` tokens of each row."""
-        self._p = row_positions(self.pos, T)
+        self._p = row_positions(self.pos + self.offset, T)
         return self._p
 
     def attn_mask(self, T: int) -> torch.Tensor | None:
         """(B, 1, T, max_len) bool, True where query t of row b may attend slot j (j <= its position);
-        None with ``decode_kernel`` (:meth:`attend` needs none)."""
+        None with ``decode_kernel`` (the kernel needs none)."""
         return None if self.decode_kernel else row_causal_mask(self._p, self.max_len)
 
-    def record(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def record(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """With ``decode_kernel``: keep layer ``layer``'s new keys/values (B, 1, n_kv_head, hs), as
-        the model's attention reads the cache in place (see :class:`~barkgpt.model.CausalSelfAttention`)."""
+        the model's attention reads the cache in place (see :class:`~barkgpt.model.CausalSelfAttention`);
+        returns this layer's entries of every step so far, (B, steps, n_kv_head, hs), the new last."""
         assert k.size(1) == 1, "StaticKVCache serves decode steps of one token per row"
-        self.new_k.append(k.transpose(1, 2))
-        self.new_v.append(v.transpose(1, 2))
+        self._new_k[layer].append(k)
+        self._new_v[layer].append(v)
+        if len(self._new_k[layer]) == 1:
+            return k, v
+        return torch.cat(self._new_k[layer], dim=1), torch.cat(self._new_v[layer], dim=1)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All slots (B, n_kv_head, max_len, hs) with the new keys/values (B, n_kv_head, 1, hs) at
-        each row's position; records the new ones (one token per row: a decode step)."""
+        each row's position (and those of earlier steps at theirs); records the new ones."""
         assert k.size(2) == 1, "StaticKVCache serves decode steps of one token per row"
-        self.new_k.append(k)
-        self.new_v.append(v)
+        self._new_k[layer].append(k.transpose(1, 2))
+        self._new_v[layer].append(v.transpose(1, 2))
         hit = torch.arange(self.max_len, device=k.device).view(1, 1, -1, 1) == self._p.view(-1, 1, 1, 1)  # (B, 1, max_len, 1)
-        return torch.where(hit, k, self.k[layer]), torch.where(hit, v, self.v[layer])
+        self._k[layer] = torch.where(hit, k, self._k[layer])
+        self._v[layer] = torch.where(hit, v, self._v[layer])
+        return self._k[layer], self._v[layer]
 
     def advance(self, T: int) -> None:
         """Count ``T`` more tokens in every row."""
-        self.pos.add_(T)
+        self.offset += T
+
+    def new_entries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values the steps so far made, (n_layer, B, n_kv_head, steps, hs) each."""
+        k = torch.stack([torch.cat(e, dim=1) if len(e) > 1 else e[0] for e in self._new_k]).transpose(2, 3)
+        v = torch.stack([torch.cat(e, dim=1) if len(e) > 1 else e[0] for e in self._new_v]).transpose(2, 3)
+        return k, v
 
 
 def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -652,22 +672,22 @@ class PrefixCache:
 
 
 def write_new_entries(cache: KVCache, new_k: torch.Tensor, new_v: torch.Tensor) -> None:
-    """Store one decode step's keys/values (n_layer, n, n_kv_head, 1, hs) of the first n rows of
-    ``cache``, each at its own position ``cache.lengths[b]`` (its length is not advanced here).
+    """Store the keys/values (n_layer, n, n_kv_head, T, hs) of T decode steps of the first n rows
+    of ``cache``, each from its own position ``cache.lengths[b]`` (its length is not advanced here).
 
     One row is a slice assignment (~6 us per tensor against ~25 us for ``scatter_``); several are
     one ``index_put_`` over a (B, max_len, ...) view per tensor (~56 us for k and v at 16 rows
     against ~100 us for ``scatter_`` with an expanded index; bench/RESULTS.md, 2026-12-01 16:10)."""
-    n = new_k.size(1)
+    n, T = new_k.size(1), new_k.size(3)
     if n == 1:
         p = cache.lengths[0]
-        cache.k[:, 0, :, p : p + 1] = new_k[:, 0]
-        cache.v[:, 0, :, p : p + 1] = new_v[:, 0]
+        cache.k[:, 0, :, p : p + T] = new_k[:, 0]
+        cache.v[:, 0, :, p : p + T] = new_v[:, 0]
         return
-    rows = torch.arange(n, device=new_k.device)
-    pos = torch.tensor(cache.lengths[:n], device=new_k.device)
+    rows = torch.arange(n, device=new_k.device).view(n, 1)
+    pos = torch.tensor(cache.lengths[:n], device=new_k.device).view(n, 1) + torch.arange(T, device=new_k.device)  # (n, T)
     for dst, src in ((cache.k, new_k), (cache.v, new_v)):
-        dst.permute(1, 3, 0, 2, 4)[rows, pos] = src[:, :, :, 0].permute(1, 0, 2, 3)  # (n, n_layer, n_kv_head, hs)
+        dst.permute(1, 3, 0, 2, 4)[rows, pos] = src.permute(1, 3, 0, 2, 4)  # (n, T, n_layer, n_kv_head, hs)
 
 
 def batch_bucket(n: int, max_rows: int) -> int:
@@ -691,6 +711,17 @@ def length_bucket(longest: int, max_len: int) -> int:
     return min(max(1 << longest.bit_length(), MIN_LENGTH_BUCKET), max_len)
 
 
+MULTI_STEP = 4  # greedy tokens per compiled call in Engine.generate (bench/bench_decode.py)
+
+
+def plain_greedy(row: Row) -> bool:
+    """True when ``row`` takes the argmax of the raw logits: greedy, with no penalty and no hook
+    (the processors leave its argmax where it is), so its next tokens can be chosen inside a
+    compiled graph (:meth:`Engine.decode_greedy`)."""
+    q = row.params
+    return q.greedy and q.repetition_penalty == 1.0 and not q.presence_penalty and not q.frequency_penalty and not row.processors
+
+
 class Engine:
     """Prefill, decode and sampling over token ids for one model: every decode in BarkGPT runs here.
 
@@ -708,22 +739,28 @@ class Engine:
     attention is the C++ decode kernel (``cpu_attention.decode_attention``), which reads only
     each row's filled slots: at 16 rows of the shakespeare-bpe shape a step over a 128-slot
     window went from 3.6 to 2.1 ms. Elsewhere attention spans a power-of-two number of slots
-    (:func:`length_bucket`), another dynamic dimension. :meth:`warmup` compiles ahead. If compiling fails (no C++ compiler, an unsupported op), one warning on stderr, and
-    eager decoding from then on.
+    (:func:`length_bucket`), another dynamic dimension. :meth:`warmup` compiles ahead. If
+    compiling fails (no C++ compiler, an unsupported op), one warning on stderr, and eager
+    decoding from then on. Greedy rows with no penalty or hook decode ``multi_step`` tokens per
+    compiled call in :meth:`generate` (:meth:`decode_greedy`: the argmax inside the graph), the
+    same tokens for a fraction of the per-call cost.
 
     Args:
         model: a :class:`GPT` in eval mode (the engine calls ``model.eval()``).
         compile: compile the decode step (at :meth:`warmup` or the first decode).
         prefix_cache_bytes: > 0 keeps a :class:`PrefixCache` of that many bytes that
             :meth:`prefill` reads and :meth:`remember` fills; 0: none.
+        multi_step: tokens per compiled call in :meth:`generate` when every row is greedy with
+            no penalty or hook (:meth:`decode_greedy`); 1: one per call.
     """
 
-    def __init__(self, model: GPT, compile: bool = False, prefix_cache_bytes: int = 0):
+    def __init__(self, model: GPT, compile: bool = False, prefix_cache_bytes: int = 0, multi_step: int = MULTI_STEP):
         self.model = model.eval()
+        self.multi_step = multi_step
         self.device = next(model.parameters()).device
         self.compile = compile
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
-        self._compiled_step = None
+        self._compiled_steps: dict[int, Callable] = {}  # tokens per call -> compiled decode function
         self._compiled_ok = False  # a compiled step has run: later errors are real errors
         self._decode_kernel = False  # the compiled step attends through cpu_attention.decode_attention
 
@@ -751,18 +788,64 @@ class Engine:
         if self.prefix_cache is not None and n > 0:
             self.prefix_cache.put(list(ids)[:n], cache.k[:, row, :, :n], cache.v[:, row, :, :n])
 
-    def _step(self):
-        if self._compiled_step is None:
+    def _step(self, steps: int = 1):
+        """The compiled decode function for ``steps`` tokens per call (built on first use).
+
+        One step returns the logits; several (greedy rows only) run the model ``steps`` times in
+        one graph, each feeding the argmax of the last, and return the tokens."""
+        if steps not in self._compiled_steps:
             self._decode_kernel = self.model.decode_kernel()
             kernel = self._decode_kernel
 
             def step(idx, k, v, pos):  # tensors only: a fresh cache object each call needs no new guard
                 cache = StaticKVCache(k, v, pos, decode_kernel=kernel)
                 logits = self.model(idx, kv_cache=cache)[0][:, -1, :]
-                return logits, torch.stack(cache.new_k), torch.stack(cache.new_v)  # (B, V), (n_layer, B, n_kv_head, 1, hs) x2
+                return (logits, *cache.new_entries())  # (B, V), (n_layer, B, n_kv_head, 1, hs) x2
 
-            self._compiled_step = compile_fn(step, self.device.type, fullgraph=True)
-        return self._compiled_step
+            def greedy_steps(idx, k, v, pos):
+                cache = StaticKVCache(k, v, pos, decode_kernel=kernel)
+                out = []
+                for _ in range(steps):  # unrolled by dynamo: one graph for all the steps
+                    idx = self.model(idx, kv_cache=cache)[0][:, -1, :].argmax(dim=-1, keepdim=True)  # (B, 1)
+                    out.append(idx)
+                return (torch.cat(out, dim=1), *cache.new_entries())  # (B, steps), (n_layer, B, n_kv_head, steps, hs) x2
+
+            fn = step if steps == 1 else greedy_steps
+            self._compiled_steps[steps] = compile_fn(fn, self.device.type, fullgraph=True)
+        return self._compiled_steps[steps]
+
+    def _run_compiled(self, tokens: Sequence[int], cache: KVCache, steps: int):
+        """Run the compiled ``steps``-token function on the first ``n = len(tokens)`` rows (padded
+        to :func:`batch_bucket` rows) and write their new entries into ``cache``; returns its
+        first output for the n rows, or None when the first compile failed (said once on stderr;
+        eager decoding from then on; the cache is intact: the failure comes before the step runs)."""
+        n = len(tokens)
+        b = batch_bucket(n, cache.batch_size)
+        idx = torch.tensor(list(tokens) + [0] * (b - n), dtype=torch.long, device=self.device).view(b, 1)
+        pos = torch.tensor(cache.lengths[:n] + [0] * (b - n), device=self.device)  # (b,)
+        fn = self._step(steps)
+        # the kernel reads only each row's filled slots: no length buckets (and no graphs for them)
+        L = cache.max_len if self._decode_kernel else length_bucket(max(cache.lengths[:n]) + steps - 1, cache.max_len)
+        k, v = cache.k[:, :b, :, :L], cache.v[:, :b, :, :L]  # (n_layer, b, n_kv_head, L, hs) views
+        if 1 < b < cache.batch_size:  # one graph for the batch sizes from 2 up that leave rows free
+            for t, dim in ((idx, 0), (k, 1), (v, 1), (pos, 0)):
+                torch._dynamo.mark_dynamic(t, dim)
+        if L < cache.max_len:  # and for the lengths that leave slots free
+            torch._dynamo.mark_dynamic(k, 3)
+            torch._dynamo.mark_dynamic(v, 3)
+        try:
+            out, new_k, new_v = fn(idx, k, v, pos)
+        except Exception as e:  # noqa: BLE001 - compile errors come in many types
+            if self._compiled_ok:
+                raise
+            first = str(e).splitlines()[0][:120] if str(e) else ""
+            print(f"warning: torch.compile failed ({type(e).__name__}: {first}); decoding without compile", file=sys.stderr)
+            self.compile = False
+            return None
+        self._compiled_ok = True
+        write_new_entries(cache, new_k[:, :n], new_v[:, :n])  # outside the graph: see StaticKVCache
+        cache.lengths[:n] = [x + steps for x in cache.lengths[:n]]
+        return out[:n]
 
     def decode(self, tokens: Sequence[int], cache: KVCache) -> torch.Tensor:
         """One decode step for the first ``n = len(tokens)`` rows of ``cache``, each at its own
@@ -774,48 +857,39 @@ class Engine:
         batch or length smaller than the cache's is a dynamic
         dimension of one graph; the cache's full size is a static one (its own graph), which is
         why the scheduler's cache has a spare row and slot. A compile failure before the first
-        compiled step says so once on stderr and decodes eagerly from then on (the cache is
-        intact: the failure comes before the step runs).
+        compiled step says so once on stderr and decodes eagerly from then on.
 
         Returns:
             (n, V) logits of the next token of each row.
         """
-        n = len(tokens)
         if self.compile:
-            step = self._step()
-            b = batch_bucket(n, cache.batch_size)
-            idx = torch.tensor(list(tokens) + [0] * (b - n), dtype=torch.long, device=self.device).view(b, 1)
-            pos = torch.tensor(cache.lengths[:n] + [0] * (b - n), device=self.device)  # (b,)
-            # the kernel reads only each row's filled slots: no length buckets (and no graphs for them)
-            L = cache.max_len if self._decode_kernel else length_bucket(max(cache.lengths[:n]), cache.max_len)
-            k, v = cache.k[:, :b, :, :L], cache.v[:, :b, :, :L]  # (n_layer, b, n_kv_head, L, hs) views
-            if 1 < b < cache.batch_size:  # one graph for the batch sizes from 2 up that leave rows free
-                for t, dim in ((idx, 0), (k, 1), (v, 1), (pos, 0)):
-                    torch._dynamo.mark_dynamic(t, dim)
-            if L < cache.max_len:  # and for the lengths that leave slots free
-                torch._dynamo.mark_dynamic(k, 3)
-                torch._dynamo.mark_dynamic(v, 3)
-            try:
-                logits, new_k, new_v = step(idx, k, v, pos)
-            except Exception as e:  # noqa: BLE001 - compile errors come in many types
-                if self._compiled_ok:
-                    raise
-                print(
-                    f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
-                    f"decoding without compile",
-                    file=sys.stderr,
-                )
-                self.compile = False
-            else:
-                self._compiled_ok = True
-                write_new_entries(cache, new_k[:, :n], new_v[:, :n])  # outside the graph: see StaticKVCache
-                cache.lengths[:n] = [x + 1 for x in cache.lengths[:n]]
-                return logits[:n]
+            logits = self._run_compiled(tokens, cache, 1)
+            if logits is not None:
+                return logits
+        n = len(tokens)
         view = cache.narrow(n)
         idx = torch.tensor(list(tokens), dtype=torch.long, device=self.device).view(n, 1)
         logits = self.model(idx, kv_cache=view)[0][:, -1, :]  # (n, V)
         cache.lengths[:n] = view.lengths
         return logits
+
+    def decode_greedy(self, tokens: Sequence[int], cache: KVCache, steps: int) -> list[list[int]] | None:
+        """``steps`` greedy decode steps in one compiled call (vLLM's multi-step scheduling) for
+        the first ``n = len(tokens)`` rows: feeds ``tokens``, then each row's argmax, ``steps``
+        times, and advances each row's length by ``steps``. The tokens are those of ``steps``
+        calls of :meth:`decode` with an argmax between them; the per-call cost (guards, the
+        wrapper, copying the new entries out, the argmax's trip through Python) is paid once.
+        Each row must have ``steps`` free slots.
+
+        Returns:
+            n lists of ``steps`` token ids: row b's next tokens. None without compile (or when it
+            failed): then nothing was decoded, and :meth:`decode` is the way.
+        """
+        assert steps > 1 and max(cache.lengths[: len(tokens)]) + steps <= cache.max_len
+        if not self.compile:
+            return None
+        out = self._run_compiled(tokens, cache, steps)
+        return None if out is None else out.tolist()
 
     def warmup(self, cache: KVCache, max_rows: int | None = None) -> None:
         """Compile the decode step for every batch bucket of 1 to ``max_rows`` rows (default
@@ -840,8 +914,9 @@ class Engine:
     ) -> Iterator[list[int | None]]:
         """Stream generated tokens, one step at a time, for ``num_samples`` rows of one prompt.
 
-        The prompt is prefilled once into a KV cache; each step decodes one token per row. When a
-        row reaches ``block_size`` the window slides: the last ``block_size // 2`` tokens are
+        The prompt is prefilled once into a KV cache; each step decodes one token per row
+        (compiled and greedy with no penalty or hook: ``multi_step`` tokens per call, yielded one
+        step at a time, the same tokens). When a row reaches ``block_size`` the window slides: the last ``block_size // 2`` tokens are
         prefilled into a fresh cache (an approximation of the naive path, which re-reads the
         full last ``block_size`` tokens at every step).
 
@@ -870,8 +945,10 @@ class Engine:
         cache = cache.expand(n)  # ...and share it with every row
         logits = logits.expand(n, -1)  # (n, V)
         done = [False] * n
-        for _ in range(p.max_new_tokens):
-            tokens = sample_rows(logits, rows)
+        steps = self.multi_step if self.compile and all(plain_greedy(r) for r in rows) else 1
+        ahead: list[list[int]] = []  # tokens a multi-step call decoded, not yet yielded (each step's n)
+        for i in range(p.max_new_tokens):
+            tokens = ahead.pop(0) if ahead else sample_rows(logits, rows)
             out = []
             for b, t in enumerate(tokens):
                 out.append(None if done[b] else t)
@@ -881,6 +958,14 @@ class Engine:
                 return
             for row, t in zip(rows, tokens):
                 row.generated.append(t)
+            if ahead:  # in the cache already: the multi-step call fed it
+                continue
+            if steps > 1 and p.max_new_tokens - i > 2 and cache.get_pos() + steps <= block_size:
+                # several steps in one call where single steps would not slide the window meanwhile
+                got = self.decode_greedy(tokens, cache, steps)
+                if got is not None:
+                    ahead = [list(col) for col in zip(*got)]
+                    continue
             if cache.get_pos() >= block_size:  # slide the window: re-prefill the recent half
                 cache = KVCache.for_model(self.model, n, block_size + 1)
                 recent = torch.tensor([r.ids[-(block_size // 2) :] for r in rows], device=self.device)  # (n, block_size // 2)

@@ -87,7 +87,7 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is None and attn_mask is None and cpu_attention.usable(q, dropout_p):  # short contexts on CPU
             return self.resid_dropout(self.c_proj(cpu_attention.causal_attention(q, k, v).view(B, T, C)))
         if getattr(kv_cache, "decode_kernel", False):  # a compiled decode step on CPU: the cache is read, not copied
-            kv_cache.record(self.layer_idx, k, v)
+            k, v = kv_cache.record(self.layer_idx, k, v)  # (B, J, nkv, hs): the new entries not yet in the cache
             y = cpu_attention.decode_attention(q, kv_cache.k[self.layer_idx], kv_cache.v[self.layer_idx], k, v, kv_cache.pos)
             return self.resid_dropout(self.c_proj(y.view(B, T, C)))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs), (B, nkv, T, hs)

@@ -117,11 +117,11 @@ def test_backward_checks_shapes(kernel):
 
 
 def decode_reference(q, k_cache, v_cache, k_new, v_new, pos):
-    """SDPA of each row's one query over its first pos[b] cached slots and its new key/value."""
+    """SDPA of each row's one query over its first pos[b] cached slots and its J new keys/values."""
     out = []
     for b in range(q.size(0)):
         n = int(pos[b])
-        k = torch.cat([k_cache[b, :, :n], k_new[b].transpose(0, 1)], dim=1)  # (H_kv, n + 1, D)
+        k = torch.cat([k_cache[b, :, :n], k_new[b].transpose(0, 1)], dim=1)  # (H_kv, n + J, D)
         v = torch.cat([v_cache[b, :, :n], v_new[b].transpose(0, 1)], dim=1)
         y = F.scaled_dot_product_attention(
             q[b].transpose(0, 1).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), enable_gqa=q.size(2) != k.size(0)
@@ -130,14 +130,18 @@ def decode_reference(q, k_cache, v_cache, k_new, v_new, pos):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("B,H,H_kv,D,L", [(16, 4, 1, 32, 129), (3, 4, 4, 32, 20), (2, 8, 2, 64, 50), (5, 2, 2, 16, 9)])
-def test_decode_attention_matches_sdpa(kernel, B, H, H_kv, D, L):
+@pytest.mark.parametrize(
+    "B,H,H_kv,D,L,J",
+    [(16, 4, 1, 32, 129, 1), (3, 4, 4, 32, 20, 1), (2, 8, 2, 64, 50, 1), (5, 2, 2, 16, 9, 1), (3, 4, 1, 32, 20, 4)],
+)
+def test_decode_attention_matches_sdpa(kernel, B, H, H_kv, D, L, J):
     """One query per row over a strided slice of a larger cache (as the engine passes it), rows
-    at every position from an empty cache (0) to a full one (L)."""
+    at every position from an empty cache (0) to a full one (L), then J new entries (J > 1: a
+    multi-step decode call's, strided as its concatenation of the fused projection's slices)."""
     torch.manual_seed(0)
     q = torch.randn(B, 1, H + 2 * H_kv, D)[:, :, :H] * 2  # a view into a fused projection
     k_cache, v_cache = torch.randn(2, B + 1, H_kv, L + 5, D)[:, :B, :, :L]
-    k_new, v_new = torch.randn(B, 1, H_kv, D), torch.randn(B, 1, H_kv, D)
+    k_new, v_new = torch.randn(2, B, J, H_kv + 1, D)[:, :, :, :H_kv]
     pos = torch.randint(0, L + 1, (B,))
     pos[0], pos[-1] = 0, L
     out = cpu_attention.decode_attention(q, k_cache, v_cache, k_new, v_new, pos)

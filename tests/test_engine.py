@@ -58,8 +58,35 @@ def test_compiled_decode_equals_eager(model, kernel, monkeypatch):
     eager, compiled = Engine(model), Engine(model, compile=True)
     kw = dict(num_samples=2, max_new_tokens=80, temperature=0.7, seed=3)
     assert list(compiled.generate([1, 2, 3], **kw)) == list(eager.generate([1, 2, 3], **kw))
-    assert compiled._compiled_step is not None  # the compiled path really ran
+    assert compiled._compiled_steps  # the compiled path really ran
     assert compiled._decode_kernel is kernel
+
+
+@pytest.mark.parametrize("family,kernel", [("llama", True), ("gpt2", False)], ids=["llama-kernel", "gpt2-sdpa"])
+def test_multi_step_greedy_decode_gives_the_single_step_tokens(family, kernel, monkeypatch):
+    """Greedy decoding 4 tokens per compiled call gives the eager engine's tokens (as one per
+    call does: test_compiled_decode_equals_eager): across the window slide (80 tokens, block_size 32: the steps near the edge go
+    one by one), for a length that is no multiple of 4, and with a stop token that falls inside
+    a multi-step call; through the decode kernel (llama, RoPE) and SDPA (gpt2, learned positions)."""
+    if kernel and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("the decode kernel needs AVX2 and FMA")
+    if not kernel:
+        monkeypatch.setattr(GPT, "decode_kernel", lambda self: False)
+    torch.manual_seed(1)
+    kv = 1 if family == "llama" else 2
+    cfg = GPTConfig(
+        family=family, vocab_size=64, block_size=32, n_layer=2, n_head=2, n_kv_head=kv, n_embd=32, tie_embeddings=False
+    )
+    model = GPT(cfg).eval()  # untied: a random tied model's greedy tokens repeat the last one
+    eager, multi = Engine(model), Engine(model, compile=True, multi_step=4)
+    want = [s[0] for s in eager.generate([1, 2, 3], max_new_tokens=80, temperature=0)]
+    assert len(set(want)) > 10  # tokens that could differ
+    assert [s[0] for s in multi.generate([1, 2, 3], max_new_tokens=80, temperature=0)] == want
+    assert [s[0] for s in multi.generate([1, 2, 3], max_new_tokens=7, temperature=0)] == want[:7]
+    stop = next(t for t in want[1:] if want.index(t) % 4 != 0)  # yielded from inside a call
+    got = [s[0] for s in multi.generate([1, 2, 3], max_new_tokens=80, temperature=0, stop_ids=[stop])]
+    assert got == want[: want.index(stop) + 1]
+    assert set(multi._compiled_steps) == {1, 4} and multi._decode_kernel is kernel  # 4 per call, 1 by the edge
 
 
 def test_a_failed_compile_falls_back_to_eager(model, capsys):

@@ -207,18 +207,19 @@ void backward_impl(const float* dO, Layout lg, const float* Q, Layout lq, const 
 
 
 // One decode step of attention (a query of one token per row) over a KV cache, without writing it.
-// Row b attends its first n = pos[b] cached slots and its own new key/value, which the caller
-// writes into the cache afterwards: nothing the size of the cache is copied, and only the filled
-// slots are read. Softmax attention (Vaswani et al. 2017) in two passes over the row: scores and
-// their max, then exp and the weighted sum of values.
+// Row b attends its first n = pos[b] cached slots and then its J new keys/values (J = 1 for one
+// step; J > 1 when a compiled call decodes several tokens and the earlier ones are not yet in the
+// cache), which the caller writes into the cache afterwards: nothing the size of the cache is
+// copied, and only the filled slots are read. Softmax attention (Vaswani et al. 2017) in two
+// passes over the row: scores and their max, then exp and the weighted sum of values.
 template <int D>
 void decode_impl(const float* Q, Layout lq, const float* Kc, Layout lkc, const float* Vc, Layout lvc, const float* Kn,
                  Layout lkn, const float* Vn, Layout lvn, const int64_t* pos, float* O, int64_t B, int64_t H, int64_t Hkv,
-                 int64_t L, float scale) {
+                 int64_t L, int64_t J, float scale) {
   constexpr int ND = D / 8;
   const int64_t G = H / Hkv;
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s((L + 1 + 7) / 8 * 8);
+    std::vector<float> s((L + J + 7) / 8 * 8);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / Hkv, hk = bh % Hkv, n = pos[b];
       const float* kb = Kc + b * lkc.sb + hk * lkc.sh;  // (L, D) rows at stride lkc.st
@@ -231,15 +232,15 @@ void decode_impl(const float* Q, Layout lq, const float* Kc, Layout lkc, const f
         __m256 qv[ND];
         for (int j = 0; j < ND; ++j) qv[j] = _mm256_mul_ps(_mm256_loadu_ps(qh + 8 * j), _mm256_set1_ps(scale));
         float m = -INFINITY;
-        for (int64_t u = 0; u <= n; ++u) {  // slot n is the new token
-          const float* kr = u < n ? kb + u * lkc.st : kn;
+        for (int64_t u = 0; u < n + J; ++u) {  // slots n.. are the new tokens
+          const float* kr = u < n ? kb + u * lkc.st : kn + (u - n) * lkn.st;
           __m256 acc = _mm256_mul_ps(qv[0], _mm256_loadu_ps(kr));
           for (int j = 1; j < ND; ++j) acc = _mm256_fmadd_ps(qv[j], _mm256_loadu_ps(kr + 8 * j), acc);
           s[u] = hsum(acc);
           m = std::max(m, s[u]);
         }
-        const int64_t np = (n + 1 + 7) / 8 * 8;
-        for (int64_t u = n + 1; u < np; ++u) s[u] = -INFINITY;
+        const int64_t np = (n + J + 7) / 8 * 8;
+        for (int64_t u = n + J; u < np; ++u) s[u] = -INFINITY;
         __m256 tot = _mm256_setzero_ps(), mv = _mm256_set1_ps(m);
         for (int64_t u = 0; u < np; u += 8) {
           __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s.data() + u), mv));
@@ -250,7 +251,9 @@ void decode_impl(const float* Q, Layout lq, const float* Kc, Layout lkc, const f
         weighted_rows<D>(s.data(), vb, lvc.st, n, out, 1.f);  // sum over the cached slots
         const float inv = 1.f / hsum(tot);
         for (int j = 0; j < ND; ++j) {
-          __m256 o = _mm256_fmadd_ps(_mm256_set1_ps(s[n]), _mm256_loadu_ps(vn + 8 * j), _mm256_loadu_ps(out + 8 * j));
+          __m256 o = _mm256_loadu_ps(out + 8 * j);
+          for (int64_t u = 0; u < J; ++u)
+            o = _mm256_fmadd_ps(_mm256_set1_ps(s[n + u]), _mm256_loadu_ps(vn + u * lvn.st + 8 * j), o);
           _mm256_storeu_ps(out + 8 * j, _mm256_mul_ps(o, _mm256_set1_ps(inv)));
         }
       }
@@ -314,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(
   return {dq, dk, dv};
 }
 
-// q (B, 1, H, D); k_cache/v_cache (B, Hkv, L, D); k_new/v_new (B, 1, Hkv, D), any strides with a
+// q (B, 1, H, D); k_cache/v_cache (B, Hkv, L, D); k_new/v_new (B, J, Hkv, D), any strides with a
 // contiguous last dim; pos (B,) int64 contiguous, each in [0, L]: row b's filled slots.
 // Returns (B, 1, H, D) contiguous: the attention output of each row's one new query.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
@@ -327,9 +330,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   TORCH_CHECK(q.size(1) == 1, "barkgpt::decode_attention: one query token per row, got ", q.size(1));
   TORCH_CHECK(k_cache.size(0) == B && k_cache.size(3) == D_ && Hkv >= 1 && H % Hkv == 0,
               "barkgpt::decode_attention: cache ", k_cache.sizes(), " does not match q ", q.sizes());
-  TORCH_CHECK(k_new.sizes() == v_new.sizes() && k_new.size(0) == B && k_new.size(1) == 1 && k_new.size(2) == Hkv &&
+  TORCH_CHECK(k_new.sizes() == v_new.sizes() && k_new.size(0) == B && k_new.size(1) >= 1 && k_new.size(2) == Hkv &&
                   k_new.size(3) == D_,
-              "barkgpt::decode_attention: k_new/v_new must be (B, 1, Hkv, D), got ", k_new.sizes());
+              "barkgpt::decode_attention: k_new/v_new must be (B, J, Hkv, D) with J >= 1, got ", k_new.sizes());
   TORCH_CHECK(pos.dim() == 1 && pos.size(0) == B && pos.scalar_type() == at::kLong && pos.is_contiguous(),
               "barkgpt::decode_attention: pos must be a contiguous (B,) int64 tensor");
   const int64_t* p = pos.data_ptr<int64_t>();
@@ -339,7 +342,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   const Layout lkc{k_cache.stride(0), k_cache.stride(2), k_cache.stride(1)}, lvc{v_cache.stride(0), v_cache.stride(2), v_cache.stride(1)};
   DISPATCH_D(D_, decode_impl<D>(q.data_ptr<float>(), lq, k_cache.data_ptr<float>(), lkc, v_cache.data_ptr<float>(), lvc,
                                 k_new.data_ptr<float>(), lkn, v_new.data_ptr<float>(), lvn, p, out.data_ptr<float>(), B, H, Hkv,
-                                L, static_cast<float>(scale)));
+                                L, k_new.size(1), static_cast<float>(scale)));
   return out;
 }
 
