@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import sys
+import types
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -764,22 +765,31 @@ class Engine:
         self._compiled_ok = False  # a compiled step has run: later errors are real errors
         self._decode_kernel = False  # the compiled step attends through cpu_attention.decode_attention
 
-    def prefill(self, ids: Sequence[int], cache: KVCache) -> torch.Tensor:
+    def prefill(self, ids: Sequence[int], cache: KVCache, last: bool = True) -> torch.Tensor | None:
         """Run a prompt into a one-row ``cache`` (reset first); returns the (1, V) logits after
         its last token. The longest prefix found in the prefix cache is copied in, not run.
+
+        With ``last=False`` the last token is not run: the cache holds ``len(ids) - 1`` positions
+        and None comes back; the caller feeds ``ids[-1]`` through :meth:`decode`, where it rides
+        a batch step with other rows (the server's scheduler: a prompt whose other tokens are in
+        the prefix cache, or a one-token prompt, then costs no forward pass of its own).
 
         Raises:
             BarkError: the prompt does not fit ``cache.max_len``.
         """
         assert cache.batch_size == 1
         cache.reset()
-        n, k, v = self.prefix_cache.lookup(ids) if self.prefix_cache is not None else (0, None, None)
+        n, k, v = self.prefix_cache.lookup(ids) if self.prefix_cache is not None else (0, None, None)  # n < len(ids)
         if n:
             cache.k[:, 0, :, :n] = k[:, :, :n]
             cache.v[:, 0, :, :n] = v[:, :, :n]
             cache.lengths[0] = n
-        idx = torch.tensor([list(ids[n:])], dtype=torch.long, device=self.device)  # (1, T - n)
-        return self.model(idx, kv_cache=cache)[0][:, -1, :]
+        todo = list(ids[n:]) if last else list(ids[n:-1])
+        if not todo:
+            return None
+        idx = torch.tensor([todo], dtype=torch.long, device=self.device)  # (1, T)
+        logits = self.model(idx, kv_cache=cache)[0][:, -1, :]
+        return logits if last else None
 
     def remember(self, ids: Sequence[int], cache: KVCache, row: int) -> None:
         """Put row ``row`` of ``cache`` in the prefix cache as the KV entries of ``ids``, which must
@@ -811,6 +821,9 @@ class Engine:
                 return (torch.cat(out, dim=1), *cache.new_entries())  # (B, steps), (n_layer, B, n_kv_head, steps, hs) x2
 
             fn = step if steps == 1 else greedy_steps
+            # a code object of this engine's own: dynamo keeps its graphs, and its limit of 8 of
+            # them, per code object, so engines of other models (or steps) do not use up each other's
+            fn = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
             self._compiled_steps[steps] = compile_fn(fn, self.device.type, fullgraph=True)
         return self._compiled_steps[steps]
 

@@ -137,6 +137,37 @@ def test_same_prompt_is_prefilled_once_and_each_copy_samples_alone(model):
     assert shared[0] == alone[0] and len({tuple(t) for t in shared}) > 1
 
 
+def test_a_prompt_in_the_prefix_cache_runs_no_forward_pass_of_its_own(model):
+    """Admission prefills all but the last prompt token, which rides the next decode step: a
+    prompt cached up to its last token (here: asked again) and a one-token prompt run nothing
+    on the prefill cache, and still get the tokens they get alone."""
+    prompt = [1, 2, 3, 4, 5]
+    sched = Scheduler(Engine(model, prefix_cache_bytes=1 << 20), stop_ids=[])
+    prefilled = []  # tokens run on the scheduler's one-row prefill cache, per forward pass
+
+    def hook(m, args, kwargs):
+        if kwargs.get("kv_cache") is not None and kwargs["kv_cache"].k is sched._prefill_cache.k:
+            prefilled.append(args[0].size(1))
+
+    alone = {tuple(p): [s[0] for s in Engine(model).generate(p, max_new_tokens=6, temperature=0)] for p in (prompt, [9])}
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+
+        async def go():
+            greedy = SamplingParams(max_new_tokens=6, temperature=0)
+            first = await collect(sched.submit(prompt, greedy))
+            runs = list(prefilled)
+            again = await collect(sched.submit(prompt, greedy))
+            one = await collect(sched.submit([9], greedy))
+            return first, runs, again, one
+
+        first, runs, again, one = run(sched, go)
+    finally:
+        handle.remove()
+    assert runs == [4] and prefilled == [4]  # 4 of 5 tokens the first time, nothing after
+    assert first == again == alone[tuple(prompt)] and one == alone[(9,)]
+
+
 def test_logprobs_only_for_requests_that_ask(model):
     sched = Scheduler(Engine(model), stop_ids=[])
 

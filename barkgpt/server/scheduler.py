@@ -2,11 +2,13 @@
 
 The scheduler keeps only the queue, the worker thread and the rows; prefill, the decode step
 and sampling are :class:`~barkgpt.engine.Engine`'s (compiled when the engine is, with the
-prefix cache when it has one). A request is prefilled alone (a one-row
-:class:`~barkgpt.engine.KVCache`), then its row is copied into the shared decode cache (once per
-row for the next waiting requests with the same prompt, such as the ``n`` choices of one
-request: a prompt is prefilled once, not ``n`` times) and joins the batch between two decode
-steps; a finished or cancelled request leaves between steps (its tokens and KV entries go to the
+prefix cache when it has one). A request's prompt but its last token is prefilled alone (a
+one-row :class:`~barkgpt.engine.KVCache`), then its row is copied into the shared decode cache
+(once per row for the next waiting requests with the same prompt, such as the ``n`` choices of
+one request: a prompt is prefilled once, not ``n`` times) and joins the batch between two
+decode steps; the last prompt token is fed by the next decode step, so its first token comes
+from the batch (a prompt found in the prefix cache up to its last token costs no forward pass
+of its own: a chat's next turn, a repeated prompt); a finished or cancelled request leaves between steps (its tokens and KV entries go to the
 prefix cache) and the last row moves into its slot, as vLLM's continuous batching (Yu et al.
 2022, "Orca") lets requests join and leave one running batch. Rows sit at different positions;
 the engine decodes each at its own. Each row samples with its own settings and its own seeded
@@ -247,36 +249,28 @@ class Scheduler:
         self._rows = []
 
     def _admit(self) -> None:
-        """Prefill waiting requests alone (through the engine's prefix cache) and copy their rows
-        into the decode cache.
+        """Prefill waiting requests alone but for their last prompt token (through the engine's
+        prefix cache) and copy their rows into the decode cache; the next decode step feeds that
+        token (see :meth:`_step`).
 
         The next waiting requests with the same prompt (the ``n`` choices of one request, queued
-        together) reuse that prefill: each samples from the same last logits and gets a copy of
-        the one-row cache.
+        together) reuse that prefill: each gets a copy of the one-row cache.
         """
         for _ in range(MAX_PREFILLS_PER_STEP):
             req = self._pop_waiting()
             if req is None:
                 return
             one = self._prefill_cache
-            logits = self.engine.prefill(req.ids, one)  # (1, V)
-            rows = []
+            self.engine.prefill(req.ids, one, last=False)
             while req is not None:
-                rows.append(_Row(req, self.device))
-                req = self._pop_waiting(same_prompt=req.ids, reserved=len(rows))
-            done = self._emit(rows, logits.expand(len(rows), -1))  # the n choices' first tokens in one pass
-            for row, d in zip(rows, done):
-                if not d:
-                    self._cache.copy_row(len(self._rows), one)
-                    self._rows.append(row)
-            if any(done):
-                self.engine.remember(rows[0].prompt, one, 0)
+                self._cache.copy_row(len(self._rows), one)
+                self._rows.append(_Row(req, self.device))
+                req = self._pop_waiting(same_prompt=req.ids)
 
-    def _pop_waiting(self, same_prompt: list[int] | None = None, reserved: int = 0) -> Request | None:
-        """The next waiting request that is not cancelled, while a decode row is free (``reserved``
-        more rows are taken already); with ``same_prompt``, only if its prompt is that one. None
-        when there is none."""
-        while len(self._rows) + reserved < self.max_batch_size:
+    def _pop_waiting(self, same_prompt: list[int] | None = None) -> Request | None:
+        """The next waiting request that is not cancelled, while a decode row is free; with
+        ``same_prompt``, only if its prompt is that one. None when there is none."""
+        while len(self._rows) < self.max_batch_size:
             with self._wake:
                 if not self._waiting or (same_prompt is not None and self._waiting[0].ids != same_prompt):
                     return None
@@ -294,7 +288,8 @@ class Scheduler:
         self._remove(cancelled)
         if not self._rows:
             return
-        logits = self.engine.decode([r.generated[-1] for r in self._rows], self._cache)  # (n, V), each row at its own position
+        feed = [r.generated[-1] if r.generated else r.prompt[-1] for r in self._rows]  # a new row: its last prompt token
+        logits = self.engine.decode(feed, self._cache)  # (n, V), each row at its own position
         done = self._emit(self._rows, logits)
         self._remove([b for b, d in enumerate(done) if d])
 
