@@ -11,6 +11,7 @@ tested against.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import sys
 import types
@@ -328,6 +329,9 @@ def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[
 # ---- rows and logits processors ------------------------------------------------------------------
 
 
+UNIFORM_BLOCK = 64  # uniform numbers a row draws from its generator at once (Row.uniform)
+
+
 class Row:
     """One sequence being generated: its prompt, the tokens generated so far, its settings, its
     own seeded ``torch.Generator`` and its logits hooks.
@@ -363,6 +367,16 @@ class Row:
             self.rng.seed()
         else:
             self.rng.manual_seed(seed % 2**64)  # manual_seed reads a negative seed the same way
+        self._uniforms: list[float] = []  # drawn ahead from rng, next one last
+
+    def uniform(self) -> float:
+        """The row's next uniform number in [0, 1) (float32), one per sampled token: drawn from
+        its generator :data:`UNIFORM_BLOCK` at a time, one call per block instead of one per
+        token. On CPU the numbers are those of one ``torch.rand(1, generator=rng)`` per token
+        (test_engine.py checks it)."""
+        if not self._uniforms:
+            self._uniforms = torch.rand(UNIFORM_BLOCK, generator=self.rng, device=self.rng.device).tolist()[::-1]
+        return self._uniforms.pop()
 
     @property
     def ids(self) -> list[int]:
@@ -506,7 +520,7 @@ def sample_rows(logits: torch.Tensor, rows: Sequence[Row], processors: Sequence[
     if not hot:
         return x.argmax(dim=-1).tolist()
     probs = F.softmax(x[hot] if len(hot) < len(rows) else x, dim=-1)  # (len(hot), V)
-    u = torch.cat([torch.rand(1, generator=rows[b].rng, device=x.device) for b in hot])  # (len(hot),)
+    u = torch.tensor([rows[b].uniform() for b in hot], dtype=torch.float32, device=x.device)  # (len(hot),)
     drawn = sample_from_probs(probs, u).tolist()
     if len(hot) == len(rows):  # no greedy row: no argmax to take (a (B, V) pass)
         return drawn
@@ -610,6 +624,12 @@ class PrefixCache:
     ``queries`` counts prompt tokens looked up, ``hits`` the tokens reused (vLLM's
     ``prefix_cache_queries`` / ``prefix_cache_hits``), so ``hits / queries`` is the hit rate.
 
+    The ids are also kept in lexicographic order, in which the entry sharing the longest prefix
+    with a prompt is one of the prompt's two neighbours, and (no entry being a prefix of another)
+    an entry that is a prefix of new ids is the one just before them: :meth:`lookup` and
+    :meth:`put` compare with two entries, not all of them (a server holds thousands of short
+    entries: scanning them all cost ~3 ms a request at a thousand).
+
     Args:
         max_bytes: bytes of keys and values held at most.
     """
@@ -619,6 +639,7 @@ class PrefixCache:
         self.bytes = self.tokens = 0  # held now (tokens: in all entries); plain ints, safe to read from any thread
         self.queries = self.hits = 0
         self._entries: collections.OrderedDict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = collections.OrderedDict()
+        self._sorted: list[tuple[int, ...]] = []  # the same keys in lexicographic order
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -629,7 +650,8 @@ class PrefixCache:
         ``n`` positions are the prefix's); ``(0, None, None)`` on a miss. Counts the query."""
         ids = tuple(ids)  # keys are tuples: a tuple never equals a list
         best, n = None, 0
-        for key in self._entries:
+        i = bisect.bisect_left(self._sorted, ids)
+        for key in self._sorted[max(i - 1, 0) : i + 1]:  # the longest common prefix is a neighbour's
             m = common_prefix(key, ids)
             if m > n:
                 best, n = key, m
@@ -651,12 +673,14 @@ class PrefixCache:
         size = 2 * k[:, :, :L].numel() * k.element_size()
         if L == 0 or size > self.max_bytes:
             return
-        for old in list(self._entries):
-            if len(old) >= L and old[:L] == key:  # an entry holds this one already
-                self._entries.move_to_end(old)
-                return
-            if len(old) < L and key[: len(old)] == old:  # this one holds that entry
-                self._drop(old)
+        i = bisect.bisect_left(self._sorted, key)
+        if i < len(self._sorted) and self._sorted[i][:L] == key:  # an entry holds this one already
+            self._entries.move_to_end(self._sorted[i])
+            return
+        if i > 0 and key[: len(self._sorted[i - 1])] == self._sorted[i - 1]:  # this one holds that entry
+            self._drop(self._sorted[i - 1])  # (no other can: it would hold that one)
+            i -= 1
+        self._sorted.insert(i, key)
         self._entries[key] = (k[:, :, :L].clone(), v[:, :, :L].clone())
         self.bytes += size
         self.tokens += L
@@ -664,6 +688,7 @@ class PrefixCache:
             self._drop(next(iter(self._entries)))  # least recently used
 
     def _drop(self, key: tuple[int, ...]) -> None:
+        del self._sorted[bisect.bisect_left(self._sorted, key)]
         k, v = self._entries.pop(key)
         self.bytes -= k.numel() * k.element_size() + v.numel() * v.element_size()
         self.tokens -= len(key)

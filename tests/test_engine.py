@@ -11,6 +11,7 @@ from barkgpt.engine import (
     PrefixCache,
     Row,
     apply_repetition_penalty,
+    common_prefix,
     process_logits,
     sample_next_token,
     token_logprobs,
@@ -138,6 +139,14 @@ def test_per_row_settings_filter_each_row_as_alone():
     assert (batched[0] > 0).sum() == 5 and (batched[3] > 0).sum() <= 3
 
 
+def test_a_row_draws_what_one_rand_per_token_draws():
+    """Row.uniform draws its generator's numbers a block at a time: the same numbers, in the same
+    order, across a block's end, as one ``torch.rand(1)`` per sampled token."""
+    row, g = Row([1], SamplingParams(seed=5)), torch.Generator().manual_seed(5)
+    got = [row.uniform() for _ in range(150)]
+    assert got == [torch.rand(1, generator=g).item() for _ in range(150)]
+
+
 def test_inverse_cdf_sampling_draws_from_the_distribution():
     from barkgpt.engine import sample_from_probs
 
@@ -225,6 +234,26 @@ def test_prefix_cache_keeps_the_longest_prefix_within_its_bytes():
     assert cache.lookup([7, 8, 9, 9, 1])[0] == 0 and cache.lookup([1, 2, 3, 4, 5, 6])[0] == 5
     assert cache.bytes <= cache.max_bytes and cache.hits == 4 + 2 + 2 + 5 and cache.queries == 5 + 3 + 2 + 3 + 5 + 6
     assert cache.tokens == 9
+
+
+def test_prefix_cache_finds_what_a_scan_of_every_entry_finds():
+    """The sorted index (two neighbours per lookup and put) against the rule it replaces, on
+    random prompts that share prefixes, hold one another and repeat."""
+    import random
+
+    rnd = random.Random(0)
+    k = torch.zeros(1, 1, 12, 1)
+    cache, live = PrefixCache(max_bytes=1 << 30), set()
+    for _ in range(3000):
+        ids = tuple(rnd.choice((1, 2, 3)) for _ in range(rnd.randint(1, 12)))  # 3 tokens: many shared prefixes
+        if rnd.random() < 0.5:
+            want = min(max((common_prefix(e, ids) for e in live), default=0), len(ids) - 1)
+            assert cache.lookup(ids)[0] == want
+        else:
+            cache.put(ids, k, k)
+            if not any(e[: len(ids)] == ids for e in live):  # the rule: an entry holding it keeps it out...
+                live = {e for e in live if ids[: len(e)] != e} | {ids}  # ...and it replaces those it holds
+            assert set(cache._entries) == live and cache._sorted == sorted(live)
 
 
 def test_prefill_from_the_prefix_cache_gives_the_same_logits(model):
