@@ -76,7 +76,7 @@ def test_multi_step_greedy_decode_gives_the_single_step_tokens(family, kernel, m
     torch.manual_seed(1)
     kv = 1 if family == "llama" else 2
     cfg = GPTConfig(
-        family=family, vocab_size=64, block_size=32, n_layer=2, n_head=2, n_kv_head=kv, n_embd=32, tie_embeddings=False
+        family=family, vocab_size=64, block_size=32, n_layer=1, n_head=2, n_kv_head=kv, n_embd=32, tie_embeddings=False
     )
     model = GPT(cfg).eval()  # untied: a random tied model's greedy tokens repeat the last one
     eager, multi = Engine(model), Engine(model, compile=True, multi_step=4)
