@@ -482,6 +482,8 @@ def filter_min_p(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
 
 # In HF's and vLLM's order: penalties on the raw logits, then the hooks, then temperature, then
 # the filters (each filter after temperature, so top-p and min-p see the sampled distribution).
+# A processor that can move a greedy row's argmax must also be named in plain_greedy, which lets
+# such rows choose their tokens inside a compiled graph without these.
 LOGITS_PROCESSORS: tuple[Callable, ...] = (
     penalize_repetition,
     penalize_presence_frequency,
