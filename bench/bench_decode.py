@@ -42,6 +42,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+def decode_model():
+    """The decode benches' model: the shakespeare-bpe shape (vocab 2048), random weights (seed 0),
+    the output head untied: a random tied model's greedy tokens repeat the prompt's, which would
+    make every token check trivially true."""
+    import torch
+
+    from barkgpt.config import build_configs
+    from barkgpt.model import GPT
+
+    model_cfg, _ = build_configs("shakespeare-bpe", overrides={"vocab_size": 2048, "tie_embeddings": False})
+    torch.manual_seed(0)
+    return GPT(model_cfg).eval()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
@@ -50,16 +64,10 @@ def main() -> None:
     import torch
     from bench_train import write_results
 
-    from barkgpt.config import build_configs
     from barkgpt.engine import MULTI_STEP, Engine
-    from barkgpt.model import GPT
 
-    # untied: a random tied model's greedy tokens repeat the prompt's, which would make the
-    # token checks below trivially true
-    model_cfg, _ = build_configs("shakespeare-bpe", overrides={"vocab_size": 2048, "tie_embeddings": False})
-    torch.manual_seed(0)
-    model = GPT(model_cfg).eval()
-    n = model_cfg.block_size - 1
+    model = decode_model()
+    n = model.config.block_size - 1
 
     def engine_path(engine):
         def cached():

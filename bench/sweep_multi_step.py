@@ -12,7 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main() -> None:
@@ -20,16 +24,12 @@ def main() -> None:
     p.add_argument("--steps", default="1,2,4,8")
     p.add_argument("--rounds", type=int, default=5)
     a = p.parse_args()
-    import torch
+    from bench_decode import decode_model
 
-    from barkgpt.config import build_configs
     from barkgpt.engine import Engine
-    from barkgpt.model import GPT
 
-    cfg, _ = build_configs("shakespeare-bpe", overrides={"vocab_size": 2048, "tie_embeddings": False})
-    torch.manual_seed(0)
-    model = GPT(cfg).eval()
-    n = cfg.block_size - 1
+    model = decode_model()
+    n = model.config.block_size - 1
     engines = {int(k): Engine(model, compile=True, multi_step=int(k)) for k in a.steps.split(",")}
 
     def run(engine) -> tuple[float, list[int]]:
