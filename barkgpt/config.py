@@ -45,6 +45,7 @@ class GPTConfig:
     n_embd: int = 384  # width of the residual stream
     intermediate_size: int | None = None  # MLP hidden width; None means 4*n_embd (gpt2) or 8/3*n_embd rounded up to 64 (llama)
     dropout: float = 0.0  # dropout on attention and residual branches (0 for small data is usually fine)
+    attention_dropout: float | None = None  # on the attention weights alone; None: dropout (0 keeps the CPU kernel)
     bias: bool | None = None  # biases in Linear and LayerNorm; None means True for gpt2, False for llama
     rope_theta: float = 10000.0  # RoPE base frequency (llama)
     norm_eps: float = 1e-5  # epsilon of LayerNorm / RMSNorm
@@ -89,8 +90,9 @@ class GPTConfig:
             raise BarkError(
                 "the gpt2 family has no grouped-query attention: set --n-kv-head equal to --n-head (or use --family llama)"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise BarkError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "attention_dropout"):
+            if getattr(self, name) is not None and not 0.0 <= getattr(self, name) < 1.0:
+                raise BarkError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.n_expert < 0 or self.n_expert == 1:
             raise BarkError(f"n_expert must be 0 (dense) or at least 2, got {self.n_expert}")
         if self.n_expert:
@@ -101,6 +103,12 @@ class GPTConfig:
                     f"n_expert_per_token ({self.n_expert_per_token}) must be between 1 and n_expert ({self.n_expert}); "
                     f"try --n-expert-per-token {min(2, self.n_expert)}"
                 )
+
+    @property
+    def attention_dropout_p(self) -> float:
+        """Dropout probability on the attention weights: ``attention_dropout``, or ``dropout`` when
+        it is None (left unresolved, so a fine-tune's ``--dropout`` still reaches attention)."""
+        return self.dropout if self.attention_dropout is None else self.attention_dropout
 
     @property
     def head_dim(self) -> int:

@@ -71,7 +71,7 @@ class CausalSelfAttention(nn.Module):
         # one matmul for q, k and v: (n_head + 2 * n_kv_head) heads of head_dim
         self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = config.dropout
+        self.dropout = config.attention_dropout_p  # on the attention weights (GPT-2's attn_pdrop)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cos_sin=None, kv_cache=None, attn_mask=None):

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from barkgpt.common import BarkError
 from barkgpt.config import GPTConfig
 from barkgpt.engine import KVCache
 from barkgpt.model import GPT
@@ -179,6 +180,27 @@ def test_attention_dropout_applies_with_a_mask():
     for dropped, plain in outs.values():
         assert not torch.allclose(dropped, plain), "attention dropout was not applied"
     torch.testing.assert_close(outs["masked"][1], outs["unmasked"][1])  # same attention without dropout
+
+
+def test_attention_dropout_zero_keeps_residual_dropout_only():
+    """``attention_dropout`` 0 with ``dropout`` 0.5: the attention weights are not dropped (the same
+    output in train and eval mode once residual dropout is off), the residual branches still are;
+    unset, it follows ``dropout``."""
+    cfg = dict(family="gpt2", n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64, dropout=0.5)
+    assert GPTConfig(**cfg).attention_dropout_p == 0.5
+    with pytest.raises(BarkError, match="attention_dropout"):
+        GPTConfig(**cfg, attention_dropout=1.0)
+    torch.manual_seed(0)
+    block = GPT(GPTConfig(**cfg, attention_dropout=0.0)).transformer.h[0]
+    attn, x = block.attn, torch.randn(2, 8, 32)
+    assert attn.dropout == 0.0 and attn.resid_dropout.p == 0.5 and block.mlp.dropout.p == 0.5
+    attn.train()
+    dropped = attn(x)
+    attn.resid_dropout = torch.nn.Identity()
+    kept = attn(x)
+    attn.eval()
+    torch.testing.assert_close(kept, attn(x))  # no dropout on the attention weights
+    assert not torch.allclose(dropped, kept), "residual dropout was not applied"
 
 
 def test_gelu_tanh_compiled_form_equals_gelu_new():

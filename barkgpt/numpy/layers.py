@@ -219,7 +219,7 @@ class CausalSelfAttention:
         self.layer_idx, self.rope = layer_idx, config.family == "llama"
         self.c_attn = Linear(params, grads, f"{name}.c_attn", config.bias)
         self.c_proj = Linear(params, grads, f"{name}.c_proj", config.bias)
-        self.attn_drop, self.resid_drop = Dropout(config.dropout), Dropout(config.dropout)
+        self.attn_drop, self.resid_drop = Dropout(config.attention_dropout_p), Dropout(config.dropout)
 
     def forward(self, x, rope=None, bias=None, kv_cache=None, rng=None) -> np.ndarray:
         """(B, T, C) -> (B, T, C).

@@ -294,7 +294,10 @@ class Trainer:
         for _ in range(n):
             x, y, *seg = self.source.batch("train", cfg.batch_size, self.block_size, self.rng)
             _, loss = model.forward(
-                x, y, segments=seg[0] if seg else None, rng=self.dropout_rng if model.config.dropout else None
+                x,
+                y,
+                segments=seg[0] if seg else None,
+                rng=self.dropout_rng if model.config.dropout or model.config.attention_dropout_p else None,
             )
             model.dlogits /= n  # the mean over micro-batches
             model.backward()
