@@ -12,39 +12,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import socket
 import statistics
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
-def start(tree: Path, model: Path) -> tuple[subprocess.Popen, str]:
-    """``barkgpt serve`` from ``tree`` on a free port (API key ``bench``), once ``/health`` is 200."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    env.update(BARKGPT_API_KEY="bench", PYTHONPATH=str(tree))
-    cmd = [sys.executable, "-m", "barkgpt", "serve", "--model", str(model), "--port", str(port)]
-    cmd += ["--model-name", "bench", "--max-batch-size", "16"]
-    proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(3000):
-        try:
-            urllib.request.urlopen(base + "/health", timeout=1)
-            return proc, base
-        except OSError:
-            if proc.poll() is not None:
-                sys.exit(f"barkgpt serve from {tree} exited with {proc.returncode}")
-            time.sleep(0.2)
-    proc.kill()
-    sys.exit(f"barkgpt serve from {tree} did not come up in 10 minutes")
 
 
 def main() -> None:
@@ -53,11 +25,11 @@ def main() -> None:
     p.add_argument("--new", type=Path, required=True, help="the tree under test")
     p.add_argument("--rounds", type=int, default=5)
     a = p.parse_args()
-    from bench_serve import load, make_model
+    from bench_serve import load, make_model, start_server
 
     model = make_model()
     trees = {"old": a.old.resolve(), "new": a.new.resolve()}
-    servers = {name: start(tree, model) for name, tree in trees.items()}
+    servers = {name: start_server(model, tree=tree) for name, tree in trees.items()}
     res = {(name, c): [] for name in trees for c in (1, 16)}
     try:
         for name in trees:

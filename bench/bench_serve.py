@@ -71,13 +71,16 @@ def make_model() -> Path:
     return out
 
 
-def start_server(model: Path, *flags: str) -> tuple[subprocess.Popen, str]:
-    """``barkgpt serve`` on a free port (API key ``bench``), once ``/health`` answers 200."""
+def start_server(model: Path, *flags: str, tree: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """``barkgpt serve`` on a free port (API key ``bench``), once ``/health`` answers 200; with
+    ``tree``, the ``barkgpt`` of that source tree (its cwd and ``PYTHONPATH``: bench/ab_serve.py)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # the server picks its threads
     env["BARKGPT_API_KEY"] = "bench"
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -94,21 +97,23 @@ def start_server(model: Path, *flags: str) -> tuple[subprocess.Popen, str]:
             "16",
             *flags,
         ],
+        cwd=tree,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
+    where = f" from {tree}" if tree is not None else ""
     for _ in range(3000):
         try:
             urllib.request.urlopen(base + "/health", timeout=1)
             return proc, base
         except OSError:
             if proc.poll() is not None:
-                sys.exit(f"barkgpt serve {' '.join(flags)} exited with {proc.returncode}")
+                sys.exit(f"barkgpt serve {' '.join(flags)}{where} exited with {proc.returncode}")
             time.sleep(0.2)
     proc.kill()
-    sys.exit("barkgpt serve did not come up in 10 minutes")
+    sys.exit(f"barkgpt serve{where} did not come up in 10 minutes")
 
 
 def engine_tokens_per_s(model_dir: Path, max_tokens: int, repeats: int = 8, rows: int = 1) -> float:
