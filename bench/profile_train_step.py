@@ -4,9 +4,10 @@ The gpt2 path is our trainer on reference_gpt.py's own architecture (``bench_tra
 4x128, batch 12, block 64). This script answers "where does it lose, and how far could it go":
 
 - **reference**: reference_gpt.py's ms per step (300 iterations, its own process, eager: its only mode).
-- **phases**: our compiled step, timed in parts (forward, backward, clip, AdamW, zero_grad), the
-  median of 100 steps after 30 of warmup; the trainer's own loop adds nothing measurable to it
-  (``bench_train.py``'s gpt2 tokens/s equal this step time).
+- **phases**: our compiled step (the trainer's model, ``build_optimizers``' AdamW and its clip),
+  timed in parts (forward, backward, clip, AdamW, zero_grad), the median of 100 steps after 30 of
+  warmup. The trainer's own loop (batches from the prepared data, logging) is not in it:
+  ``bench_train.py`` measures that.
 - **gemm_floor_ms**: the same step's matrix multiplies alone, each Linear's forward and its two
   backward GEMMs at the step's shapes, timed in a loop: the time no trainer can go below without
   fewer FLOPs. ``reference_ms / gemm_floor_ms`` is the most any trainer could reach over the
@@ -42,20 +43,19 @@ VARIANTS = {
 
 
 def make_step(options: dict, seed: int = 0):
-    """A compiled gpt2-path training step (the trainer's: fused AdamW, clip 1.0) and its timer."""
+    """A compiled gpt2-path training step and the model: ``step(times)`` runs one step on random
+    (batch, block_size) windows of a 65-token stream and, given a dict, appends each phase's ms."""
     import torch
 
     from barkgpt.config import build_configs
     from barkgpt.model import GPT
+    from barkgpt.optim import build_optimizers
 
-    model_cfg, _ = build_configs("shakespeare-char", overrides={**gpt2_overrides(SHAPE), "vocab_size": 69})
+    model_cfg, train_cfg = build_configs("shakespeare-char", overrides={**gpt2_overrides(SHAPE), "vocab_size": 69})
     torch.manual_seed(seed)
     model = GPT(model_cfg)
     compiled = torch.compile(model, options=options or None)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.99), fused=True)
+    (opt,) = build_optimizers(model, train_cfg, "cpu")  # the trainer's AdamW: groups, betas, fused
     data = torch.randint(0, 65, (200_000,))
     B, T = SHAPE["batch_size"], SHAPE["block_size"]
 
@@ -68,7 +68,7 @@ def make_step(options: dict, seed: int = 0):
         t.append(time.perf_counter())
         loss.backward()
         t.append(time.perf_counter())
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip, foreach=True)
         t.append(time.perf_counter())
         opt.step()
         t.append(time.perf_counter())
@@ -84,8 +84,10 @@ def make_step(options: dict, seed: int = 0):
 
 
 def gemm_floor_ms(model, rounds: int = 200) -> float:
-    """ms per step of the step's GEMMs alone: each Linear (and the tied head) forward as
-    ``addmm``/``mm``, and its input and weight gradients, at M = batch * block_size rows."""
+    """ms per step of the step's GEMMs alone: for each Linear (the tied head included) at
+    M = batch * block_size rows, the forward ``x @ W^T`` (M, K) x (K, N), the input gradient
+    ``dY @ W`` and the weight gradient ``dY^T @ x``, each timed alone in a loop of ``rounds``
+    (no bias: its add is not a GEMM)."""
     import torch
 
     M = SHAPE["batch_size"] * SHAPE["block_size"]
