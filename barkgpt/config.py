@@ -90,9 +90,9 @@ class GPTConfig:
             raise BarkError(
                 "the gpt2 family has no grouped-query attention: set --n-kv-head equal to --n-head (or use --family llama)"
             )
-        for name in ("dropout", "attention_dropout"):
-            if getattr(self, name) is not None and not 0.0 <= getattr(self, name) < 1.0:
-                raise BarkError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name, p in (("dropout", self.dropout), ("attention_dropout", self.attention_dropout)):
+            if p is not None and not 0.0 <= p < 1.0:
+                raise BarkError(f"{name} must be in [0, 1), got {p}")
         if self.n_expert < 0 or self.n_expert == 1:
             raise BarkError(f"n_expert must be 0 (dense) or at least 2, got {self.n_expert}")
         if self.n_expert:
